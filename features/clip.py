@@ -1,0 +1,58 @@
+"""The extracted features of one clip: what a feature store writes and reads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class ClipError(ValueError):
+    """A clip that cannot be processed (corrupt, empty, no usable stream).
+
+    The message always names the offending file and the reason; a pipeline
+    records it as one failure and goes on with the other clips.
+    """
+
+
+@dataclass
+class ClipFeatures:
+    """Timestamped features of one clip. Times are seconds from the clip start.
+
+    Audio (None when the clip has no usable audio):
+      logmel       (Ta, n_mels) float32
+      audio_times  (Ta,)        float64  centre time of each frame
+    Video (None when the clip has no video, or no face in any frame):
+      face_crops     (Tv, S, S, 3) uint8  RGB square crops
+      video_times    (Tv,)         float64  presentation time of each frame
+      face_mask      (Tv,)         bool     False where no face was found
+      face_boxes     (Tv, 4)       float32  x1, y1, x2, y2 in source-frame pixels
+      face_landmarks (Tv, 5, 2)    float32  eyes, nose, mouth corners, source pixels
+      face_probs     (Tv,)         float32  detection probability (0 where none)
+    """
+
+    clip_id: str
+    duration_s: float
+    logmel: np.ndarray | None = None
+    audio_times: np.ndarray | None = None
+    face_crops: np.ndarray | None = None
+    video_times: np.ndarray | None = None
+    face_mask: np.ndarray | None = None
+    face_boxes: np.ndarray | None = None
+    face_landmarks: np.ndarray | None = None
+    face_probs: np.ndarray | None = None
+    notes: list[str] = field(default_factory=list)  # e.g. "no face in any frame: kept audio-only"
+
+    @property
+    def has_audio(self) -> bool:
+        return self.logmel is not None
+
+    @property
+    def has_video(self) -> bool:
+        return self.face_crops is not None
+
+    @property
+    def face_ratio(self) -> float:
+        if self.face_mask is None or len(self.face_mask) == 0:
+            return 0.0
+        return float(np.mean(self.face_mask))

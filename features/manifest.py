@@ -1,0 +1,56 @@
+"""Typed manifest rows shared by every dataset recipe (lhotse-style)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+class ClipNameError(ValueError):
+    """A file name that does not follow its corpus' naming scheme."""
+
+
+@dataclass(frozen=True)
+class ClipRecord:
+    """One clip of a corpus, before any decoding.
+
+    ``audio_path`` / ``video_path`` say where each modality is read from; they may
+    be the same file (an .mp4 with sound) and either may be None (audio-only or
+    silent video corpora). ``clip_id`` is unique within a dataset and safe as a
+    path component.
+    """
+
+    clip_id: str
+    dataset: str
+    speaker: str
+    label: str
+    audio_path: str | None
+    video_path: str | None
+    intensity: str | None = None
+    sentence: str | None = None
+    split: str | None = None  # only when the user's CSV fixes one
+
+    @property
+    def has_audio(self) -> bool:
+        return self.audio_path is not None
+
+    @property
+    def has_video(self) -> bool:
+        return self.video_path is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A file a recipe saw but could not turn into a clip, with the reason."""
+
+    path: str
+    reason: str
+
+
+@dataclass
+class RecipeResult:
+    records: list[ClipRecord] = field(default_factory=list)
+    rejected: list[Rejection] = field(default_factory=list)
