@@ -1,9 +1,17 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# Tests never touch the user's ./.msata: Prefect's home and the default MLflow
+# store go to a throw-away folder, set before any test imports prefect or mlflow.
+os.environ.setdefault("MSATA_HOME", tempfile.mkdtemp(prefix="msata-test-home-"))
+from flows.settings import configure_environment  # noqa: E402
+
+configure_environment()
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("MSATA_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))

@@ -1,0 +1,196 @@
+"""Prefect flow ``preprocess-dataset``: raw corpus -> feature store.
+
+discover (recipe) -> one task per clip (paths and ids in, an outcome out) ->
+commit (manifest compaction) -> summary of done / skipped / failed with reasons.
+Tasks never pass arrays: each one decodes, extracts and writes its clip itself.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from features.clip import ClipError
+from features.config import FeatureConfig
+from features.crema_d import prepare_crema_d
+from features.folder import prepare_folder
+from features.manifest import ClipRecord, RecipeResult
+from features.ravdess import prepare_ravdess
+from storage import FeatureStore
+
+DATASETS = ("crema-d", "ravdess", "folder")
+
+
+@dataclass(frozen=True)
+class ClipOutcome:
+    clip_id: str
+    status: str  # "done" | "skipped" | "failed"
+    reason: str = ""
+    seconds: float = 0.0
+
+
+@dataclass
+class PreprocessSummary:
+    store: str
+    config_hash: str
+    done: int = 0
+    skipped: int = 0
+    failed: int = 0
+    rejected: int = 0  # files the recipe could not name-parse (never reached extraction)
+    failures: list[dict[str, str]] = field(default_factory=list)  # clip_id/path, reason
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def discover(dataset: str, root: str, csv_path: str | None = None) -> RecipeResult:
+    """Run the dataset's recipe; unknown names raise with the accepted ones."""
+    if dataset == "crema-d":
+        return prepare_crema_d(root)
+    if dataset == "ravdess":
+        return prepare_ravdess(root)
+    if dataset == "folder":
+        return prepare_folder(root, csv_path)
+    raise ValueError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
+
+
+@functools.lru_cache(maxsize=2)
+def _detector(face_config_json: str):  # -> FaceDetector; cached so each worker loads MTCNN once
+    import json
+
+    from features.config import FaceConfig
+    from features.faces import FaceDetector
+
+    return FaceDetector(FaceConfig(**json.loads(face_config_json)))
+
+
+def process_clip(record: ClipRecord, store_path: str, config: FeatureConfig) -> ClipOutcome:
+    """Extract and store one clip unless it is already stored. Plain function, no Prefect."""
+    import json
+
+    from features.extract import extract_clip
+
+    start = time.perf_counter()
+    store = FeatureStore.create(store_path, config)
+    if store.has(record.clip_id):
+        return ClipOutcome(record.clip_id, "skipped")
+    detector = _detector(json.dumps(asdict(config.face), sort_keys=True)) if record.has_video else None
+    try:
+        features = extract_clip(record, config, detector=detector)
+    except ClipError as err:
+        store.record_failure(record.clip_id, record.video_path or record.audio_path or "", str(err))
+        return ClipOutcome(record.clip_id, "failed", str(err), time.perf_counter() - start)
+    store.write(record, features)
+    return ClipOutcome(record.clip_id, "done", "; ".join(features.notes), time.perf_counter() - start)
+
+
+@task(name="process-clip", cache_policy=NO_CACHE, task_run_name="clip-{record[clip_id]}")
+def process_clip_task(record: dict[str, Any], store_path: str, config: dict[str, Any]) -> ClipOutcome:
+    return process_clip(ClipRecord(**record), store_path, FeatureConfig.from_dict(config))
+
+
+@task(name="discover-clips", cache_policy=NO_CACHE)
+def discover_task(dataset: str, root: str, csv_path: str | None) -> RecipeResult:
+    return discover(dataset, root, csv_path)
+
+
+@task(name="commit-store", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def commit_task(store_path: str, config: dict[str, Any]) -> None:
+    # I/O only, hence the retries: compacting the manifest is idempotent.
+    store = FeatureStore.create(store_path, FeatureConfig.from_dict(config))
+    store.compact()
+
+
+@flow(name="preprocess-dataset", log_prints=True)
+def preprocess_dataset(
+    dataset: str,
+    root: str,
+    store: str,
+    csv_path: str | None = None,
+    limit: int | None = None,
+    feature_config: dict[str, Any] | None = None,
+    on_progress: Callable[[ClipOutcome, int], None] | None = None,
+) -> PreprocessSummary:
+    config = FeatureConfig.from_dict(feature_config or {})
+    config_dict = config.to_dict()
+    found = discover_task(dataset, root, csv_path)
+    records = found.records[:limit] if limit else found.records
+    feature_store = FeatureStore.create(store, config)  # fail fast on a config mismatch, before any work
+    summary = PreprocessSummary(store=store, config_hash=config.config_hash(), rejected=len(found.rejected))
+    for rejection in found.rejected:
+        summary.failures.append({"clip_id": "", "path": rejection.path, "reason": rejection.reason})
+        feature_store.record_failure(Path(rejection.path).stem, rejection.path, rejection.reason)
+
+    futures = process_clip_task.map([r.to_dict() for r in records], store_path=store, config=config_dict)
+    by_future = {f.task_run_id: r for f, r in zip(futures, records)}
+    for future in as_completed(futures):
+        record = by_future[future.task_run_id]
+        outcome = _outcome_of(future, record)
+        if outcome.status == "failed":
+            summary.failed += 1
+            summary.failures.append({"clip_id": outcome.clip_id, "path": record.video_path or record.audio_path or "", "reason": outcome.reason})
+        elif outcome.status == "skipped":
+            summary.skipped += 1
+        else:
+            summary.done += 1
+        if on_progress is not None:
+            on_progress(outcome, len(records))
+    commit_task(store, config_dict)
+    print(f"preprocess-dataset: {summary.done} done, {summary.skipped} skipped, {summary.failed} failed, {summary.rejected} rejected -> {store}")
+    return summary
+
+
+def _outcome_of(future: Any, record: ClipRecord) -> ClipOutcome:
+    """A task that crashed on something unexpected is one failure, not the end of the dataset."""
+    try:
+        return future.result()
+    except Exception as err:  # noqa: BLE001 - recorded with its type and message, never swallowed
+        reason = f"unexpected {type(err).__name__}: {err}"
+        return ClipOutcome(record.clip_id, "failed", reason)
+
+
+def task_runner_for(workers: int = 1, dask_address: str | None = None):
+    """Threads locally by default; a Dask cluster (remote address or local processes) otherwise."""
+    if dask_address:
+        from prefect_dask import DaskTaskRunner
+
+        return DaskTaskRunner(address=dask_address)
+    if workers > 1:
+        from prefect_dask import DaskTaskRunner
+
+        # Processes, one thread each: MTCNN and librosa are CPU-bound and hold the GIL in places.
+        return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None})
+    return ThreadPoolTaskRunner(max_workers=1)
+
+
+def run_preprocessing(
+    dataset: str,
+    root: str | Path,
+    store: str | Path,
+    csv_path: str | None = None,
+    workers: int = 1,
+    dask_address: str | None = None,
+    limit: int | None = None,
+    feature_config: FeatureConfig | None = None,
+    on_progress: Callable[[ClipOutcome, int], None] | None = None,
+) -> PreprocessSummary:
+    runner = task_runner_for(workers, dask_address)
+    flow_fn = preprocess_dataset.with_options(task_runner=runner)
+    return flow_fn(
+        dataset=dataset,
+        root=str(root),
+        store=str(store),
+        csv_path=csv_path,
+        limit=limit,
+        feature_config=(feature_config or FeatureConfig()).to_dict(),
+        on_progress=on_progress,
+    )

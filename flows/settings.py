@@ -1,0 +1,32 @@
+"""Project-local defaults for Prefect and MLflow, applied before either is imported.
+
+Everything msata writes by default lives under ``MSATA_HOME`` (``./.msata``):
+Prefect's home (its temporary API's SQLite database), the MLflow SQLite store and
+artifacts, demo data. Users override any of it with the tools' own variables
+(``PREFECT_API_URL``, ``MLFLOW_TRACKING_URI``...), which always win.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def msata_home() -> Path:
+    return Path(os.environ.get("MSATA_HOME", Path.cwd() / ".msata")).resolve()
+
+
+def configure_environment() -> Path:
+    """Set project-local defaults (never overriding the user's) and return MSATA_HOME."""
+    home = msata_home()
+    home.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("MSATA_HOME", str(home))
+    os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))
+    # No telemetry: these machines may have no network, and users did not ask for it.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    # The temporary API server starts in a subprocess; on a busy 2-core machine it needs more than the default 20 s.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    return home

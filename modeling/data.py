@@ -1,0 +1,234 @@
+"""Training data: a torch Dataset over a FeatureStore (no feature computation here).
+
+Cropping. A training example is a window ``[t0, t0 + L)`` of at most
+``max_duration_s`` seconds with ``t0`` drawn uniformly; each stream keeps exactly
+the frames whose timestamps fall inside the window, so audio and video are cut at
+the same instants whatever their frame rates. Times are then **re-based to t0**
+for both streams (a frame at t0 + 0.3 s gets time 0.3), so a crop looks like a
+clip that starts at 0 and the model never sees where in the clip it was taken.
+At evaluation the **whole clip** is used (``eval_max_duration_s=None``, the
+default: CREMA-D / RAVDESS clips are under ~5 s); with a limit, a deterministic
+**centre crop** of that length is taken instead (for long folder clips).
+
+Randomness. Random crops and augmentation draw from a generator seeded by
+``(seed, epoch, index)``: the :class:`EpochSampler` hands ``(index, epoch)`` keys to
+the workers, so an epoch is identical whatever the number of workers and after a
+resume.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from features.clip import ClipFeatures
+from features.config import FeatureConfig
+from modeling.batch import ClipExample, collate
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    max_duration_s: float = 4.0  # training crop length
+    eval_max_duration_s: float | None = None  # None: whole clip at eval; else deterministic centre crop
+    augment: bool = True  # training only; never applied at eval
+    time_masks: int = 2  # SpecAugment-style masks on the log-mel
+    time_mask_max_frames: int = 10  # 0.2 s at 50 fps
+    freq_masks: int = 2
+    freq_mask_max_bins: int = 8
+    crop_jitter_px: int = 4  # random shift of every face crop of a clip, in pixels
+    in_memory: bool = True  # keep clips read from the store (per worker process)
+    seed: int = 0
+
+
+def crop_window(duration_s: float, max_duration_s: float | None, rng: np.random.Generator | None) -> tuple[float, float]:
+    """[t0, t1) of at most ``max_duration_s``: random start with ``rng``, centred without."""
+    if max_duration_s is None or duration_s <= max_duration_s:
+        return 0.0, math.inf  # whole clip, whatever the streams' last timestamps
+    slack = duration_s - max_duration_s
+    t0 = float(rng.uniform(0.0, slack)) if rng is not None else slack / 2.0
+    return t0, t0 + max_duration_s
+
+
+def _select(times: np.ndarray, t0: float, t1: float) -> np.ndarray:
+    if not math.isfinite(t1):
+        return np.ones(times.shape, dtype=bool)
+    return (times >= t0) & (times < t1)
+
+
+def spec_mask(logmel: np.ndarray, config: DataConfig, rng: np.random.Generator) -> np.ndarray:
+    """Time and frequency masking; masked cells get the clip's mean log-energy (not 0,
+    which is loud in log scale)."""
+    out = logmel.copy()  # (Ta, F)
+    if out.size == 0:
+        return out
+    fill = float(out.mean())
+    t_len, n_bins = out.shape
+    for _ in range(config.time_masks):
+        width = int(rng.integers(0, config.time_mask_max_frames + 1))
+        if 0 < width < t_len:
+            start = int(rng.integers(0, t_len - width + 1))
+            out[start : start + width] = fill
+    for _ in range(config.freq_masks):
+        width = int(rng.integers(0, config.freq_mask_max_bins + 1))
+        if 0 < width < n_bins:
+            start = int(rng.integers(0, n_bins - width + 1))
+            out[:, start : start + width] = fill
+    return out
+
+
+def jitter_crops(crops: np.ndarray, max_px: int, rng: np.random.Generator) -> np.ndarray:
+    """Shift all crops of a clip by the same random (dy, dx), edge-padded: it mimics a
+    detector's box offset while keeping the face track temporally coherent."""
+    if max_px <= 0 or crops.shape[0] == 0:
+        return crops
+    dy, dx = (int(v) for v in rng.integers(-max_px, max_px + 1, size=2))
+    size = crops.shape[1]
+    padded = np.pad(crops, ((0, 0), (max_px, max_px), (max_px, max_px), (0, 0)), mode="edge")
+    y0, x0 = max_px + dy, max_px + dx
+    return np.ascontiguousarray(padded[:, y0 : y0 + size, x0 : x0 + size])
+
+
+def features_to_example(
+    features: ClipFeatures,
+    feature_config: FeatureConfig,
+    label: int,
+    window: tuple[float, float],
+    config: DataConfig | None = None,
+    rng: np.random.Generator | None = None,
+) -> ClipExample:
+    """Cut ``features`` to ``window`` (times re-based to its start) and apply augmentation
+    when ``rng`` is given. Shared by training and inference so both see the same inputs."""
+    t0, t1 = window
+    n_mels = feature_config.audio.n_mels
+    size = feature_config.face.crop_size
+    if features.logmel is not None and features.audio_times is not None:
+        keep = _select(np.asarray(features.audio_times), t0, t1)
+        logmel = np.asarray(features.logmel, dtype=np.float32)[keep]  # (Ta, F)
+        audio_times = np.asarray(features.audio_times)[keep] - t0
+    else:
+        logmel, audio_times = np.zeros((0, n_mels), np.float32), np.zeros((0,), np.float64)
+    if features.face_crops is not None and features.video_times is not None:
+        keep = _select(np.asarray(features.video_times), t0, t1)
+        crops = np.asarray(features.face_crops, dtype=np.uint8)[keep]  # (Tv, S, S, 3)
+        video_times = np.asarray(features.video_times)[keep] - t0
+        mask = np.asarray(features.face_mask, dtype=bool)[keep] if features.face_mask is not None else np.ones(len(crops), bool)
+    else:
+        crops = np.zeros((0, size, size, 3), np.uint8)
+        video_times, mask = np.zeros((0,), np.float64), np.zeros((0,), bool)
+    if rng is not None and config is not None and config.augment:
+        logmel = spec_mask(logmel, config, rng)
+        crops = jitter_crops(crops, config.crop_jitter_px, rng)
+    return ClipExample(
+        logmel=torch.from_numpy(np.ascontiguousarray(logmel)),
+        audio_times=torch.from_numpy(audio_times.astype(np.float32)),
+        face_crops=torch.from_numpy(np.ascontiguousarray(crops)),
+        video_times=torch.from_numpy(video_times.astype(np.float32)),
+        face_mask=torch.from_numpy(mask),
+        label=int(label),
+        clip_id=features.clip_id,
+    )
+
+
+class ClipDataset(Dataset):
+    """Clips of a feature store as ClipExamples.
+
+    The store is opened lazily in each process that reads (DataLoader workers
+    included) and is never pickled. Keys are an index (eval, deterministic) or an
+    ``(index, epoch)`` pair from :class:`EpochSampler` (train, random crop + aug).
+    """
+
+    def __init__(
+        self,
+        store_path: str,
+        clip_ids: Sequence[str],
+        labels: Sequence[int],
+        feature_config: FeatureConfig,
+        config: DataConfig,
+        train: bool,
+    ) -> None:
+        if len(clip_ids) != len(labels):
+            raise ValueError(f"{len(clip_ids)} clip ids but {len(labels)} labels")
+        self.store_path = str(store_path)
+        self.clip_ids = list(clip_ids)
+        self.labels = [int(v) for v in labels]
+        self.feature_config = feature_config
+        self.config = config
+        self.train = train
+        self._store = None
+        self._cache: dict[str, ClipFeatures] = {}
+
+    def __len__(self) -> int:
+        return len(self.clip_ids)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_store"] = None  # zarr/fsspec handles are per process
+        return state
+
+    def _features(self, clip_id: str) -> ClipFeatures:
+        cached = self._cache.get(clip_id)
+        if cached is not None:
+            return cached
+        if self._store is None:
+            from storage.feature_store import FeatureStore
+
+            self._store = FeatureStore.open(self.store_path)
+        features = self._store.read(clip_id)
+        if self.config.in_memory:
+            self._cache[clip_id] = features
+        return features
+
+    def __getitem__(self, key: int | tuple[int, int]) -> ClipExample:
+        index, epoch = (key, None) if isinstance(key, (int, np.integer)) else key
+        clip_id = self.clip_ids[index]
+        features = self._features(clip_id)
+        if self.train:
+            rng = np.random.default_rng([self.config.seed, epoch if epoch is not None else 0, index])
+            window = crop_window(features.duration_s, self.config.max_duration_s, rng)
+            return features_to_example(features, self.feature_config, self.labels[index], window, self.config, rng)
+        window = crop_window(features.duration_s, self.config.eval_max_duration_s, None)
+        return features_to_example(features, self.feature_config, self.labels[index], window)
+
+
+class EpochSampler(Sampler):
+    """Seeded shuffle per epoch yielding (index, epoch) keys; ``set_epoch`` before iterating."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        for index in torch.randperm(self.n, generator=generator).tolist():
+            yield index, self.epoch
+
+
+def make_loader(dataset: ClipDataset, batch_size: int, num_workers: int, seed: int, pin_memory: bool = False) -> DataLoader:
+    """Shuffled (train) or ordered (eval) DataLoader collating into modeling.batch.Batch."""
+    sampler = EpochSampler(len(dataset), seed) if dataset.train else None
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=collate,
+        pin_memory=pin_memory,
+        # Workers keep their store handle and in-memory cache across epochs.
+        persistent_workers=num_workers > 0,
+        drop_last=False,
+    )
+
+
+def steps_per_epoch(n_examples: int, batch_size: int) -> int:
+    return max(1, math.ceil(n_examples / batch_size))

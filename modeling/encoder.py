@@ -1,0 +1,207 @@
+"""The msata model: one transformer over time-stamped audio and face tokens.
+
+    audio log-mel (B, Ta, F) --AudioFrontend--> (B, Ta', D) + times
+    face crops (B, Tv, S, S, 3) --VideoFrontend--> (B, Tv, D) + times
+    [audio; video] + modality embeddings --N pre-norm blocks (rotary q/k)--> masked mean --> logits
+
+The position module (TaRoPE / index RoPE / none, see ``modeling.tarope``) is
+built once and injected into every attention layer. ``fusion="late"`` is the
+ablation without cross-modal attention: one encoder per modality, each pooled,
+concatenated, classified.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modeling.batch import Batch
+from modeling.frontends import AudioFrontend, Tokens, VideoFrontend
+from modeling.tarope import DEFAULT_BASE, DEFAULT_RATE, POSITION_KINDS, Rotation, build_rotary
+
+FUSION_KINDS = ("joint", "late")
+
+
+@dataclass
+class MsataConfig:
+    n_classes: int = 6
+    n_mels: int = 80
+    d_model: int = 192
+    n_heads: int = 4
+    n_layers: int = 4
+    mlp_ratio: float = 4.0
+    dropout: float = 0.1
+    audio_downsample: int = 1  # 1 keeps 50 tokens/s; k merges k frames per token
+    crop_size: int = 96  # face crop side, must match the feature store's FaceConfig.crop_size
+    video_channels: tuple[int, ...] = (32, 64, 128, 128)  # one stride-2 CNN stage each
+    positions: str = "tarope"  # "tarope" | "index" | "none"
+    fusion: str = "joint"  # "joint" | "late"
+    rotary_rate: float = DEFAULT_RATE  # TaRoPE position ids per second
+    rotary_base: float = DEFAULT_BASE
+    ctm_dim: int = 128  # width of the CTM projection head
+    ctm_sigma: float = 1.0 / 30.0  # seconds, CTM target width (one 30 fps video frame)
+    ctm_tau: float = 0.1  # CTM softmax temperature
+
+    def __post_init__(self) -> None:
+        self.video_channels = tuple(int(c) for c in self.video_channels)
+        if self.positions not in POSITION_KINDS:
+            raise ValueError(f"positions={self.positions!r}; expected one of {POSITION_KINDS}")
+        if self.fusion not in FUSION_KINDS:
+            raise ValueError(f"fusion={self.fusion!r}; expected one of {FUSION_KINDS}")
+        if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
+            raise ValueError(f"d_model={self.d_model} must split into {self.n_heads} heads of even width")
+        if self.audio_downsample < 1:
+            raise ValueError(f"audio_downsample must be >= 1, got {self.audio_downsample}")
+        if self.n_classes < 1 or self.n_layers < 1 or not self.video_channels:
+            raise ValueError(f"invalid sizes in {self}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["video_channels"] = list(self.video_channels)  # JSON/MLflow friendly
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MsataConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown MsataConfig keys: {sorted(unknown)}")
+        return cls(**data)
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B, C)
+    pooled: torch.Tensor  # (B, D) joint; (B, 2D) late = [audio pool; video pool]
+    audio_tokens: torch.Tensor  # (B, Ta', D) encoder outputs at audio positions
+    audio_times: torch.Tensor  # (B, Ta') seconds
+    audio_mask: torch.Tensor  # (B, Ta') bool
+    video_tokens: torch.Tensor  # (B, Tv, D)
+    video_times: torch.Tensor  # (B, Tv) seconds
+    video_mask: torch.Tensor  # (B, Tv) bool
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: MsataConfig, rotary: nn.Module) -> None:
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
+        self.proj = nn.Linear(config.d_model, config.d_model)
+        self.rotary = rotary  # injected; shared by all layers, holds no parameters
+        self.dropout = config.dropout
+        self.resid_drop = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor, rotation: Rotation | None) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)  # (B, H, T, Dh)
+        q, k = self.rotary(q, k, rotation)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=key_mask[:, None, None, :], dropout_p=self.dropout if self.training else 0.0
+        )  # (B, H, T, Dh)
+        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(b, t, d)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: MsataConfig, rotary: nn.Module) -> None:
+        super().__init__()
+        hidden = int(config.mlp_ratio * config.d_model)
+        self.ln1 = nn.LayerNorm(config.d_model)
+        self.attn = SelfAttention(config, rotary)
+        self.ln2 = nn.LayerNorm(config.d_model)
+        self.mlp = nn.Sequential(
+            nn.Linear(config.d_model, hidden),
+            nn.GELU(),
+            nn.Linear(hidden, config.d_model),
+            nn.Dropout(config.dropout),
+        )
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor, rotation: Rotation | None) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), key_mask, rotation)
+        return x + self.mlp(self.ln2(x))
+
+
+class Encoder(nn.Module):
+    """N pre-norm blocks over tokens with times, validity mask and index positions."""
+
+    def __init__(self, config: MsataConfig) -> None:
+        super().__init__()
+        self.rotary = build_rotary(config.positions, config.head_dim, config.rotary_rate, config.rotary_base)
+        self.blocks = nn.ModuleList(Block(config, self.rotary) for _ in range(config.n_layers))
+        self.norm = nn.LayerNorm(config.d_model)
+
+    def forward(self, tokens: Tokens) -> torch.Tensor:
+        x = tokens.x  # (B, T, D)
+        if x.shape[1] == 0:
+            return x
+        # A sample with no valid token at all (e.g. video-only clip without faces)
+        # attends to everything instead of nothing: softmax over an empty set is NaN.
+        # Its outputs are masked out downstream anyway.
+        key_mask = tokens.mask | ~tokens.mask.any(dim=1, keepdim=True)  # (B, T)
+        rotation = self.rotary.precompute(tokens.times, tokens.index)  # once for all layers
+        for block in self.blocks:
+            x = block(x, key_mask, rotation)
+        return self.norm(x)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over valid tokens: x (B, T, D), mask (B, T) -> (B, D); zeros where none is valid."""
+    m = mask.unsqueeze(-1).to(torch.float32)
+    return (x.to(torch.float32) * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
+
+
+def _concat(a: Tokens, v: Tokens) -> Tokens:
+    return Tokens(
+        x=torch.cat([a.x, v.x.to(a.x.dtype)], dim=1),
+        times=torch.cat([a.times, v.times], dim=1),
+        mask=torch.cat([a.mask, v.mask], dim=1),
+        index=torch.cat([a.index, v.index], dim=1),
+    )
+
+
+class MsataModel(nn.Module):
+    def __init__(self, config: MsataConfig) -> None:
+        super().__init__()
+        self.config = config
+        d = config.d_model
+        self.audio_frontend = AudioFrontend(config.n_mels, d, config.audio_downsample, config.dropout)
+        self.video_frontend = VideoFrontend(config.crop_size, config.video_channels, d, config.dropout)
+        self.modality = nn.Parameter(torch.randn(2, d) / math.sqrt(d))  # [audio, video] embeddings
+        self.encoder = Encoder(config)
+        self.video_encoder = Encoder(config) if config.fusion == "late" else None
+        pooled_dim = 2 * d if config.fusion == "late" else d
+        self.head_drop = nn.Dropout(config.dropout)
+        self.classifier = nn.Linear(pooled_dim, config.n_classes)
+        self.ctm_head = nn.Linear(d, config.ctm_dim)  # used by losses.ctm_loss only
+
+    def forward(self, batch: Batch) -> ModelOutput:
+        a = self.audio_frontend(batch.audio, batch.audio_times, batch.audio_mask)  # (B, Ta', D)
+        v = self.video_frontend(batch.video, batch.video_times, batch.video_mask)  # (B, Tv, D)
+        a.x = a.x + self.modality[0]
+        v.x = v.x + self.modality[1]
+        if self.video_encoder is None:  # joint: one sequence, cross-modal attention
+            h = self.encoder(_concat(a, v))  # (B, Ta' + Tv, D)
+            audio_out, video_out = h[:, : a.x.shape[1]], h[:, a.x.shape[1] :]
+            pooled = masked_mean(h, torch.cat([a.mask, v.mask], dim=1))  # (B, D)
+        else:  # late: no attention across modalities
+            audio_out, video_out = self.encoder(a), self.video_encoder(v)
+            pooled = torch.cat([masked_mean(audio_out, a.mask), masked_mean(video_out, v.mask)], dim=-1)  # (B, 2D)
+        logits = self.classifier(self.head_drop(pooled))  # (B, C)
+        return ModelOutput(
+            logits=logits,
+            pooled=pooled,
+            audio_tokens=audio_out,
+            audio_times=a.times,
+            audio_mask=a.mask,
+            video_tokens=video_out,
+            video_times=v.times,
+            video_mask=v.mask,
+        )

@@ -1,0 +1,141 @@
+"""Per-modality front-ends: turn frames into timestamped tokens of width d_model.
+
+Each front-end returns ``Tokens``: features, times (seconds), validity mask and
+per-modality index positions (for the "index" RoPE ablation). Padded frames and
+frames without a face come out masked; their feature values are irrelevant
+because attention, pooling and the CTM loss all ignore masked tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# ImageNet statistics: a standard, data-independent normalisation for RGB crops.
+_RGB_MEAN = (0.485, 0.456, 0.406)
+_RGB_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class Tokens:
+    x: torch.Tensor  # (B, T, D)
+    times: torch.Tensor  # (B, T) float32 seconds
+    mask: torch.Tensor  # (B, T) bool, True = real token
+    index: torch.Tensor  # (B, T) float32 token index within its modality
+
+
+def _index_positions(batch: int, length: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(length, device=device, dtype=torch.float32).expand(batch, length)
+
+
+def normalise_utterance(logmel: torch.Tensor, mask: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Per-utterance, per-mel-channel mean/variance normalisation over valid frames.
+
+    logmel (B, T, F), mask (B, T) -> (B, T, F) float32 with padded frames set to 0,
+    so that a clip gives the same features whatever it is padded to.
+    """
+    m = mask.unsqueeze(-1).to(torch.float32)  # (B, T, 1)
+    x = logmel.to(torch.float32)
+    n = m.sum(dim=1, keepdim=True).clamp_min(1.0)  # (B, 1, 1)
+    mean = (x * m).sum(dim=1, keepdim=True) / n  # (B, 1, F)
+    var = ((x - mean).square() * m).sum(dim=1, keepdim=True) / n
+    return (x - mean) * torch.rsqrt(var + eps) * m
+
+
+def merge_times(times: torch.Tensor, mask: torch.Tensor, factor: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Times and mask of tokens that each merge ``factor`` consecutive frames.
+
+    times, mask (B, T) -> (B, ceil(T/factor)) each. A merged token's time is the
+    mean of its valid frames' times; it is valid when any of its frames is.
+    """
+    b, t = times.shape
+    pad = (-t) % factor
+    times = F.pad(times.to(torch.float32), (0, pad))
+    m = F.pad(mask, (0, pad)).to(torch.float32)
+    times, m = times.view(b, -1, factor), m.view(b, -1, factor)  # (B, T', factor)
+    count = m.sum(-1)  # (B, T')
+    merged = (times * m).sum(-1) / count.clamp_min(1.0)
+    return merged, count > 0
+
+
+class AudioFrontend(nn.Module):
+    """Log-mel frames (B, Ta, F) at 50/s -> tokens at 50/downsample per second.
+
+    Two 3-tap convolutions (40 ms context each side overall), then, when
+    downsample > 1, a non-overlapping conv of kernel = stride = downsample so
+    each output token merges exactly ``downsample`` frames and its time is the
+    mean of theirs.
+    """
+
+    def __init__(self, n_mels: int, d_model: int, downsample: int, dropout: float) -> None:
+        super().__init__()
+        self.n_mels = n_mels
+        self.downsample = downsample
+        self.conv1 = nn.Conv1d(n_mels, d_model, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv1d(d_model, d_model, kernel_size=3, padding=1)
+        self.merge = nn.Conv1d(d_model, d_model, kernel_size=downsample, stride=downsample) if downsample > 1 else None
+        self.out = nn.Linear(d_model, d_model)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, logmel: torch.Tensor, times: torch.Tensor, mask: torch.Tensor) -> Tokens:
+        b, t, f = logmel.shape
+        d = self.conv1.out_channels
+        if t == 0:
+            empty = logmel.new_zeros(b, 0, d)
+            return Tokens(empty, times.new_zeros(b, 0), mask.new_zeros(b, 0), times.new_zeros(b, 0))
+        if f != self.n_mels:
+            raise ValueError(f"audio has {f} mel channels, the model expects {self.n_mels}")
+        m = mask.unsqueeze(1).to(logmel.dtype)  # (B, 1, Ta)
+        x = normalise_utterance(logmel, mask).transpose(1, 2)  # (B, F, Ta)
+        # Re-zero padding after each conv so padded frames act as the conv's zero padding.
+        x = F.gelu(self.conv1(x)) * m  # (B, D, Ta)
+        x = F.gelu(self.conv2(x)) * m
+        if self.merge is not None:
+            x = F.gelu(self.merge(F.pad(x, (0, (-t) % self.downsample))))  # (B, D, Ta')
+            times, mask = merge_times(times, mask, self.downsample)
+        x = self.drop(self.out(x.transpose(1, 2)))  # (B, Ta', D)
+        return Tokens(x, times.to(torch.float32), mask, _index_positions(b, x.shape[1], x.device))
+
+
+class VideoFrontend(nn.Module):
+    """Face crops (B, Tv, S, S, 3) uint8 -> one token per frame (B, Tv, D).
+
+    A small CNN (stride-2 conv, GroupNorm, GELU stages, then global average
+    pooling) applied to all valid frames of the batch at once; frames without a
+    face and padding are never computed and come out as zero tokens, masked.
+    """
+
+    def __init__(self, crop_size: int, channels: tuple[int, ...], d_model: int, dropout: float) -> None:
+        super().__init__()
+        self.crop_size = crop_size
+        layers: list[nn.Module] = []
+        c_in = 3
+        for c in channels:
+            layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1), nn.GroupNorm(min(8, c), c), nn.GELU()]
+            c_in = c
+        self.cnn = nn.Sequential(*layers)
+        self.out = nn.Linear(c_in, d_model)
+        self.drop = nn.Dropout(dropout)
+        self.d_model = d_model
+        self.register_buffer("mean", torch.tensor(_RGB_MEAN).view(1, 3, 1, 1) * 255.0, persistent=False)
+        self.register_buffer("std", torch.tensor(_RGB_STD).view(1, 3, 1, 1) * 255.0, persistent=False)
+
+    def forward(self, crops: torch.Tensor, times: torch.Tensor, mask: torch.Tensor) -> Tokens:
+        b, t = crops.shape[:2]
+        if t > 0 and tuple(crops.shape[2:]) != (self.crop_size, self.crop_size, 3):
+            raise ValueError(
+                f"video crops have shape {tuple(crops.shape[2:])}, the model expects "
+                f"({self.crop_size}, {self.crop_size}, 3)"
+            )
+        frames = crops[mask]  # (N, S, S, 3) valid frames only
+        feats = frames.new_zeros((0, self.d_model), dtype=torch.float32)
+        if frames.shape[0] > 0:
+            x = (frames.permute(0, 3, 1, 2).to(torch.float32) - self.mean) / self.std  # (N, 3, S, S)
+            x = self.cnn(x).mean(dim=(2, 3))  # (N, C)
+            feats = self.out(x)  # (N, D)
+        tokens = feats.new_zeros(b, t, self.d_model)
+        tokens[mask] = feats
+        return Tokens(self.drop(tokens), times.to(torch.float32), mask, _index_positions(b, t, crops.device))
