@@ -122,7 +122,7 @@ def prepare_ravdess(
 
     records = []
     for take in sorted(takes):
-        video, audio, extra = _resolve(takes[take], rejected)
+        video, audio, not_used = _resolve(takes[take])
         fields = fields_of[take]
         records.append(
             ClipRecord(
@@ -136,22 +136,22 @@ def prepare_ravdess(
                 sentence=fields["statement"],
             )
         )
-        rejected.extend(extra)
+        rejected.extend(not_used)
     return RecipeResult(records=records, rejected=sorted(rejected, key=lambda r: r.path))
 
 
-def _resolve(by_modality: dict[str, list[Path]], rejected: list[Rejection]) -> tuple[Path | None, Path | None, list[Rejection]]:
-    """(video, audio, superseded files) for one take, following the module's pairing rule."""
+def _resolve(by_modality: dict[str, list[Path]]) -> tuple[Path | None, Path | None, list[Rejection]]:
+    """(video, audio, files not used) for one take, following the module's pairing rule."""
     chosen: dict[str, Path] = {}
+    not_used: list[Rejection] = []
     for modality, paths in by_modality.items():
         first, *duplicates = sorted(paths)
         chosen[modality] = first
-        rejected.extend(Rejection(str(p), f"duplicate of {first} (same take and modality)") for p in duplicates)
-    superseded: list[Rejection] = []
+        not_used.extend(Rejection(str(p), f"duplicate of {first} (same take and modality)") for p in duplicates)
     if "01" in chosen:
         both = chosen["01"]
-        for modality in ("02", "03"):
-            if modality in chosen:
-                superseded.append(Rejection(str(chosen[modality]), f"superseded by the audio-video file {both}"))
-        return both, both, superseded
-    return chosen.get("02"), chosen.get("03"), superseded
+        not_used.extend(
+            Rejection(str(chosen[m]), f"superseded by the audio-video file {both}") for m in ("02", "03") if m in chosen
+        )
+        return both, both, not_used
+    return chosen.get("02"), chosen.get("03"), not_used

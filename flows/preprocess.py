@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, task
+from prefect import flow, task, unmapped
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -128,9 +128,9 @@ def preprocess_dataset(
     summary = PreprocessSummary(store=store, config_hash=config.config_hash(), rejected=len(found.rejected))
     for rejection in found.rejected:
         summary.failures.append({"clip_id": "", "path": rejection.path, "reason": rejection.reason})
-        feature_store.record_failure(Path(rejection.path).stem, rejection.path, rejection.reason)
+        feature_store.record_failure("", rejection.path, rejection.reason)
 
-    futures = process_clip_task.map([r.to_dict() for r in records], store_path=store, config=config_dict)
+    futures = process_clip_task.map([r.to_dict() for r in records], store_path=unmapped(store), config=unmapped(config_dict))
     by_future = {f.task_run_id: r for f, r in zip(futures, records)}
     for future in as_completed(futures):
         record = by_future[future.task_run_id]

@@ -13,6 +13,7 @@ Checkpoints hold Python objects (configs, RNG states), so they are loaded with
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import tempfile
 from pathlib import Path
@@ -75,7 +76,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
         raise CheckpointError(f"no checkpoint at {path}")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=False)
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as err:
         raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
     wanted = REQUIRED_KEYS + (RESUME_KEYS if require_resume else ())
     missing = [k for k in wanted if k not in payload]

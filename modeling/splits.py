@@ -28,6 +28,8 @@ import numpy as np
 import pandas as pd
 
 from features.config import FeatureConfig
+from features.crema_d import CREMA_D_LABELS
+from features.ravdess import RAVDESS_LABELS
 
 
 class ProtocolError(ValueError):
@@ -35,10 +37,7 @@ class ProtocolError(ValueError):
 
 
 # Fixed class lists: the index of a label never depends on which clips a store holds.
-DATASET_LABELS: dict[str, list[str]] = {
-    "crema-d": ["angry", "disgust", "fearful", "happy", "neutral", "sad"],
-    "ravdess": ["neutral", "calm", "happy", "sad", "angry", "fearful", "disgust", "surprised"],
-}
+DATASET_LABELS: dict[str, list[str]] = {"crema-d": list(CREMA_D_LABELS), "ravdess": list(RAVDESS_LABELS)}
 SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "dev": "val", "test": "test"}
 
 

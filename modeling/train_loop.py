@@ -144,11 +144,13 @@ def _autocast(device: torch.device) -> torch.autocast:
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def _objective(output: Any, labels: torch.Tensor, lambda_ctm: float) -> tuple[torch.Tensor, float, float]:
-    """(total, ce, ctm) from modeling.losses.training_objective."""
+def _objective(model: nn.Module, output: Any, labels: torch.Tensor, lambda_ctm: float) -> tuple[torch.Tensor, float, float]:
+    """(total, ce, ctm) from modeling.losses.training_objective, with the model's CTM head and widths."""
     from modeling.losses import training_objective
 
-    result = training_objective(output, labels, lambda_ctm)
+    cfg = getattr(model, "config", None)
+    kwargs = {"projector": model.ctm_head, "sigma": cfg.ctm_sigma, "tau": cfg.ctm_tau} if cfg is not None and hasattr(model, "ctm_head") else {}
+    result = training_objective(output, labels, lambda_ctm, **kwargs)
     return result.total, float(result.ce.detach()), float(result.ctm.detach())
 
 
@@ -234,7 +236,7 @@ def train_model(
             batch: Batch = batch.to(device, non_blocking=True)
             with _autocast(device):
                 output = model(batch)
-            total, ce, ctm = _objective(output, batch.labels, config.lambda_ctm)
+            total, ce, ctm = _objective(model, output, batch.labels, config.lambda_ctm)
             if not torch.isfinite(total):
                 raise FloatingPointError(f"non-finite loss {float(total)} at epoch {epoch} step {step} (clips {batch.clip_ids[:4]})")
             optimizer.zero_grad(set_to_none=True)
@@ -250,9 +252,9 @@ def train_model(
         val_metrics, val_loss = evaluate(model, val_loader, device, n_classes)
         record = EpochRecord(
             epoch=epoch,
-            train_loss=sums[0] / count,
-            train_ce=sums[1] / count,
-            train_ctm=sums[2] / count,
+            train_loss=float(sums[0] / count),
+            train_ce=float(sums[1] / count),
+            train_ctm=float(sums[2] / count),
             val_loss=val_loss,
             val_wa=val_metrics.wa,
             val_uar=val_metrics.uar,

@@ -1,0 +1,78 @@
+"""One clip in, its timestamped features out: probe, decode, log-mel, faces."""
+
+from __future__ import annotations
+
+from features.audio import log_mel
+from features.clip import ClipError, ClipFeatures
+from features.config import FeatureConfig
+from features.decode import MediaInfo, decode_audio, iter_video_frames, probe
+from features.faces import FaceDetector
+from features.manifest import ClipRecord
+
+
+def extract_clip(
+    record: ClipRecord, config: FeatureConfig, detector: FaceDetector | None = None, chunk: int = 32
+) -> ClipFeatures:
+    """Extract the features of ``record`` (see ClipFeatures for shapes and units).
+
+    Every file is probed before anything is decoded, so a broken file fails fast.
+    A missing stream only drops that modality (with a note); a file that cannot be
+    read, is empty or truncated, or a clip left with no usable modality raises
+    ClipError. A video without a face in any frame is kept audio-only with a note.
+    Frames are streamed ``chunk`` at a time into the detector, so memory does not
+    grow with the clip's length. Pass a shared ``detector`` to avoid reloading MTCNN.
+    """
+    if record.audio_path is None and record.video_path is None:
+        raise ClipError(f"clip {record.clip_id!r}: the record has neither an audio nor a video path")
+    if detector is not None and detector.config != config.face:
+        raise ValueError(f"detector config {detector.config} differs from the feature config {config.face}")
+    infos: dict[str, MediaInfo] = {}
+    for path in (record.audio_path, record.video_path):
+        if path is not None and path not in infos:
+            infos[path] = probe(path)
+    a_info = infos[record.audio_path] if record.audio_path is not None else None
+    v_info = infos[record.video_path] if record.video_path is not None else None
+
+    notes: list[str] = []
+    use_audio = a_info is not None and a_info.has_audio
+    use_video = v_info is not None and v_info.has_video
+    if a_info is not None and not a_info.has_audio:
+        notes.append(f"no audio stream in {a_info.path}: kept video-only")
+    if v_info is not None and not v_info.has_video:
+        notes.append(f"no video stream in {v_info.path}: kept audio-only")
+    if not use_audio and not use_video:
+        paths = ", ".join(sorted(infos))
+        raise ClipError(f"{paths}: no usable audio or video stream (clip {record.clip_id!r})")
+
+    features = ClipFeatures(clip_id=record.clip_id, duration_s=0.0, notes=notes)
+    spans: list[float] = []
+    if use_audio:
+        assert a_info is not None
+        wave = decode_audio(a_info.path, config.audio.sample_rate, info=a_info)  # (N,)
+        logmel, times = log_mel(wave, config.audio)  # (Ta, F), (Ta,)
+        spans.append(wave.shape[0] / config.audio.sample_rate)
+        if len(logmel):
+            features.logmel, features.audio_times = logmel, times
+        else:
+            notes.append(f"audio of {a_info.path} is shorter than one {config.audio.hop_length_s * 1000:.0f} ms frame")
+
+    if use_video:
+        assert v_info is not None
+        detector = detector or FaceDetector(config.face)
+        track = detector.track(iter_video_frames(v_info.path, chunk=chunk, info=v_info))
+        frame_s = 1.0 / v_info.fps if v_info.fps else 0.0
+        spans.append(float(track.times[-1]) + frame_s)
+        if track.mask.any():
+            features.face_crops = track.crops
+            features.video_times = track.times
+            features.face_mask = track.mask
+            features.face_boxes = track.boxes
+            features.face_landmarks = track.landmarks
+            features.face_probs = track.probs
+        else:
+            notes.append(f"no face in any of the {len(track.mask)} frames of {v_info.path}: kept audio-only")
+
+    if not features.has_audio and not features.has_video:
+        raise ClipError(f"{', '.join(sorted(infos))}: nothing usable: {'; '.join(notes)}")
+    features.duration_s = max(spans)
+    return features

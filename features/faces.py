@@ -1,0 +1,327 @@
+"""Face detection (MTCNN), sparse detection with bounded interpolation, and square face crops.
+
+The box maths (selection, squaring, interpolation, cropping) are pure functions;
+:class:`FaceDetector` is the only part that runs MTCNN. Boxes and landmarks are
+always in source-frame pixels, even though MTCNN sees frames shrunk to
+``FaceConfig.detect_max_side``; crops are cut from the full-resolution frames.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from facenet_pytorch import MTCNN
+from PIL import Image
+
+from features.config import FaceConfig
+
+# Two detections are joined by interpolation only if they overlap at least this much;
+# otherwise (a cut, a different face, a jump) the frames between are detected one by one.
+MIN_INTERP_IOU = 0.3
+
+
+@dataclass
+class Detections:
+    """One face (or none) per frame, in source pixels."""
+
+    boxes: np.ndarray  # (N, 4) float32 x1, y1, x2, y2; zeros where not found
+    landmarks: np.ndarray  # (N, 5, 2) float32; zeros where not found
+    probs: np.ndarray  # (N,) float32; 0 where not found
+    found: np.ndarray  # (N,) bool
+
+    @classmethod
+    def empty(cls, n: int) -> "Detections":
+        return cls(
+            boxes=np.zeros((n, 4), np.float32),
+            landmarks=np.zeros((n, 5, 2), np.float32),
+            probs=np.zeros(n, np.float32),
+            found=np.zeros(n, bool),
+        )
+
+    def __len__(self) -> int:
+        return len(self.found)
+
+    def take(self, idx: np.ndarray | list[int] | slice) -> "Detections":
+        return Detections(self.boxes[idx], self.landmarks[idx], self.probs[idx], self.found[idx])
+
+
+@dataclass
+class FaceTrack:
+    """Per-frame face results of one video, matching the ClipFeatures video fields."""
+
+    crops: np.ndarray  # (T, S, S, 3) uint8
+    times: np.ndarray  # (T,) float64
+    mask: np.ndarray  # (T,) bool
+    boxes: np.ndarray  # (T, 4) float32
+    landmarks: np.ndarray  # (T, 5, 2) float32
+    probs: np.ndarray  # (T,) float32
+    n_detected: int  # frames MTCNN actually ran on (the rest were interpolated)
+
+    @property
+    def face_ratio(self) -> float:
+        return float(self.mask.mean()) if len(self.mask) else 0.0
+
+
+# ----------------------------------------------------------------------------- pure helpers
+
+
+def select_face(
+    boxes: np.ndarray | None, probs: np.ndarray | None, points: np.ndarray | None, min_probability: float
+) -> tuple[np.ndarray, np.ndarray, float] | None:
+    """The largest face with probability >= ``min_probability``, or None.
+
+    boxes (K, 4), probs (K,), points (K, 5, 2) as MTCNN returns them (None when K = 0).
+    Filtering before picking the largest keeps a big low-confidence blob from hiding
+    a real face.
+    """
+    if boxes is None or points is None or probs is None or len(boxes) == 0:
+        return None
+    b = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    p = np.asarray([0.0 if x is None else x for x in np.atleast_1d(probs)], dtype=np.float32)
+    keep = np.flatnonzero(p >= min_probability)
+    if keep.size == 0:
+        return None
+    areas = (b[keep, 2] - b[keep, 0]) * (b[keep, 3] - b[keep, 1])
+    best = int(keep[np.argmax(areas)])
+    pts = np.asarray(points, dtype=np.float32).reshape(-1, 5, 2)
+    return b[best], pts[best], float(p[best])
+
+
+def square_box(box: np.ndarray, margin: float) -> np.ndarray:
+    """Square (4,) box with the same centre, side = max(w, h) * (1 + 2 * margin).
+
+    ``margin`` is the context added on each side as a fraction of the box side.
+    """
+    x1, y1, x2, y2 = (float(v) for v in box)
+    side = max(x2 - x1, y2 - y1) * (1.0 + 2.0 * margin)
+    cx, cy = (x1 + x2) / 2.0, (y1 + y2) / 2.0
+    return np.array([cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2], dtype=np.float32)
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two (4,) x1, y1, x2, y2 boxes."""
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union) if union > 0 else 0.0
+
+
+def interpolate_faces(
+    t0: float, det0: Detections, t1: float, det1: Detections, times: np.ndarray
+) -> Detections:
+    """Linear interpolation in time between two single-frame detections, both found.
+
+    ``times`` (M,) lie strictly between t0 and t1; probabilities take the lower of the
+    two ends, so an interpolated frame never claims more confidence than its anchors.
+    """
+    if not (det0.found[0] and det1.found[0]):
+        raise ValueError("interpolate_faces needs a face at both ends")
+    if not t1 > t0:
+        raise ValueError(f"interpolation needs t1 > t0, got t0={t0}, t1={t1}")
+    w = ((np.asarray(times, np.float64) - t0) / (t1 - t0)).astype(np.float32)  # (M,)
+    boxes = (1 - w)[:, None] * det0.boxes[0] + w[:, None] * det1.boxes[0]  # (M, 4)
+    lms = (1 - w)[:, None, None] * det0.landmarks[0] + w[:, None, None] * det1.landmarks[0]  # (M, 5, 2)
+    probs = np.full(len(w), min(det0.probs[0], det1.probs[0]), np.float32)
+    return Detections(boxes.astype(np.float32), lms.astype(np.float32), probs, np.ones(len(w), bool))
+
+
+def crop_square(frame: np.ndarray, box: np.ndarray, size: int) -> np.ndarray:
+    """Cut the square ``box`` (4,) out of ``frame`` (H, W, 3) and resize it to (size, size, 3).
+
+    Parts of the box outside the frame are black, so the face stays centred near
+    borders. Resizing is PIL's antialiased bilinear.
+    """
+    h, w = frame.shape[:2]
+    x0, y0 = int(round(float(box[0]))), int(round(float(box[1])))
+    side = max(1, int(round(float(box[2] - box[0]))))
+    canvas = np.zeros((side, side, 3), dtype=np.uint8)
+    sx0, sy0 = max(0, x0), max(0, y0)
+    sx1, sy1 = min(w, x0 + side), min(h, y0 + side)
+    if sx1 > sx0 and sy1 > sy0:
+        canvas[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = frame[sy0:sy1, sx0:sx1]
+    if side == size:
+        return canvas
+    return np.asarray(Image.fromarray(canvas).resize((size, size), Image.BILINEAR))
+
+
+def crop_faces(frames: np.ndarray, det: Detections, crop_size: int, margin: float) -> np.ndarray:
+    """(N, S, S, 3) uint8 crops; black where no face was found."""
+    crops = np.zeros((len(det), crop_size, crop_size, 3), dtype=np.uint8)
+    for i in np.flatnonzero(det.found):
+        crops[i] = crop_square(frames[i], square_box(det.boxes[i], margin), crop_size)
+    return crops
+
+
+def downscale(frames: np.ndarray, max_side: int) -> tuple[torch.Tensor, float, float]:
+    """Shrink (N, H, W, 3) uint8 frames so the longest side is <= max_side.
+
+    Returns (N, h, w, 3) uint8 tensor and the (sx, sy) factors mapping small -> source
+    pixels. Antialiased bilinear on uint8 channels-last is torch's fast path.
+    """
+    n, h, w = frames.shape[:3]
+    x = torch.from_numpy(np.ascontiguousarray(frames))  # (N, H, W, 3)
+    if max(h, w) <= max_side:
+        return x, 1.0, 1.0
+    scale = max_side / max(h, w)
+    sh, sw = max(1, round(h * scale)), max(1, round(w * scale))
+    small = F.interpolate(x.permute(0, 3, 1, 2), size=(sh, sw), mode="bilinear", antialias=True)  # (N, 3, h, w)
+    return small.permute(0, 2, 3, 1).contiguous(), w / sw, h / sh
+
+
+# ----------------------------------------------------------------------------- MTCNN
+
+
+class FaceDetector:
+    """MTCNN face detector plus the sparse-detection tracker used for whole videos.
+
+    ``max_interp_gap`` bounds how many frames may ever be filled in by interpolation
+    between two detections; a ``detect_every`` that would need more is refused.
+    """
+
+    def __init__(
+        self,
+        config: FaceConfig,
+        device: str | torch.device = "cpu",
+        max_interp_gap: int = 7,
+        batch_size: int = 32,
+    ) -> None:
+        if config.detect_every < 1:
+            raise ValueError(f"detect_every must be >= 1, got {config.detect_every}")
+        if config.detect_every - 1 > max_interp_gap:
+            raise ValueError(
+                f"detect_every={config.detect_every} would interpolate across {config.detect_every - 1} frames; "
+                f"at most max_interp_gap={max_interp_gap} are allowed"
+            )
+        self.config = config
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.mtcnn = MTCNN(
+            keep_all=False,
+            select_largest=True,
+            min_face_size=config.min_face_size,
+            post_process=False,
+            device=self.device,
+        )
+
+    def detect(self, frames: np.ndarray) -> Detections:
+        """Run MTCNN on every frame of (N, H, W, 3) uint8 RGB; results in source pixels."""
+        out = Detections.empty(len(frames))
+        if len(frames) == 0:
+            return out
+        for start in range(0, len(frames), self.batch_size):
+            part = frames[start : start + self.batch_size]
+            small, sx, sy = downscale(part, self.config.detect_max_side)
+            boxes, probs, points = self.mtcnn.detect(small.to(self.device), landmarks=True)
+            scale = np.array([sx, sy], dtype=np.float32)
+            for i in range(len(part)):
+                face = select_face(boxes[i], probs[i], points[i], self.config.min_probability)
+                if face is None:
+                    continue
+                box, lm, prob = face
+                j = start + i
+                out.boxes[j] = box * np.tile(scale, 2)
+                out.landmarks[j] = lm * scale
+                out.probs[j] = prob
+                out.found[j] = True
+        return out
+
+    def track(self, chunks: Iterable[tuple[np.ndarray, np.ndarray]]) -> FaceTrack:
+        """Faces for a stream of (frames (N, H, W, 3), times (N,)) chunks, e.g. from iter_video_frames.
+
+        MTCNN runs on frames 0, k, 2k, ... and the last frame (k = detect_every). The
+        frames between two anchors are interpolated only when both anchors found
+        overlapping faces (IoU >= MIN_INTERP_IOU); otherwise they are detected one by
+        one, so a missed or jumping face is never papered over. Only the frames since
+        the last anchor are held back, so memory stays bounded by chunk + k frames.
+        """
+        k = self.config.detect_every
+        acc = _Accumulator()
+        anchor: tuple[float, Detections] | None = None
+        pending_frames: list[np.ndarray] = []
+        pending_times: list[float] = []
+        index = 0
+        for frames, times in chunks:
+            is_anchor = (index + np.arange(len(frames))) % k == 0  # (N,)
+            dets = self.detect(frames[is_anchor])
+            acc.n_detected += int(is_anchor.sum())
+            d = 0
+            for i in range(len(frames)):
+                if not is_anchor[i]:
+                    # Copy so a held-back frame does not pin its whole chunk in memory.
+                    pending_frames.append(frames[i].copy())
+                    pending_times.append(float(times[i]))
+                    continue
+                current = (float(times[i]), dets.take(slice(d, d + 1)))
+                d += 1
+                self._resolve(anchor, pending_frames, pending_times, current, acc)
+                acc.add(frames[i : i + 1], times[i : i + 1], current[1], self.config)
+                anchor, pending_frames, pending_times = current, [], []
+            index += len(frames)
+        if pending_frames:  # the stream ended between anchors: the last frame becomes one
+            last_frame, last_time = pending_frames.pop(), pending_times.pop()
+            current = (last_time, self.detect(last_frame[None]))
+            acc.n_detected += 1
+            self._resolve(anchor, pending_frames, pending_times, current, acc)
+            acc.add(last_frame[None], np.array([last_time]), current[1], self.config)
+        return acc.finish(self.config.crop_size)
+
+    def _resolve(
+        self,
+        anchor: tuple[float, Detections] | None,
+        frames: list[np.ndarray],
+        times: list[float],
+        current: tuple[float, Detections],
+        acc: "_Accumulator",
+    ) -> None:
+        """Fill in the frames held back between ``anchor`` and ``current``."""
+        if not frames:
+            return
+        if anchor is None:
+            raise RuntimeError("frames were held back before the first anchor")
+        stack = np.stack(frames)  # (M, H, W, 3)
+        t = np.asarray(times, np.float64)
+        (t0, d0), (t1, d1) = anchor, current
+        if d0.found[0] and d1.found[0] and box_iou(d0.boxes[0], d1.boxes[0]) >= MIN_INTERP_IOU:
+            det = interpolate_faces(t0, d0, t1, d1, t)
+        else:
+            det = self.detect(stack)
+            acc.n_detected += len(stack)
+        acc.add(stack, t, det, self.config)
+
+
+class _Accumulator:
+    """Collects per-frame results in order; only crops are kept, never frames."""
+
+    def __init__(self) -> None:
+        self.parts: list[tuple[np.ndarray, np.ndarray, Detections]] = []
+        self.n_detected = 0
+
+    def add(self, frames: np.ndarray, times: np.ndarray, det: Detections, config: FaceConfig) -> None:
+        crops = crop_faces(frames, det, config.crop_size, config.margin)
+        self.parts.append((crops, np.asarray(times, np.float64), det))
+
+    def finish(self, crop_size: int) -> FaceTrack:
+        if not self.parts:
+            return FaceTrack(
+                crops=np.zeros((0, crop_size, crop_size, 3), np.uint8),
+                times=np.zeros(0, np.float64),
+                mask=np.zeros(0, bool),
+                boxes=np.zeros((0, 4), np.float32),
+                landmarks=np.zeros((0, 5, 2), np.float32),
+                probs=np.zeros(0, np.float32),
+                n_detected=0,
+            )
+        return FaceTrack(
+            crops=np.concatenate([p[0] for p in self.parts]),
+            times=np.concatenate([p[1] for p in self.parts]),
+            mask=np.concatenate([p[2].found for p in self.parts]),
+            boxes=np.concatenate([p[2].boxes for p in self.parts]),
+            landmarks=np.concatenate([p[2].landmarks for p in self.parts]),
+            probs=np.concatenate([p[2].probs for p in self.parts]),
+            n_detected=self.n_detected,
+        )

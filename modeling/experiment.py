@@ -1,0 +1,320 @@
+"""Cross-validation driver: protocol -> per-fold training -> test metrics -> MLflow.
+
+Three steps, each a plain function of paths so a Prefect flow can wrap them as thin
+tasks (``flows/train.py``), and :func:`run_cross_validation` chains them:
+
+1. :func:`prepare_experiment` validates the store against the protocol (raising
+   before any training), builds the folds, writes ``experiment.json`` and the split
+   files into the run directory and opens the MLflow parent run;
+2. :func:`run_fold` trains one fold (model choice on its validation speakers),
+   evaluates ``best.pt`` once on the test speakers and logs a nested MLflow run;
+3. :func:`finalize_experiment` aggregates mean +- std over folds and registers the
+   fold model with the best *validation* UAR (test scores never choose anything).
+
+The run directory (default ``$MSATA_HOME/runs/<dataset>/<key>``, the key hashing
+store, configs and protocol) holds the checkpoints; ``resume=True`` continues an
+interrupted experiment there: finished folds are skipped, the interrupted fold
+resumes from its ``last.pt``, the same MLflow runs are reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from features.config import FeatureConfig
+from modeling import splits as sp
+from modeling.metrics import compute_metrics, metrics_from_confusion, summarize_folds
+from modeling.train_loop import ProgressCallback, ProgressEvent, TrainConfig, predict, resolve_device, train_model
+
+SPEC_FILE, RESULT_FILE, RUN_FILE = "experiment.json", "result.json", "mlflow_run.json"
+
+
+@dataclass
+class FoldResult:
+    index: int
+    test: dict[str, float]  # wa, uar, macro_f1 on the fold's test speakers
+    confusion: list[list[int]]
+    best_epoch: int
+    best_val_uar: float
+    epochs_run: int
+    stopped_early: bool
+    best_path: str
+    run_id: str | None = None
+
+
+@dataclass
+class CVResult:
+    run_dir: str
+    dataset: str
+    label_names: list[str]
+    folds: list[FoldResult]
+    summary: dict[str, float]  # wa_mean, wa_std, uar_mean, ...
+    confusion: list[list[int]]  # summed over folds
+    parent_run_id: str | None = None
+    selected_fold: int | None = None
+    registered: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _hash(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def build_model_config(overrides: dict[str, Any] | None, feature_config: FeatureConfig, n_classes: int) -> dict[str, Any]:
+    from modeling.encoder import MsataConfig
+
+    forced = {"n_classes": n_classes, "n_mels": feature_config.audio.n_mels, "crop_size": feature_config.face.crop_size}
+    overrides = dict(overrides or {})
+    clashes = {k: (overrides[k], v) for k, v in forced.items() if k in overrides and overrides[k] != v}
+    if clashes:
+        raise sp.ProtocolError(f"model settings contradict the store/labels (given, required): {clashes}")
+    return MsataConfig.from_dict({**overrides, **forced}).to_dict()
+
+
+def prepare_experiment(
+    store_path: str,
+    dataset: str,
+    train_config: TrainConfig,
+    split_config: sp.SplitConfig | None = None,
+    model_overrides: dict[str, Any] | None = None,
+    expected_feature_config: FeatureConfig | None = None,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    track: bool = True,
+) -> Path:
+    """Validate, split, persist the experiment spec; returns the run directory."""
+    from storage.feature_store import FeatureStore
+    from modeling import tracking
+
+    split_config = split_config or sp.SplitConfig()
+    store = FeatureStore.open(store_path)
+    sp.check_feature_config(store.config, expected_feature_config)
+    manifest = store.manifest()
+    label_names = sp.resolve_label_names(dataset, manifest) if len(manifest) else []
+    sp.validate_manifest(manifest, label_names, split_config)
+    folds = sp.make_folds(manifest, split_config)
+    model_config = build_model_config(model_overrides, store.config, len(label_names))
+    fold_dicts = [sp.fold_to_dict(f) for f in folds]
+    train_key = {k: v for k, v in train_config.to_dict().items() if k != "num_workers"}  # results do not depend on it
+    spec = {
+        "store_path": str(store_path),
+        "dataset": sp.normalize_dataset(dataset),
+        "label_names": label_names,
+        "train": train_config.to_dict(),
+        "splits": asdict(split_config),
+        "model": model_config,
+        "feature_config": store.config.to_dict(),
+        "feature_config_hash": store.config.config_hash(),
+        "splits_hash": _hash([[f.index, sorted(f.assignment().items())] for f in folds]),
+        "protocol": "given-split" if len(folds) == 1 and split_config.use_given_split and sp.given_splits(manifest) is not None else f"speaker-{len(folds)}fold",
+        "folds": fold_dicts,
+    }
+    key = _hash({k: spec[k] for k in ("store_path", "dataset", "model", "feature_config_hash", "splits_hash")} | {"train": train_key})
+    run_dir = Path(run_dir) if run_dir else tracking.msata_home() / "runs" / spec["dataset"] / key
+    spec_path = run_dir / SPEC_FILE
+    if spec_path.exists() and resume:
+        old = json.loads(spec_path.read_text())
+        for name in ("dataset", "feature_config_hash", "splits_hash", "model", "label_names"):
+            if old[name] != spec[name]:
+                raise sp.ProtocolError(f"cannot resume {run_dir}: {name} changed from {old[name]!r} to {spec[name]!r}")
+        spec["train"] = {**old["train"], "num_workers": train_config.num_workers}
+        spec["mlflow"] = old.get("mlflow")
+    elif run_dir.exists():
+        shutil.rmtree(run_dir)  # a fresh (non-resumed) run never mixes with old checkpoints
+    run_dir.mkdir(parents=True, exist_ok=True)
+    split_files = sp.export_splits(folds, manifest, run_dir)
+    if track and not spec.get("mlflow"):
+        tracking.configure_tracking()
+        experiment_id = tracking.get_or_create_experiment(spec["dataset"])
+        parent = tracking.create_run(experiment_id, f"cv-{spec['dataset']}-{key}", tags={"msata.dataset": spec["dataset"], "msata.protocol": spec["protocol"]})
+        params = tracking.flatten({k: spec[k] for k in ("dataset", "store_path", "train", "splits", "model", "feature_config_hash", "splits_hash", "protocol")})
+        params["n_clips"], params["label_names"] = str(len(manifest)), json.dumps(label_names)
+        tracking.log_params(parent, params)
+        for path in split_files:
+            tracking.log_artifact(parent, path, "splits")
+        spec["mlflow"] = {"experiment_id": experiment_id, "parent_run_id": parent}
+    tracking.write_json(spec_path, spec)
+    if spec.get("mlflow"):
+        tracking.configure_tracking()
+        tracking.log_artifact(spec["mlflow"]["parent_run_id"], spec_path, "config")
+    return run_dir
+
+
+def load_spec(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir) / SPEC_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run prepare_experiment first")
+    return json.loads(path.read_text())
+
+
+def _loaders(spec: dict[str, Any], fold: sp.Fold, config: TrainConfig):
+    from modeling.data import ClipDataset, make_loader
+    from storage.feature_store import FeatureStore
+
+    store = FeatureStore.open(spec["store_path"])
+    manifest = store.manifest()
+    label_of = dict(zip(manifest["clip_id"].astype(str), manifest["label"].astype(str)))
+    index = {name: i for i, name in enumerate(spec["label_names"])}
+    data_config = config.data_config()
+    pin = resolve_device(config.device).type == "cuda"
+
+    def loader(ids: tuple[str, ...], train: bool, workers: int):
+        ds = ClipDataset(spec["store_path"], ids, [index[label_of[c]] for c in ids], store.config, data_config, train)
+        return make_loader(ds, config.batch_size, workers, config.seed, pin)
+
+    return loader(fold.train_ids, True, config.num_workers), loader(fold.val_ids, False, config.num_workers), loader(fold.test_ids, False, 0)
+
+
+def run_fold(run_dir: str | Path, fold_index: int, progress: ProgressCallback | None = None) -> FoldResult:
+    """Train, select on validation, test once; idempotent (a finished fold is returned as is)."""
+    from modeling import tracking
+    from modeling.encoder import MsataConfig, MsataModel
+    from modeling.pyfunc_model import load_trained_model
+
+    run_dir = Path(run_dir)
+    spec = load_spec(run_dir)
+    fold_dir = run_dir / f"fold_{fold_index}"
+    result_path = fold_dir / RESULT_FILE
+    if result_path.exists():
+        return FoldResult(**json.loads(result_path.read_text()))
+    folds = [sp.fold_from_dict(d) for d in spec["folds"]]
+    if not 0 <= fold_index < len(folds):
+        raise ValueError(f"fold {fold_index} does not exist (0..{len(folds) - 1})")
+    fold = folds[fold_index]
+    config = TrainConfig.from_dict(spec["train"])
+    train_loader, val_loader, test_loader = _loaders(spec, fold, config)
+    label_names = spec["label_names"]
+    meta = {"model_config": spec["model"], "feature_config": spec["feature_config"], "label_names": label_names, "dataset": spec["dataset"]}
+
+    run_id = None
+    if spec.get("mlflow"):
+        tracking.configure_tracking()
+        run_file = fold_dir / RUN_FILE
+        if run_file.exists():
+            run_id = json.loads(run_file.read_text())["run_id"]
+        else:
+            mlflow_spec = spec["mlflow"]
+            run_id = tracking.create_run(mlflow_spec["experiment_id"], f"fold-{fold_index}", mlflow_spec["parent_run_id"], {"msata.fold": str(fold_index)})
+            fold_dir.mkdir(parents=True, exist_ok=True)
+            tracking.write_json(run_file, {"run_id": run_id})
+            tracking.log_params(run_id, {"fold": str(fold_index), "train_speakers": json.dumps(fold.train_speakers), "val_speakers": json.dumps(fold.val_speakers), "test_speakers": json.dumps(fold.test_speakers), "n_train": str(len(fold.train_ids)), "n_val": str(len(fold.val_ids)), "n_test": str(len(fold.test_ids))})
+
+    def on_progress(event: ProgressEvent) -> None:
+        if run_id and event.kind == "epoch_end" and event.record is not None:
+            tracking.log_history(run_id, [event.record])  # checkpointed before this event: never logged twice
+        if progress:
+            event.fold = fold_index
+            progress(event)
+
+    model = MsataModel(MsataConfig.from_dict(spec["model"]))
+    result = train_model(model, train_loader, val_loader, config, fold_dir, meta, resume=True, progress=on_progress)
+    if result.best_path is None:
+        raise RuntimeError(f"fold {fold_index} finished without a best checkpoint in {fold_dir}")
+    device = resolve_device(config.device)
+    best_model, _, _ = load_trained_model(result.best_path, device)
+    y, probs, _, _ = predict(best_model, test_loader, device)
+    metrics = compute_metrics(y, probs.argmax(axis=1), len(label_names))
+    fold_result = FoldResult(
+        index=fold_index,
+        test=metrics.scalars(),
+        confusion=metrics.confusion.tolist(),
+        best_epoch=result.best_epoch,
+        best_val_uar=result.best_val_uar,
+        epochs_run=result.epochs_run,
+        stopped_early=result.stopped_early,
+        best_path=str(result.best_path),
+        run_id=run_id,
+    )
+    if run_id:
+        tracking.log_metrics(run_id, {f"test_{k}": v for k, v in metrics.scalars().items()} | {"best_epoch": result.best_epoch, "best_val_uar": result.best_val_uar})
+        tracking.log_artifact(run_id, tracking.plot_confusion(metrics.confusion, label_names, fold_dir / "confusion_test.png", f"fold {fold_index} test"), "plots")
+        tracking.log_artifact(run_id, tracking.plot_learning_curves(result.history, fold_dir / "learning_curves.png", f"fold {fold_index}"), "plots")
+        tracking.end_run(run_id)
+    tracking.write_json(result_path, asdict(fold_result))  # last: marks the fold as done
+    return fold_result
+
+
+def finalize_experiment(run_dir: str | Path, register: bool = True) -> CVResult:
+    """Aggregate the folds; log the summary; register the best-validation fold model."""
+    from modeling import tracking
+
+    run_dir = Path(run_dir)
+    spec = load_spec(run_dir)
+    fold_results = []
+    for index in range(len(spec["folds"])):
+        path = run_dir / f"fold_{index}" / RESULT_FILE
+        if not path.exists():
+            raise RuntimeError(f"fold {index} has not finished ({path} missing): run it before finalizing")
+        fold_results.append(FoldResult(**json.loads(path.read_text())))
+    summary = summarize_folds([f.test for f in fold_results])
+    pooled = np.sum([np.asarray(f.confusion) for f in fold_results], axis=0)
+    pooled_metrics = metrics_from_confusion(pooled)
+    selected = max(fold_results, key=lambda f: (f.best_val_uar, -f.index))  # validation only, never test
+    result = CVResult(
+        run_dir=str(run_dir),
+        dataset=spec["dataset"],
+        label_names=spec["label_names"],
+        folds=fold_results,
+        summary=summary,
+        confusion=pooled.tolist(),
+        selected_fold=selected.index,
+        extra={"pooled_" + k: v for k, v in pooled_metrics.scalars().items()},
+    )
+    if spec.get("mlflow"):
+        tracking.configure_tracking()
+        parent = spec["mlflow"]["parent_run_id"]
+        result.parent_run_id = parent
+        tracking.log_metrics(parent, {f"test_{k}": v for k, v in summary.items()} | {f"test_{k}": v for k, v in result.extra.items()})
+        tracking.log_artifact(parent, tracking.plot_confusion(pooled, spec["label_names"], run_dir / "confusion_pooled.png", "test, all folds"), "plots")
+        if register:
+            model_uri = tracking.log_pyfunc_model(parent, selected.best_path, spec["label_names"])
+            tags = {
+                "dataset": spec["dataset"],
+                "n_folds": len(spec["folds"]),
+                "splits_hash": spec["splits_hash"],
+                "feature_config_hash": spec["feature_config_hash"],
+                "protocol": spec["protocol"],
+                "selected_fold": selected.index,
+                "selected_fold_val_uar": selected.best_val_uar,
+                "parent_run_id": parent,
+                **{f"test_{k}": v for k, v in summary.items()},
+            }
+            reg = tracking.register_and_promote(model_uri, spec["dataset"], tags)
+            result.registered = asdict(reg) | {"model_uri": model_uri}
+        tracking.end_run(parent)
+    tracking.write_json(run_dir / "cv_result.json", asdict(result))
+    return result
+
+
+def run_cross_validation(
+    store_path: str,
+    dataset: str,
+    train_config: TrainConfig | None = None,
+    split_config: sp.SplitConfig | None = None,
+    model_overrides: dict[str, Any] | None = None,
+    expected_feature_config: FeatureConfig | None = None,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    track: bool = True,
+    register: bool = True,
+    progress: ProgressCallback | None = None,
+) -> CVResult:
+    """Full speaker-independent cross-validation; see the module docstring."""
+    run_dir = prepare_experiment(store_path, dataset, train_config or TrainConfig(), split_config, model_overrides, expected_feature_config, run_dir, resume, track)
+    for index in range(len(load_spec(run_dir)["folds"])):
+        run_fold(run_dir, index, progress)
+    return finalize_experiment(run_dir, register=register and track)
+
+
+def compare_models(dataset: str | None = None):
+    """Registered versions with their protocol tags and test metrics (pandas.DataFrame)."""
+    from modeling.tracking import compare_models as _compare
+
+    return _compare(dataset)

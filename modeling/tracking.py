@@ -1,0 +1,321 @@
+"""MLflow tracking and registry for msata (no server needed).
+
+Tracking URI: ``MLFLOW_TRACKING_URI`` when set, else an embedded SQLite database
+``sqlite:///$MSATA_HOME/mlflow/mlflow.db`` with artifacts under
+``$MSATA_HOME/mlflow/artifacts`` (``MSATA_HOME`` defaults to ``<repo>/.msata``).
+
+Layout: experiment ``msata-<dataset>``; one parent run per cross-validation (params
+= flattened resolved config, metrics = test ``*_mean`` / ``*_std``, artifacts =
+split files, resolved config, pooled confusion matrix, the pyfunc model) with one
+nested run per fold (per-epoch metrics, learning curves, fold confusion matrix).
+
+Registry: the model is registered as ``msata-<dataset>``; each version carries the
+protocol as tags (dataset, n_folds, splits_hash, feature_config_hash) and its test
+metrics. The ``champion`` alias moves to a new version only when no champion exists
+or the champion was evaluated on the same protocol and the new test UAR mean is
+strictly higher.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CHAMPION = "champion"
+PROTOCOL_TAGS = ("dataset", "n_folds", "splits_hash", "feature_config_hash")
+
+
+def msata_home() -> Path:
+    return Path(os.environ.get("MSATA_HOME", REPO_ROOT / ".msata")).resolve()
+
+
+def tracking_uri() -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    db = msata_home() / "mlflow" / "mlflow.db"
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{db}"
+
+
+def configure_tracking() -> str:
+    """Point MLflow (tracking and registry) at the resolved URI and return it."""
+    import mlflow
+
+    os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return uri
+
+
+def model_name(dataset: str) -> str:
+    from modeling.splits import normalize_dataset
+
+    return f"msata-{normalize_dataset(dataset)}"
+
+
+def get_or_create_experiment(dataset: str) -> str:
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    name = model_name(dataset)
+    existing = client.get_experiment_by_name(name)
+    if existing is not None:
+        return existing.experiment_id
+    location = None
+    if "MLFLOW_TRACKING_URI" not in os.environ:  # a server picks its own artifact store
+        root = msata_home() / "mlflow" / "artifacts" / name
+        root.mkdir(parents=True, exist_ok=True)
+        location = root.as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """{"train": {"lr": 1e-3}} -> {"train.lr": "0.001"}; values as MLflow param strings."""
+    out: dict[str, str] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+    return out
+
+
+def log_params(run_id: str, params: dict[str, str]) -> None:
+    from mlflow import MlflowClient
+    from mlflow.entities import Param
+
+    items = [Param(k, v[:6000]) for k, v in params.items()]
+    for start in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+        MlflowClient().log_batch(run_id, params=items[start : start + 100])
+
+
+def log_history(run_id: str, history: Sequence[Any]) -> None:
+    """Per-epoch metrics (EpochRecord-like objects) with step = epoch."""
+    import time as _time
+
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    now = int(_time.time() * 1000)
+    metrics = [
+        Metric(name, float(getattr(record, name)), now, int(record.epoch))
+        for record in history
+        for name in ("train_loss", "train_ce", "train_ctm", "val_loss", "val_wa", "val_uar", "val_macro_f1", "lr")
+    ]
+    for start in range(0, len(metrics), 500):
+        MlflowClient().log_batch(run_id, metrics=metrics[start : start + 500])
+
+
+def log_metrics(run_id: str, metrics: dict[str, float]) -> None:
+    import time as _time
+
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    now = int(_time.time() * 1000)
+    MlflowClient().log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+
+
+def plot_confusion(confusion: np.ndarray, label_names: Sequence[str], path: str | Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = np.asarray(confusion)
+    rows = cm.sum(axis=1, keepdims=True)
+    norm = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=float), where=rows > 0)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * len(label_names), 0.8 + 0.7 * len(label_names)))
+    ax.imshow(norm, vmin=0, vmax=1, cmap="Blues")
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            ax.text(j, i, f"{cm[i, j]}", ha="center", va="center", color="white" if norm[i, j] > 0.5 else "black", fontsize=8)
+    ax.set_xticks(range(len(label_names)), label_names, rotation=45, ha="right")
+    ax.set_yticks(range(len(label_names)), label_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_learning_curves(history: Sequence[Any], path: str | Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r.epoch for r in history]
+    fig, (loss_ax, uar_ax) = plt.subplots(1, 2, figsize=(9, 3.5))
+    loss_ax.plot(epochs, [r.train_loss for r in history], label="train total")
+    loss_ax.plot(epochs, [r.train_ce for r in history], label="train CE")
+    loss_ax.plot(epochs, [r.val_loss for r in history], label="val CE")
+    loss_ax.set_xlabel("epoch")
+    loss_ax.legend()
+    uar_ax.plot(epochs, [r.val_uar for r in history], label="val UAR")
+    uar_ax.plot(epochs, [r.val_wa for r in history], label="val WA")
+    uar_ax.set_xlabel("epoch")
+    uar_ax.set_ylim(0, 1)
+    uar_ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def create_run(experiment_id: str, name: str, parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> str:
+    from mlflow import MlflowClient
+
+    all_tags = {"mlflow.runName": name, **(tags or {})}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    return MlflowClient().create_run(experiment_id, tags=all_tags, run_name=name).info.run_id
+
+
+def end_run(run_id: str, status: str = "FINISHED") -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient().set_terminated(run_id, status=status)
+
+
+def log_artifact(run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient().log_artifact(run_id, str(path), artifact_path)
+
+
+def pip_requirements() -> list[str]:
+    from importlib.metadata import version
+
+    names = ("torch", "numpy", "pandas", "mlflow", "ffmpeg-python", "librosa", "facenet-pytorch", "zarr", "pyarrow")
+    return [f"{name}=={version(name)}" for name in names]
+
+
+def log_pyfunc_model(run_id: str, checkpoint_path: str | Path, label_names: Sequence[str]) -> str:
+    """Log the checkpoint as an MLflow pyfunc in ``run_id``; returns the model URI."""
+    import mlflow
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    from modeling.pyfunc_model import MsataPyfunc, output_columns
+
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("string", "path")]),
+        outputs=Schema([ColSpec("string", "path"), ColSpec("string", "label")] + [ColSpec("double", c) for c in output_columns(label_names)]),
+    )
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=MsataPyfunc(),
+            artifacts={"checkpoint": str(checkpoint_path)},
+            signature=signature,
+            # Snapshot of the code the model was trained with, so it loads outside this repo.
+            code_paths=[str(REPO_ROOT / "modeling"), str(REPO_ROOT / "features")],
+            pip_requirements=pip_requirements(),
+        )
+    return info.model_uri
+
+
+@dataclass(frozen=True)
+class RegistrationResult:
+    name: str
+    version: str
+    champion: bool
+    reason: str
+
+
+def _protocol(tags: dict[str, str]) -> tuple[str, ...]:
+    return tuple(str(tags.get(k)) for k in PROTOCOL_TAGS)
+
+
+def register_and_promote(model_uri: str, dataset: str, tags: dict[str, Any]) -> RegistrationResult:
+    """Register a version with ``tags`` (protocol + test metrics) and apply the champion rule."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    missing = [k for k in (*PROTOCOL_TAGS, "test_uar_mean") if k not in tags]
+    if missing:
+        raise ValueError(f"registration tags lack {missing}")
+    name = model_name(dataset)
+    str_tags = {k: str(v) for k, v in tags.items()}
+    version = mlflow.register_model(model_uri, name, tags=str_tags)
+    client = MlflowClient()
+    try:
+        champion = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        champion = None
+    new_uar = float(tags["test_uar_mean"])
+    if champion is None:
+        promote, reason = True, "first version on this registry"
+    elif _protocol(champion.tags) != _protocol(str_tags):
+        promote = False
+        reason = f"champion v{champion.version} was evaluated on another protocol {_protocol(champion.tags)}; not comparable"
+    else:
+        old_uar = float(champion.tags.get("test_uar_mean", "-inf"))
+        promote = new_uar > old_uar
+        reason = f"test UAR mean {new_uar:.4f} {'>' if promote else '<='} champion v{champion.version} {old_uar:.4f}"
+    if promote:
+        client.set_registered_model_alias(name, CHAMPION, version.version)
+    return RegistrationResult(name=name, version=str(version.version), champion=promote, reason=reason)
+
+
+def compare_models(dataset: str | None = None) -> pd.DataFrame:
+    """Registered msata versions (all datasets, or one) with metrics and tags side by side."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    configure_tracking()
+    client = MlflowClient()
+    if dataset is not None:
+        names = [model_name(dataset)]
+    else:
+        names = [m.name for m in client.search_registered_models(filter_string="name LIKE 'msata-%'")]
+    rows: list[dict[str, Any]] = []
+    for name in names:
+        try:
+            aliases = client.get_registered_model(name).aliases  # {alias: version}
+        except MlflowException as err:
+            if err.error_code == "RESOURCE_DOES_NOT_EXIST":  # nothing registered for this dataset yet
+                continue
+            raise
+        by_version: dict[str, list[str]] = {}
+        for alias, ver in aliases.items():
+            by_version.setdefault(str(ver), []).append(alias)
+        for mv in client.search_model_versions(f"name='{name}'"):
+            row: dict[str, Any] = {"model": name, "version": int(mv.version), "aliases": ",".join(sorted(by_version.get(str(mv.version), []))), "run_id": mv.run_id}
+            for key, value in mv.tags.items():
+                row[key] = _maybe_float(value)
+            rows.append(row)
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return pd.DataFrame(columns=["model", "version", "aliases", "run_id", "test_uar_mean"])
+    sort_key = "test_uar_mean" if "test_uar_mean" in frame else "version"
+    return frame.sort_values(["model", sort_key], ascending=[True, False], ignore_index=True)
+
+
+def _maybe_float(value: str) -> Any:
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    path = Path(path)
+    path.write_text(json.dumps(data, indent=1, sort_keys=True, default=str))
+    return path
+

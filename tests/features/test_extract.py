@@ -1,0 +1,110 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from features.clip import ClipError
+from features.config import FaceConfig, FeatureConfig
+from features.extract import extract_clip
+from features.faces import FaceDetector
+from features.manifest import ClipRecord
+
+CFG = FeatureConfig()
+
+
+def _record(audio: Path | str | None, video: Path | str | None, clip_id: str = "c1") -> ClipRecord:
+    return ClipRecord(
+        clip_id=clip_id,
+        dataset="synthetic",
+        speaker="spk00",
+        label="happy",
+        audio_path=None if audio is None else str(audio),
+        video_path=None if video is None else str(video),
+    )
+
+
+@pytest.mark.slow
+def test_audio_visual_clip(make_clip, detector: FaceDetector) -> None:
+    clip = make_clip("av.mp4", duration_s=1.2, fps=25, width=320, height=240, label="sad", seed=11)
+    f = extract_clip(_record(clip.path, clip.path), CFG, detector)
+    assert f.clip_id == "c1" and f.notes == []
+    assert f.logmel.shape == (60, 80) and f.logmel.dtype == np.float32  # 1.2 s at 50 frames/s
+    np.testing.assert_allclose(f.audio_times, 0.02 * np.arange(60) + 0.01)
+    assert f.face_crops.shape == (30, 96, 96, 3) and f.face_crops.dtype == np.uint8
+    np.testing.assert_allclose(f.video_times, np.arange(30) / 25, atol=1e-3)
+    assert f.face_mask.dtype == bool and f.face_ratio >= 0.95
+    assert f.face_boxes.shape == (30, 4) and f.face_landmarks.shape == (30, 5, 2) and f.face_probs.shape == (30,)
+    assert f.face_boxes.dtype == f.face_landmarks.dtype == f.face_probs.dtype == np.float32
+    assert f.duration_s == pytest.approx(1.2, abs=0.01)
+    # Both modalities describe the same span of time.
+    assert abs(f.audio_times[-1] - f.video_times[-1]) < 0.05
+
+
+def test_video_without_audio_is_kept_video_only(make_clip, detector: FaceDetector) -> None:
+    clip = make_clip("silent_small.mp4", duration_s=0.3, fps=25, width=320, height=240, with_audio=False)
+    f = extract_clip(_record(clip.path, clip.path), CFG, detector)
+    assert not f.has_audio and f.has_video and len(f.video_times) == clip.n_frames
+    assert any("no audio stream" in n and "video-only" in n for n in f.notes)
+
+
+def test_audio_only_file(make_clip, detector: FaceDetector) -> None:
+    clip = make_clip("voice.m4a", duration_s=0.5, with_video=False)
+    f = extract_clip(_record(clip.path, clip.path), CFG, detector)
+    assert f.has_audio and not f.has_video and f.logmel.shape == (25, 80)
+    assert any("no video stream" in n for n in f.notes)
+    with pytest.raises(ClipError, match="voice.m4a: no usable audio or video stream"):
+        extract_clip(_record(None, clip.path), CFG, detector)
+    only_audio = extract_clip(_record(clip.path, None), CFG)  # no detector needed or built
+    assert only_audio.has_audio and only_audio.notes == []
+
+
+def test_no_face_anywhere_keeps_audio(make_clip, detector: FaceDetector) -> None:
+    clip = make_clip("empty_room.mp4", duration_s=0.4, fps=25, width=320, height=240, blank_frames=range(10))
+    f = extract_clip(_record(clip.path, clip.path), CFG, detector)
+    assert f.has_audio and not f.has_video and f.face_mask is None
+    assert any("no face in any of the 10 frames" in n for n in f.notes)
+    silent = make_clip(
+        "empty_silent.mp4", duration_s=0.4, fps=25, width=320, height=240, blank_frames=range(10), with_audio=False
+    )
+    with pytest.raises(ClipError, match="empty_silent.mp4: nothing usable: .*no face"):
+        extract_clip(_record(silent.path, silent.path), CFG, detector)
+
+
+def test_broken_inputs(tmp_path: Path, make_clip, detector: FaceDetector) -> None:
+    with pytest.raises(ClipError, match="neither an audio nor a video path"):
+        extract_clip(_record(None, None), CFG, detector)
+    with pytest.raises(ClipError, match="gone.mp4: file not found"):
+        extract_clip(_record(tmp_path / "gone.mp4", tmp_path / "gone.mp4"), CFG, detector)
+    junk = tmp_path / "junk.flv"
+    junk.write_bytes(np.random.default_rng(3).bytes(30_000))
+    with pytest.raises(ClipError, match="junk.flv"):
+        extract_clip(_record(junk, junk), CFG, detector)
+    whole = make_clip("whole.mp4", duration_s=2.0, fps=25, width=320, height=240)
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(whole.path.read_bytes()[: whole.path.stat().st_size // 2])
+    with pytest.raises(ClipError, match="cut.mp4: truncated"):
+        extract_clip(_record(cut, cut), CFG, detector)
+
+
+def test_detector_must_match_the_config(make_clip) -> None:
+    clip = make_clip("voice.m4a", duration_s=0.5, with_video=False)
+    other = FaceDetector(FaceConfig(crop_size=64))
+    with pytest.raises(ValueError, match="differs from the feature config"):
+        extract_clip(_record(clip.path, clip.path), CFG, other)
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+def test_crema_d_clip(crema_flvs: list[Path], shared_data: Path) -> None:
+    cfg = FeatureConfig(face=FaceConfig(detect_every=3))
+    flv = crema_flvs[-1]
+    wav = shared_data / "crema_d_sample" / "AudioWAV" / flv.with_suffix(".wav").name
+    audio = wav if wav.exists() else flv
+    f = extract_clip(_record(audio, flv, "1001_DFA"), cfg, FaceDetector(cfg.face))
+    assert f.notes == []
+    assert 1.5 < f.duration_s < 3.5
+    assert abs(len(f.logmel) - 50 * f.duration_s) <= 3
+    assert np.median(np.diff(f.video_times)) == pytest.approx(1001 / 30000, abs=1.5e-3)
+    assert f.face_ratio >= 0.9

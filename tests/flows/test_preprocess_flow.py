@@ -1,0 +1,91 @@
+"""The preprocess-dataset flow end to end: real ffmpeg, MTCNN, Zarr and Prefect."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from features.synthetic import make_talking_face_clip, make_synthetic_dataset
+from flows.preprocess import ClipOutcome, run_preprocessing
+from storage import ConfigMismatchError, FeatureStore
+from features.config import AudioConfig, FeatureConfig
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
+
+
+@pytest.fixture(scope="module")
+def folder_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four good talking-face clips plus one of each kind of bad input, in one labels.csv."""
+    root = make_synthetic_dataset(
+        tmp_path_factory.mktemp("raw"), n_speakers=2, clips_per_class=1, classes=("happy", "sad"), duration_s=1.0, size=(160, 120)
+    )
+    (root / "clips" / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8)
+    (root / "clips" / "empty.mp4").write_bytes(b"")
+    make_talking_face_clip(root / "clips" / "silent.mp4", duration_s=1.0, width=160, height=120, with_audio=False, seed=7)
+    make_talking_face_clip(root / "clips" / "noface.mp4", duration_s=1.0, width=160, height=120, blank_frames=range(25), seed=8)
+    with open(root / "labels.csv", "a", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["clips/corrupt.mp4", "happy", "spk09"])
+        writer.writerow(["clips/empty.mp4", "sad", "spk09"])
+        writer.writerow(["clips/silent.mp4", "sad", "spk09"])
+        writer.writerow(["clips/noface.mp4", "happy", "spk09"])
+        writer.writerow(["clips/missing.mp4", "happy", "spk09"])
+    return root
+
+
+def test_flow_builds_store_records_failures_and_resumes(folder_dataset: Path, tmp_path: Path) -> None:
+    store_path = tmp_path / "store"
+    seen: list[ClipOutcome] = []
+    summary = run_preprocessing("folder", folder_dataset, store_path, on_progress=lambda o, total: seen.append(o))
+
+    # 4 good clips + silent (video-only) + noface (kept audio-only) are stored; corrupt one fails in
+    # extraction; the empty and the missing file are rejected by the recipe or fail extraction.
+    assert summary.done == 6, summary.failures
+    assert summary.failed + summary.rejected == 3
+    reasons = " ".join(f["reason"] for f in summary.failures)
+    assert "corrupt.mp4" in reasons and "missing.mp4" in reasons and "empty.mp4" in reasons
+    assert len(seen) == summary.done + summary.failed
+
+    store = FeatureStore.open(store_path)
+    manifest = store.manifest().set_index("clip_id")
+    assert len(manifest) == 6
+    silent = manifest.loc[[c for c in manifest.index if "silent" in c][0]]
+    assert bool(silent.has_video) and not bool(silent.has_audio)
+    noface = manifest.loc[[c for c in manifest.index if "noface" in c][0]]
+    assert bool(noface.has_audio) and not bool(noface.has_video)
+    assert "no face" in noface.notes
+    good = manifest[manifest.index.str.contains("spk")]
+    assert (good.face_ratio >= 0.95).all() and good.has_audio.all()
+    clip = store.read(good.index[0])
+    assert clip.logmel.shape[1] == 80 and clip.video_times[1] == pytest.approx(1 / 25)
+
+    # A second run finds everything done and touches nothing.
+    again = run_preprocessing("folder", folder_dataset, store_path)
+    assert again.done == 0 and again.skipped == 6
+
+
+def test_store_refuses_another_feature_config(folder_dataset: Path, tmp_path: Path) -> None:
+    store_path = tmp_path / "store"
+    run_preprocessing("folder", folder_dataset, store_path, limit=1)
+    other = FeatureConfig(audio=AudioConfig(n_mels=64))
+    with pytest.raises(ConfigMismatchError, match="config"):
+        run_preprocessing("folder", folder_dataset, store_path, limit=1, feature_config=other)
+
+
+def test_ravdess_audio_on_a_local_dask_cluster(shared_data: Path, tmp_path: Path) -> None:
+    """The same tasks on two Dask worker processes (prefect-dask), on real RAVDESS audio."""
+    summary = run_preprocessing("ravdess", shared_data / "ravdess_speech_16k", tmp_path / "store", workers=2, limit=8)
+    assert summary.done == 8 and summary.failed == 0
+    manifest = FeatureStore.open(tmp_path / "store").manifest()
+    assert len(manifest) == 8 and manifest.has_audio.all() and not manifest.has_video.any()
+    # RAVDESS utterances last about 3-5 s: at 50 frames/s that is 150-250 log-mel frames.
+    assert manifest.n_audio_frames.between(100, 300).all()
+
+
+def test_crema_d_sample_with_faces(shared_data: Path, tmp_path: Path) -> None:
+    summary = run_preprocessing("crema-d", shared_data / "crema_d_sample", tmp_path / "store", limit=2)
+    assert summary.done == 2, summary.failures
+    manifest = FeatureStore.open(tmp_path / "store").manifest()
+    assert manifest.has_video.all() and (manifest.face_ratio > 0.9).all()

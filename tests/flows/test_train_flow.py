@@ -1,0 +1,124 @@
+"""The train-msata flow end to end on a tiny store: folds, MLflow runs, registry, pyfunc."""
+
+from __future__ import annotations
+
+import wave
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from features.config import FeatureConfig
+from modeling.splits import ProtocolError, SplitConfig
+from modeling.train_loop import TrainConfig
+from training_fixtures import TINY_MODEL, build_tiny_store
+
+pytestmark = [pytest.mark.slow]
+TRAIN = {"epochs": 2, "batch_size": 4, "lr": 3e-3, "warmup_epochs": 0.5, "num_workers": 0, "max_duration_s": 1.5, "patience": 5}
+
+
+@pytest.fixture()
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("MSATA_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path / "home"
+
+
+def write_wav(path: Path, seconds: float = 1.5, rate: int = 16_000) -> Path:
+    t = np.arange(int(seconds * rate)) / rate
+    signal = 0.3 * np.sin(2 * np.pi * 220 * t) * (1 + np.sin(2 * np.pi * 3 * t)) / 2
+    with wave.open(str(path), "wb") as handle:
+        handle.setnchannels(1)
+        handle.setsampwidth(2)
+        handle.setframerate(rate)
+        handle.writeframes((signal * 32767).astype(np.int16).tobytes())
+    return path
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_flow_trains_logs_registers_and_serves(home: Path, tmp_path: Path) -> None:
+    import mlflow
+    from mlflow import MlflowClient
+
+    from flows.train import train_msata
+    from modeling.experiment import compare_models
+    from modeling.tracking import configure_tracking, register_and_promote
+
+    store = tmp_path / "store"
+    build_tiny_store(store, n_speakers=5, clips_per_speaker=4)
+    result = train_msata(str(store), "crema-d", train=TRAIN, splits={"n_folds": 2}, model=TINY_MODEL)
+
+    assert len(result["folds"]) == 2 and result["selected_fold"] in (0, 1)
+    assert 0.0 <= result["summary"]["uar_mean"] <= 1.0
+    assert result["registered"]["champion"] and result["registered"]["version"] == "1"
+    assert Path(result["run_dir"]).is_relative_to(home)  # project-local default, under MSATA_HOME
+    assert (home / "mlflow" / "mlflow.db").exists()
+
+    configure_tracking()
+    client = MlflowClient()
+    parent = client.get_run(result["parent_run_id"])
+    assert parent.data.metrics["test_uar_mean"] == pytest.approx(result["summary"]["uar_mean"])
+    assert parent.data.params["train.epochs"] == "2" and parent.data.params["splits.n_folds"] == "2"
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == 2
+    history = client.get_metric_history(children[0].info.run_id, "val_uar")
+    assert [m.step for m in history] == [1, 2]
+    child_files = {f.path for f in client.list_artifacts(children[0].info.run_id, "plots")}
+    assert child_files == {"plots/confusion_test.png", "plots/learning_curves.png"}
+    assert {f.path for f in client.list_artifacts(parent.info.run_id, "splits")} == {"splits/splits.csv", "splits/splits.json"}
+    assert (home / "mlflow" / "artifacts").is_dir()
+
+    table = compare_models("crema-d")
+    assert table.loc[0, "aliases"] == "champion" and table.loc[0, "test_uar_mean"] == pytest.approx(result["summary"]["uar_mean"])
+
+    # The registered pyfunc loads and predicts from a file path (features extracted with the store's config).
+    model = mlflow.pyfunc.load_model("models:/msata-crema-d@champion")
+    out = model.predict(pd.DataFrame({"path": [str(write_wav(tmp_path / "probe.wav"))]}))
+    assert list(out.columns[:2]) == ["path", "label"] and out.loc[0, "label"] in result["label_names"]
+    assert out.filter(like="p_").sum(axis=1).iloc[0] == pytest.approx(1.0, abs=1e-5)
+
+    # Champion rule: only a strictly better test UAR on the same protocol moves the alias.
+    mv = client.get_model_version("msata-crema-d", "1")
+    tags = dict(mv.tags)
+    uri = result["registered"]["model_uri"]
+    worse = register_and_promote(uri, "crema-d", tags | {"test_uar_mean": float(tags["test_uar_mean"]) - 0.1})
+    other = register_and_promote(uri, "crema-d", tags | {"test_uar_mean": 2.0, "feature_config_hash": "0123456789ab"})
+    better = register_and_promote(uri, "crema-d", tags | {"test_uar_mean": float(tags["test_uar_mean"]) + 0.1})
+    assert (worse.champion, other.champion, better.champion) == (False, False, True)
+    assert "another protocol" in other.reason
+    assert client.get_model_version_by_alias("msata-crema-d", "champion").version == better.version
+
+
+def test_resume_skips_finished_folds(home: Path, tmp_path: Path) -> None:
+    from modeling.experiment import run_cross_validation
+
+    store = tmp_path / "store"
+    build_tiny_store(store, n_speakers=5, clips_per_speaker=4)
+    cfg = TrainConfig(**(TRAIN | {"epochs": 1}))
+    first = run_cross_validation(str(store), "crema-d", cfg, SplitConfig(n_folds=2), TINY_MODEL, track=False)
+    stamp = [(Path(first.run_dir) / f"fold_{i}" / "best.pt").stat().st_mtime_ns for i in range(2)]
+    again = run_cross_validation(str(store), "crema-d", cfg, SplitConfig(n_folds=2), TINY_MODEL, track=False, resume=True)
+    assert again.run_dir == first.run_dir and again.summary == first.summary
+    assert [(Path(again.run_dir) / f"fold_{i}" / "best.pt").stat().st_mtime_ns for i in range(2)] == stamp
+
+
+def test_protocol_errors_before_training(home: Path, tmp_path: Path) -> None:
+    from modeling.experiment import prepare_experiment
+    from storage.feature_store import FeatureStore
+
+    store = tmp_path / "store"
+    build_tiny_store(store, n_speakers=3, clips_per_speaker=2)
+    with pytest.raises(ProtocolError, match="3 speakers cannot make 5"):
+        prepare_experiment(str(store), "crema-d", TrainConfig(), SplitConfig(n_folds=5), TINY_MODEL, track=False)
+    with pytest.raises(ProtocolError, match="feature config"):
+        prepare_experiment(str(store), "crema-d", TrainConfig(), SplitConfig(n_folds=2), TINY_MODEL, FeatureConfig(), track=False)
+    with pytest.raises(ProtocolError, match="not in the class list"):
+        prepare_experiment(str(store), "ravdess", TrainConfig(), SplitConfig(n_folds=2), TINY_MODEL, track=False)
+    with pytest.raises(ProtocolError, match="contradict"):
+        prepare_experiment(str(store), "crema-d", TrainConfig(), SplitConfig(n_folds=2), TINY_MODEL | {"n_mels": 80}, track=False)
+    empty = tmp_path / "empty"
+    FeatureStore.create(str(empty), FeatureConfig())
+    with pytest.raises(ProtocolError, match="empty"):
+        prepare_experiment(str(empty), "crema-d", TrainConfig(), track=False)
+    assert not (home / "runs").exists()  # nothing was created before the errors

@@ -1,0 +1,116 @@
+"""Dataset over a feature store: synchronous crops, re-based times, modalities, determinism."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from modeling.data import ClipDataset, DataConfig, crop_window, features_to_example, make_loader, spec_mask
+from training_fixtures import LABELS, TINY_FEATURES, build_tiny_store, tiny_clip
+
+
+@pytest.fixture(scope="module")
+def store_path(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("store") / "tiny"
+    build_tiny_store(path, n_speakers=2, clips_per_speaker=6)
+    return str(path)
+
+
+def dataset(store_path: str, train: bool, **kw) -> ClipDataset:
+    from storage.feature_store import FeatureStore
+
+    m = FeatureStore.open(store_path).manifest()
+    return ClipDataset(store_path, m["clip_id"].tolist(), [LABELS.index(x) for x in m["label"]], TINY_FEATURES, DataConfig(**kw), train)
+
+
+def test_crop_window() -> None:
+    assert crop_window(3.0, None, None) == (0.0, math.inf)
+    assert crop_window(3.0, 4.0, np.random.default_rng(0)) == (0.0, math.inf)  # short clip: whole
+    assert crop_window(6.0, 4.0, None) == (1.0, 5.0)  # deterministic centre crop
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        t0, t1 = crop_window(6.0, 4.0, rng)
+        assert 0.0 <= t0 <= 2.0 and t1 == pytest.approx(t0 + 4.0)
+
+
+def test_crop_cuts_both_streams_at_the_same_instants() -> None:
+    clip = tiny_clip("c", 2, 6, 3.0, np.random.default_rng(1))
+    ex = features_to_example(clip, TINY_FEATURES, 2, (0.7, 1.9))
+    # exactly the frames whose absolute times fall in [0.7, 1.9), re-based to 0.7
+    want_a = clip.audio_times[(clip.audio_times >= 0.7) & (clip.audio_times < 1.9)] - 0.7
+    want_v = clip.video_times[(clip.video_times >= 0.7) & (clip.video_times < 1.9)] - 0.7
+    assert torch.allclose(ex.audio_times, torch.from_numpy(want_a).float())
+    assert torch.allclose(ex.video_times, torch.from_numpy(want_v).float())
+    assert ex.logmel.shape == (len(want_a), 16) and ex.face_crops.shape == (len(want_v), 16, 16, 3)
+    first_v = int(np.argmax(clip.video_times >= 0.7))
+    assert torch.equal(ex.face_crops[0], torch.from_numpy(clip.face_crops[first_v]))  # no augmentation without rng
+    assert ex.face_mask.dtype == torch.bool and ex.label == 2
+
+
+def test_missing_modalities_become_empty_sequences() -> None:
+    rng = np.random.default_rng(0)
+    audio_only = features_to_example(tiny_clip("a", 0, 6, 2.0, rng, video=False), TINY_FEATURES, 0, (0.0, math.inf))
+    video_only = features_to_example(tiny_clip("v", 0, 6, 2.0, rng, audio=False), TINY_FEATURES, 0, (0.0, math.inf))
+    assert audio_only.face_crops.shape == (0, 16, 16, 3) and audio_only.video_times.shape == (0,)
+    assert audio_only.logmel.shape[0] == 100
+    assert video_only.logmel.shape == (0, 16) and video_only.face_crops.shape[0] == 50
+
+
+def test_train_items_are_random_but_reproducible(store_path: str) -> None:
+    ds = dataset(store_path, train=True, max_duration_s=1.0)
+    a, b, c = ds[(0, 1)], ds[(0, 1)], ds[(0, 2)]
+    assert torch.equal(a.logmel, b.logmel) and torch.equal(a.video_times, b.video_times)
+    assert not torch.equal(a.logmel, c.logmel)  # another epoch: another crop / mask
+    for ex in (a, c):
+        assert ex.audio_times.numel() == 0 or float(ex.audio_times.max()) < 1.0
+        assert ex.video_times.numel() == 0 or float(ex.video_times.max()) < 1.0
+
+
+def test_eval_items_are_whole_and_deterministic(store_path: str) -> None:
+    ds = dataset(store_path, train=False, max_duration_s=1.0)
+    ex = ds[0]
+    feats = ds._features(ds.clip_ids[0])
+    assert ex.logmel.shape[0] == feats.logmel.shape[0]  # whole clip, unaugmented
+    assert torch.equal(ex.logmel, torch.from_numpy(feats.logmel))
+    centre = dataset(store_path, train=False, eval_max_duration_s=1.0)[0]
+    assert torch.equal(centre.logmel, dataset(store_path, train=False, eval_max_duration_s=1.0)[0].logmel)
+    assert float(centre.audio_times.max()) < 1.0
+
+
+def test_spec_mask_fills_with_clip_mean() -> None:
+    x = np.arange(200, dtype=np.float32).reshape(50, 4)
+    cfg = DataConfig(time_masks=1, time_mask_max_frames=10, freq_masks=1, freq_mask_max_bins=2)
+    out = spec_mask(x, cfg, np.random.default_rng(3))
+    changed = out != x
+    assert changed.any() and np.all(out[changed] == x.mean())
+    assert np.array_equal(x, np.arange(200, dtype=np.float32).reshape(50, 4))  # input untouched
+
+
+def test_in_memory_cache_and_pickling(store_path: str) -> None:
+    import pickle
+
+    ds = dataset(store_path, train=True, in_memory=True)
+    ds[(0, 0)]
+    assert ds._store is not None and len(ds._cache) == 1
+    clone = pickle.loads(pickle.dumps(ds))
+    assert clone._store is None  # store handles never cross process boundaries
+    no_cache = dataset(store_path, train=True, in_memory=False)
+    no_cache[(0, 0)]
+    assert no_cache._cache == {}
+
+
+@pytest.mark.slow
+def test_worker_loader_matches_single_process(store_path: str) -> None:
+    batches = {}
+    for workers in (0, 2):
+        loader = make_loader(dataset(store_path, train=True, max_duration_s=1.0), 4, workers, seed=5)
+        loader.sampler.set_epoch(3)
+        batches[workers] = list(loader)
+    assert len(batches[0]) == 3
+    for b0, b2 in zip(batches[0], batches[2]):
+        assert b0.clip_ids == b2.clip_ids
+        assert torch.equal(b0.audio, b2.audio) and torch.equal(b0.video, b2.video)
+        assert torch.equal(b0.audio_mask, b2.audio_mask)
