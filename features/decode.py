@@ -63,6 +63,10 @@ class MediaInfo:
     audio_stream_index: int | None = None
     video_duration_s: float | None = None
     audio_duration_s: float | None = None
+    # Stream start times in the container's clock. Decoded times are relative to each
+    # stream's own first sample/frame; these give the offset between the two if needed.
+    video_start_s: float | None = None
+    audio_start_s: float | None = None
 
 
 def _tail(stderr: bytes | str, n: int = _STDERR_TAIL_LINES) -> str:
@@ -162,6 +166,8 @@ def probe(path: str | Path) -> MediaInfo:
         audio_stream_index=int(audio["index"]) if audio else None,
         video_duration_s=v_dur,
         audio_duration_s=a_dur,
+        video_start_s=_float(video.get("start_time")) if video else None,
+        audio_start_s=_float(audio.get("start_time")) if audio else None,
     )
 
 

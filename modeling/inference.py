@@ -59,6 +59,7 @@ _EPS = 1e-6
 # duration (codec padding). Finite on purpose: features_to_example reads an infinite end
 # as "the whole clip" and would ignore the window's start.
 _OPEN_END = 1e9
+_VIDEO_FIELDS = ("face_crops", "video_times", "face_mask", "face_boxes", "face_landmarks", "face_probs")
 
 
 PROB_PREFIX = "prob_"  # probability column of class c in predictions_frame: prob_<c>
@@ -121,6 +122,11 @@ class FilePrediction:
         return cls(**data)
 
 
+def check_window(window_s: float, hop_s: float) -> None:
+    if not (window_s > 0 and hop_s > 0 and math.isfinite(window_s) and math.isfinite(hop_s)):
+        raise ValueError(f"window_s and hop_s must be finite and > 0, got window_s={window_s}, hop_s={hop_s}")
+
+
 def sliding_windows(duration_s: float, window_s: float, hop_s: float) -> list[tuple[float, float]]:
     """[t0, t1) windows of ``window_s`` every ``hop_s`` covering ``[0, duration_s]``.
 
@@ -130,8 +136,7 @@ def sliding_windows(duration_s: float, window_s: float, hop_s: float) -> list[tu
     regular window when the tail is under half a hop, so that no two windows nearly
     coincide, and is added after it otherwise.
     """
-    if window_s <= 0 or hop_s <= 0:
-        raise ValueError(f"window_s and hop_s must be > 0, got window_s={window_s}, hop_s={hop_s}")
+    check_window(window_s, hop_s)
     if not math.isfinite(duration_s) or duration_s <= 0:
         raise ValueError(f"duration_s must be a positive number, got {duration_s}")
     if duration_s <= window_s + _EPS:
@@ -279,7 +284,7 @@ class Predictor:
         cannot be used; :func:`predict_files` turns that into the file's ``error``."""
         from features.extract import extract_clip
 
-        sliding_windows(1.0, window_s, hop_s)  # validate the arguments before decoding anything
+        check_window(window_s, hop_s)  # before decoding anything
         record, notes = record_for_file(path, use_audio="audio" in self.modalities, use_video="video" in self.modalities)
         detector = self.detector() if record.has_video else None
         features = extract_clip(record, self.feature_config, detector=detector)
@@ -376,9 +381,6 @@ class Predictor:
 
     def _as_dict(self, probs: np.ndarray) -> dict[str, float]:
         return {name: float(p) for name, p in zip(self.label_names, probs)}
-
-
-_VIDEO_FIELDS = ("face_crops", "video_times", "face_mask", "face_boxes", "face_landmarks", "face_probs")
 
 
 def load_predictor(model: str | Path, device: str = "auto", tracking_uri: str | None = None, **kwargs: Any) -> Predictor:

@@ -36,13 +36,14 @@ def msata_home() -> Path:
     return Path(os.environ.get("MSATA_HOME", REPO_ROOT / ".msata")).resolve()
 
 
-def tracking_uri() -> str:
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
+def default_tracking_uri() -> str:
     db = msata_home() / "mlflow" / "mlflow.db"
     db.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{db}"
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
 
 
 def configure_tracking() -> str:
@@ -71,7 +72,8 @@ def get_or_create_experiment(dataset: str) -> str:
     if existing is not None:
         return existing.experiment_id
     location = None
-    if "MLFLOW_TRACKING_URI" not in os.environ:  # a server picks its own artifact store
+    # mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, so compare URIs rather than test the variable.
+    if tracking_uri() == default_tracking_uri():  # a user's server picks its own artifact store
         root = msata_home() / "mlflow" / "artifacts" / name
         root.mkdir(parents=True, exist_ok=True)
         location = root.as_uri()

@@ -87,7 +87,7 @@ def test_flow_trains_logs_registers_and_serves(home: Path, tmp_path: Path) -> No
     better = register_and_promote(uri, "crema-d", tags | {"test_uar_mean": float(tags["test_uar_mean"]) + 0.1})
     assert (worse.champion, other.champion, better.champion) == (False, False, True)
     assert "another protocol" in other.reason
-    assert client.get_model_version_by_alias("msata-crema-d", "champion").version == better.version
+    assert str(client.get_model_version_by_alias("msata-crema-d", "champion").version) == better.version
 
 
 def test_resume_skips_finished_folds(home: Path, tmp_path: Path) -> None:
