@@ -127,10 +127,14 @@ def validate_manifest(manifest: pd.DataFrame, label_names: list[str], config: Sp
         raise ProtocolError(f"n_folds must be at least 2, got {config.n_folds}")
     n_speakers = speakers.astype(str).nunique()
     needed = config.n_folds + config.min_val_speakers
-    if n_speakers < needed:
+    largest_test = -(-n_speakers // config.n_folds)  # ceil: the biggest fold
+    rest = n_speakers - largest_test
+    n_val = max(config.min_val_speakers, int(round(config.val_fraction * rest)))
+    if n_speakers < needed or rest - n_val < 1:
         raise ProtocolError(
             f"{n_speakers} speakers cannot make {config.n_folds} speaker-independent folds plus "
-            f"{config.min_val_speakers} validation speaker(s): need at least {needed}"
+            f"{config.min_val_speakers} validation speaker(s) and at least one training speaker per fold: "
+            f"need at least {max(needed, config.n_folds + config.min_val_speakers + 1)}"
         )
 
 

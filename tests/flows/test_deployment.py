@@ -45,7 +45,6 @@ def prefect_env(tmp_path: Path):
         "DO_NOT_TRACK": "1",
         "PREFECT_LOGGING_LEVEL": "INFO",
         "MSATA_HOME": str(tmp_path / "home"),
-        "PYTHONPATH": str(REPO),
     }
     log = open(tmp_path / "server.log", "wb")
     server = subprocess.Popen(

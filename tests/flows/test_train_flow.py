@@ -112,11 +112,15 @@ def test_protocol_errors_before_training(home: Path, tmp_path: Path) -> None:
     with pytest.raises(ProtocolError, match="3 speakers cannot make 5"):
         prepare_experiment(str(store), "crema-d", TrainConfig(), SplitConfig(n_folds=5), TINY_MODEL, track=False)
     with pytest.raises(ProtocolError, match="feature config"):
-        prepare_experiment(str(store), "crema-d", TrainConfig(), SplitConfig(n_folds=2), TINY_MODEL, FeatureConfig(), track=False)
-    with pytest.raises(ProtocolError, match="not in the class list"):
-        prepare_experiment(str(store), "ravdess", TrainConfig(), SplitConfig(n_folds=2), TINY_MODEL, track=False)
+        prepare_experiment(str(store), "crema-d", TrainConfig(), SplitConfig(n_folds=5), TINY_MODEL, FeatureConfig(), track=False)
+    with pytest.raises(ProtocolError, match="3 speakers cannot make 2"):  # a fold of 2 test speakers leaves 1: validation
+        prepare_experiment(str(store), "crema-d", TrainConfig(), SplitConfig(n_folds=2), TINY_MODEL, track=False)
+    ravdess_labels = tmp_path / "ravdess_labels"
+    build_tiny_store(ravdess_labels, n_speakers=4, clips_per_speaker=2, labels=["calm", "surprised"])
+    with pytest.raises(ProtocolError, match=r"\['calm', 'surprised'\] are not in the class list"):
+        prepare_experiment(str(ravdess_labels), "crema-d", TrainConfig(), SplitConfig(n_folds=2), TINY_MODEL, track=False)
     with pytest.raises(ProtocolError, match="contradict"):
-        prepare_experiment(str(store), "crema-d", TrainConfig(), SplitConfig(n_folds=2), TINY_MODEL | {"n_mels": 80}, track=False)
+        prepare_experiment(str(ravdess_labels), "ravdess", TrainConfig(), SplitConfig(n_folds=2), TINY_MODEL | {"n_mels": 80}, track=False)
     empty = tmp_path / "empty"
     FeatureStore.create(str(empty), FeatureConfig())
     with pytest.raises(ProtocolError, match="empty"):
