@@ -106,7 +106,7 @@ def train(
     epochs: Optional[int] = typer.Option(None, min=1, help="Maximum epochs per fold (early stopping on validation UAR)."),
     config: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="TOML/JSON with [train], [model], [splits] overrides."),
     run_dir: Optional[Path] = typer.Option(None, help="Where checkpoints and split files go (default under MSATA_HOME/runs)."),
-    resume: bool = typer.Option(False, help="Continue the interrupted experiment in --run-dir."),
+    resume: bool = typer.Option(False, help="Continue an interrupted experiment (the default run directory is keyed by store, configs and folds)."),
     register: bool = typer.Option(True, help="Register the selected model in the MLflow registry."),
 ) -> None:
     """Cross-validate msata on a feature store; log to MLflow and register the model."""
@@ -121,8 +121,6 @@ def train(
         train_overrides["epochs"] = epochs
     if folds is not None:
         split_overrides["n_folds"] = folds
-    if resume and run_dir is None:
-        raise typer.BadParameter("--resume needs the --run-dir of the interrupted experiment")
     result = _train_with_progress(
         lambda progress: run_cross_validation(
             store,
