@@ -27,13 +27,14 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
+# One definition of the project-local home (MSATA_HOME, default ./.msata) for CLI, flows and library use.
+from flows.settings import msata_home  # tiny module, no heavy imports
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHAMPION = "champion"
 PROTOCOL_TAGS = ("dataset", "n_folds", "splits_hash", "feature_config_hash")
 
 
-def msata_home() -> Path:
-    return Path(os.environ.get("MSATA_HOME", REPO_ROOT / ".msata")).resolve()
 
 
 def default_tracking_uri() -> str:
