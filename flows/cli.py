@@ -194,7 +194,8 @@ def predict(
     hop: float = typer.Option(0.5, min=0.05, help="Timeline hop in seconds."),
 ) -> None:
     """Predict the emotion of new recordings: label, class probabilities and a timeline."""
-    from modeling.inference import load_predictor, predict_files, write_jsonl
+    from modeling.inference import load_predictor, predict_files
+    from modeling.predictions import write_jsonl
 
     if len(files) == 1 and files[0].is_dir():
         from flows.predict import run_prediction

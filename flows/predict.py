@@ -21,7 +21,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
 from features.folder import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS, clip_id_for
-from modeling.inference import Predictor, load_predictor, predict_files, predictions_frame, read_jsonl, write_jsonl
+from modeling.inference import Predictor, load_predictor, predict_files
+from modeling.predictions import predictions_frame, read_jsonl, write_jsonl
 
 MEDIA_EXTENSIONS: frozenset[str] = VIDEO_EXTENSIONS | AUDIO_EXTENSIONS
 PARQUET_NAME, JSONL_NAME, PLOTS_DIR, PARTS_DIR = "predictions.parquet", "predictions.jsonl", "plots", ".parts"

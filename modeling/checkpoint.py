@@ -17,10 +17,13 @@ import pickle
 import random
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from features.config import FeatureConfig
 
 REQUIRED_KEYS = ("model_config", "feature_config", "label_names", "state_dict")
 RESUME_KEYS = ("train_config", "epoch", "optimizer", "scheduler", "best_metric", "rng")
@@ -83,3 +86,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks keys {missing}")
     return payload
+
+
+def load_trained_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, "FeatureConfig", list[str]]:
+    """(model in eval mode on ``device``, its feature config, label names) from a checkpoint."""
+    from features.config import FeatureConfig
+    from modeling.encoder import MsataConfig, MsataModel
+
+    payload = load_checkpoint(path, map_location=device)
+    model = MsataModel(MsataConfig.from_dict(payload["model_config"]))
+    model.load_state_dict(payload["state_dict"])
+    model.to(device).eval()
+    return model, FeatureConfig.from_dict(payload["feature_config"]), list(payload["label_names"])

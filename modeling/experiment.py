@@ -24,7 +24,7 @@ import json
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -32,6 +32,9 @@ from features.config import FeatureConfig
 from modeling import splits as sp
 from modeling.metrics import compute_metrics, metrics_from_confusion, summarize_folds
 from modeling.train_loop import ProgressCallback, ProgressEvent, TrainConfig, predict, resolve_device, train_model
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 SPEC_FILE, RESULT_FILE, RUN_FILE = "experiment.json", "result.json", "mlflow_run.json"
 
@@ -115,6 +118,7 @@ def prepare_experiment(
         "splits_hash": _hash([[f.index, sorted(f.assignment().items())] for f in folds]),
         "protocol": "given-split" if len(folds) == 1 and split_config.use_given_split and sp.given_splits(manifest) is not None else f"speaker-{len(folds)}fold",
         "folds": fold_dicts,
+        "modalities": trained_modalities(manifest),
     }
     key = _hash({k: spec[k] for k in ("store_path", "dataset", "model", "feature_config_hash", "splits_hash")} | {"train": train_key})
     run_dir = Path(run_dir) if run_dir else tracking.msata_home() / "runs" / spec["dataset"] / key
@@ -147,6 +151,14 @@ def prepare_experiment(
     return run_dir
 
 
+def trained_modalities(manifest: "pd.DataFrame") -> list[str]:
+    """The streams the store holds: a model trained without faces is never shown faces at prediction time."""
+    out = ["audio"] if bool(manifest["has_audio"].any()) else []
+    if bool((manifest["has_video"] & (manifest["face_ratio"] > 0)).any()):
+        out.append("video")
+    return out
+
+
 def load_spec(run_dir: str | Path) -> dict[str, Any]:
     path = Path(run_dir) / SPEC_FILE
     if not path.exists():
@@ -176,7 +188,7 @@ def run_fold(run_dir: str | Path, fold_index: int, progress: ProgressCallback | 
     """Train, select on validation, test once; idempotent (a finished fold is returned as is)."""
     from modeling import tracking
     from modeling.encoder import MsataConfig, MsataModel
-    from modeling.pyfunc_model import load_trained_model
+    from modeling.checkpoint import load_trained_model
 
     run_dir = Path(run_dir)
     spec = load_spec(run_dir)
@@ -191,7 +203,13 @@ def run_fold(run_dir: str | Path, fold_index: int, progress: ProgressCallback | 
     config = TrainConfig.from_dict(spec["train"])
     train_loader, val_loader, test_loader = _loaders(spec, fold, config)
     label_names = spec["label_names"]
-    meta = {"model_config": spec["model"], "feature_config": spec["feature_config"], "label_names": label_names, "dataset": spec["dataset"]}
+    meta = {
+        "model_config": spec["model"],
+        "feature_config": spec["feature_config"],
+        "label_names": label_names,
+        "dataset": spec["dataset"],
+        "modalities": spec.get("modalities", ["audio", "video"]),  # specs written before it was recorded: both
+    }
 
     run_id = None
     if spec.get("mlflow"):

@@ -24,15 +24,12 @@ same probabilities alone or in a batch.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
-import tempfile
 import threading
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -44,9 +41,8 @@ from features.manifest import ClipRecord
 from modeling.batch import collate
 from modeling.data import features_to_example
 from modeling.encoder import MsataConfig, MsataModel
-
-if TYPE_CHECKING:
-    import pandas as pd
+from modeling.model_source import resolve_checkpoint
+from modeling.predictions import FilePrediction, Thumbnail, WindowPrediction
 
 MODALITIES = ("audio", "video")
 DEFAULT_CROP_S = 4.0  # TrainConfig.max_duration_s default, for checkpoints without a train_config
@@ -60,66 +56,6 @@ _EPS = 1e-6
 # as "the whole clip" and would ignore the window's start.
 _OPEN_END = 1e9
 _VIDEO_FIELDS = ("face_crops", "video_times", "face_mask", "face_boxes", "face_landmarks", "face_probs")
-
-
-PROB_PREFIX = "prob_"  # probability column of class c in predictions_frame: prob_<c>
-
-
-@dataclass
-class WindowPrediction:
-    """One timeline window [start_s, end_s); probabilities None when it holds no audio frame and no face."""
-
-    start_s: float
-    end_s: float
-    probabilities: dict[str, float] | None
-    n_audio_frames: int = 0
-    n_face_frames: int = 0
-
-
-@dataclass
-class Thumbnail:
-    time_s: float
-    image: np.ndarray  # (S, S, 3) uint8 RGB face crop
-
-
-@dataclass
-class FilePrediction:
-    """The result for one file; ``error`` is set (and the rest empty) when it could not be predicted."""
-
-    path: str
-    label: str | None = None
-    probabilities: dict[str, float] = field(default_factory=dict)
-    timeline: list[WindowPrediction] = field(default_factory=list)
-    modalities: list[str] = field(default_factory=list)  # streams the model actually saw
-    duration_s: float | None = None
-    clip_strategy: str | None = None  # "whole clip" | "mean of N windows of L s"
-    warnings: list[str] = field(default_factory=list)
-    error: str | None = None
-    thumbnails: list[Thumbnail] = field(default_factory=list, repr=False)  # for plots; not serialised
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (everything but the thumbnails)."""
-        return {
-            "path": self.path,
-            "label": self.label,
-            "probabilities": dict(self.probabilities),
-            "timeline": [vars(w).copy() for w in self.timeline],
-            "modalities": list(self.modalities),
-            "duration_s": self.duration_s,
-            "clip_strategy": self.clip_strategy,
-            "warnings": list(self.warnings),
-            "error": self.error,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "FilePrediction":
-        data = dict(data)
-        data["timeline"] = [WindowPrediction(**w) for w in data.get("timeline", [])]
-        return cls(**data)
 
 
 def check_window(window_s: float, hop_s: float) -> None:
@@ -422,123 +358,3 @@ def predict_files(
     return out
 
 
-def paths_from_input(model_input: Any) -> list[str]:
-    """Paths from a pyfunc input: a DataFrame with a ``path`` column, a Series, a list or one string."""
-    import pandas as pd
-
-    if isinstance(model_input, pd.DataFrame):
-        if "path" not in model_input.columns:
-            raise ValueError(f"expected a DataFrame with a 'path' column, got columns {list(model_input.columns)}")
-        return [str(p) for p in model_input["path"]]
-    if isinstance(model_input, (str, Path)):
-        return [str(model_input)]
-    if isinstance(model_input, (pd.Series, list, tuple, np.ndarray)):
-        return [str(p) for p in model_input]
-    raise ValueError(f"expected a DataFrame with a 'path' column or a list of paths, got {type(model_input).__name__}")
-
-
-def write_jsonl(predictions: Sequence[FilePrediction], path: str | Path) -> Path:
-    """One JSON object per line (``FilePrediction.to_dict``), timelines included."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as handle:
-        for pred in predictions:
-            handle.write(json.dumps(pred.to_dict(), allow_nan=False) + "\n")
-    return path
-
-
-def read_jsonl(path: str | Path) -> list[FilePrediction]:
-    with Path(path).open(encoding="utf-8") as handle:
-        return [FilePrediction.from_dict(json.loads(line)) for line in handle if line.strip()]
-
-
-def predictions_frame(predictions: Sequence[FilePrediction], label_names: Sequence[str] | None = None) -> "pd.DataFrame":
-    """One row per file: path, label, prob_<class>..., n_windows, modalities, duration_s, warnings, error.
-
-    ``label_names`` fixes the probability columns (needed when every file failed);
-    by default they come from the first successful prediction. Failed files have
-    NaN probabilities and a null label; warnings are joined with " | ".
-    """
-    import pandas as pd
-
-    if label_names is None:
-        label_names = next((list(p.probabilities) for p in predictions if p.ok), [])
-    rows = []
-    for pred in predictions:
-        row: dict[str, Any] = {"path": pred.path, "label": pred.label}
-        for name in label_names:
-            row[PROB_PREFIX + name] = pred.probabilities.get(name, math.nan)
-        row["n_windows"] = len(pred.timeline)
-        row["modalities"] = ",".join(pred.modalities)
-        row["duration_s"] = math.nan if pred.duration_s is None else pred.duration_s
-        row["warnings"] = " | ".join(pred.warnings)
-        row["error"] = pred.error
-        rows.append(row)
-    columns = ["path", "label", *(PROB_PREFIX + n for n in label_names), "n_windows", "modalities", "duration_s", "warnings", "error"]
-    frame = pd.DataFrame(rows, columns=columns)
-    return frame.astype({"path": "string", "label": "string", "modalities": "string", "warnings": "string", "error": "string", "n_windows": "int64"})
-
-
-# ----------------------------------------------------------------------------- model sources
-
-_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
-
-
-def is_mlflow_uri(model: str) -> bool:
-    return model.startswith(("models:/", "runs:/")) or "://" in model
-
-
-def find_checkpoint(folder: str | Path) -> Path:
-    """The checkpoint inside a folder: an MLflow model's ``checkpoint`` artifact (from its
-    MLmodel file), else ``best.pt`` (a training folder), else the only checkpoint file."""
-    import yaml
-
-    folder = Path(folder)
-    mlmodel = folder / "MLmodel"
-    if mlmodel.is_file():
-        flavor = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors", {}).get("python_function", {})
-        artifact = (flavor.get("artifacts") or {}).get("checkpoint") or {}
-        if artifact.get("path") and (folder / artifact["path"]).is_file():
-            return folder / artifact["path"]
-    if (folder / "best.pt").is_file():
-        return folder / "best.pt"
-    found = sorted(p for p in folder.rglob("*") if p.suffix in _CHECKPOINT_SUFFIXES and p.is_file())
-    if len(found) != 1:
-        listing = ", ".join(str(p.relative_to(folder)) for p in found[:10]) or "none"
-        raise ValueError(f"{folder}: expected one checkpoint file ({'/'.join(_CHECKPOINT_SUFFIXES)}), found {len(found)}: {listing}")
-    return found[0]
-
-
-@contextlib.contextmanager
-def resolve_checkpoint(model: str, tracking_uri: str | None = None) -> Iterator[Path]:
-    """Local checkpoint path for a path or MLflow URI; downloads live only inside the ``with``.
-
-    MLflow URIs use ``tracking_uri``, else the project's tracking configuration
-    (``MLFLOW_TRACKING_URI`` or the SQLite store under ``MSATA_HOME``).
-    """
-    if not is_mlflow_uri(model):
-        path = Path(model).expanduser()
-        if not path.exists():
-            raise FileNotFoundError(f"model {model!r}: no such checkpoint file or model folder")
-        yield find_checkpoint(path) if path.is_dir() else path
-        return
-    from mlflow.exceptions import MlflowException
-
-    from modeling.tracking import configure_tracking
-
-    uri = tracking_uri or configure_tracking()
-    with tempfile.TemporaryDirectory(prefix="msata-model-") as tmp:
-        try:
-            local = Path(mlflow_download(model, tmp, uri))
-        except MlflowException as err:
-            raise ValueError(f"cannot load MLflow model {model!r} from {uri}: {err.message}") from err
-        try:
-            yield find_checkpoint(local) if local.is_dir() else local
-        except ValueError as err:
-            raise ValueError(f"MLflow model {model!r}: {err}") from err
-
-
-def mlflow_download(uri: str, dst: str, tracking_uri: str) -> str:
-    import mlflow
-
-    return mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst, tracking_uri=tracking_uri, registry_uri=tracking_uri)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from modeling.inference import FilePrediction, Thumbnail
+from modeling.predictions import FilePrediction, Thumbnail
 
 
 def timeline_arrays(prediction: FilePrediction) -> tuple[np.ndarray, list[str], np.ndarray]:

@@ -210,15 +210,10 @@ def pip_requirements() -> list[str]:
 def log_pyfunc_model(run_id: str, checkpoint_path: str | Path, label_names: Sequence[str]) -> str:
     """Log the checkpoint as an MLflow pyfunc in ``run_id``; returns the model URI."""
     import mlflow
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
 
-    from modeling.pyfunc_model import MsataPyfunc, output_columns
+    from modeling.pyfunc_model import MsataPyfunc, model_signature
 
-    signature = ModelSignature(
-        inputs=Schema([ColSpec("string", "path")]),
-        outputs=Schema([ColSpec("string", "path"), ColSpec("string", "label")] + [ColSpec("double", c) for c in output_columns(label_names)]),
-    )
+    signature = model_signature(label_names)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="model",

@@ -53,6 +53,9 @@ def test_flow_trains_logs_registers_and_serves(home: Path, tmp_path: Path) -> No
     assert 0.0 <= result["summary"]["uar_mean"] <= 1.0
     assert result["registered"]["champion"] and result["registered"]["version"] == "1"
     assert Path(result["run_dir"]).is_relative_to(home)  # project-local default, under MSATA_HOME
+    from modeling.checkpoint import load_checkpoint
+
+    assert load_checkpoint(result["folds"][0]["best_path"])["modalities"] == ["audio", "video"]
     assert (home / "mlflow" / "mlflow.db").exists()
 
     configure_tracking()
@@ -76,7 +79,8 @@ def test_flow_trains_logs_registers_and_serves(home: Path, tmp_path: Path) -> No
     model = mlflow.pyfunc.load_model("models:/msata-crema-d@champion")
     out = model.predict(pd.DataFrame({"path": [str(write_wav(tmp_path / "probe.wav"))]}))
     assert list(out.columns[:2]) == ["path", "label"] and out.loc[0, "label"] in result["label_names"]
-    assert out.filter(like="p_").sum(axis=1).iloc[0] == pytest.approx(1.0, abs=1e-5)
+    assert out.filter(like="prob_").sum(axis=1).iloc[0] == pytest.approx(1.0, abs=1e-5)
+    assert out.loc[0, "modalities"] == "audio" and pd.isna(out.loc[0, "error"])
 
     # Champion rule: only a strictly better test UAR on the same protocol moves the alias.
     mv = client.get_model_version("msata-crema-d", "1")

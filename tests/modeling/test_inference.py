@@ -18,19 +18,9 @@ from features.extract import extract_clip
 from features.folder import prepare_folder
 from features.synthetic import make_synthetic_dataset, make_talking_face_clip
 from modeling.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from modeling.inference import (
-    FilePrediction,
-    Predictor,
-    find_checkpoint,
-    load_predictor,
-    paths_from_input,
-    predict_files,
-    predictions_frame,
-    read_jsonl,
-    record_for_file,
-    sliding_windows,
-    write_jsonl,
-)
+from modeling.inference import Predictor, load_predictor, predict_files, record_for_file, sliding_windows
+from modeling.model_source import find_checkpoint
+from modeling.predictions import FilePrediction, paths_from_input, predictions_frame, read_jsonl, write_jsonl
 from modeling.timeline_plot import plot_timeline
 
 LABELS = ("happy", "sad")
