@@ -42,7 +42,9 @@ class FaceConfig:
 class FeatureConfig:
     audio: AudioConfig = field(default_factory=AudioConfig)
     face: FaceConfig = field(default_factory=FaceConfig)
-    format_version: int = 1  # bump when the stored layout or the maths changes
+    # Bump when the stored layout or the maths changes. 2: audio and video read from one
+    # container keep its clock (their start offsets survive); 1: each stream starts at 0.
+    format_version: int = 2
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

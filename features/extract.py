@@ -72,7 +72,29 @@ def extract_clip(
         else:
             notes.append(f"no face in any of the {len(track.mask)} frames of {v_info.path}: kept audio-only")
 
+    if config.format_version >= 2 and use_audio and use_video and record.audio_path == record.video_path:
+        spans = _to_container_clock(features, a_info, spans)
+
     if not features.has_audio and not features.has_video:
         raise ClipError(f"{', '.join(sorted(infos))}: nothing usable: {'; '.join(notes)}")
     features.duration_s = max(spans)
     return features
+
+
+def _to_container_clock(features: ClipFeatures, info: MediaInfo, spans: list[float]) -> list[float]:
+    """Shift both streams of one container onto its clock, origin at the earlier stream's start.
+
+    Each decoder counts from its own stream's first sample or frame, so an audio track
+    that starts 27 ms after the picture (common in CREMA-D's .flv) would otherwise sit
+    27 ms early against the faces: exactly the misalignment TaRoPE is meant to avoid.
+    Streams from different files have no shared clock and are left as they are.
+    """
+    if info.audio_start_s is None or info.video_start_s is None:
+        return spans
+    origin = min(info.audio_start_s, info.video_start_s)
+    audio_shift, video_shift = info.audio_start_s - origin, info.video_start_s - origin
+    if features.audio_times is not None:
+        features.audio_times = features.audio_times + audio_shift
+    if features.video_times is not None:
+        features.video_times = features.video_times + video_shift
+    return [spans[0] + audio_shift, spans[1] + video_shift]

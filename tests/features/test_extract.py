@@ -108,3 +108,35 @@ def test_crema_d_clip(crema_flvs: list[Path], shared_data: Path) -> None:
     assert abs(len(f.logmel) - 50 * f.duration_s) <= 3
     assert np.median(np.diff(f.video_times)) == pytest.approx(1001 / 30000, abs=1.5e-3)
     assert f.face_ratio >= 0.9
+
+
+@pytest.mark.slow
+def test_streams_of_one_container_keep_its_clock(make_clip, detector: FaceDetector, tmp_path: Path) -> None:
+    import subprocess
+    from dataclasses import replace
+
+    from features.decode import probe
+
+    clip = make_clip("sync.mp4", duration_s=1.0, fps=25, width=320, height=240, seed=3)
+    wav, delayed = tmp_path / "voice.wav", tmp_path / "audio_late.mkv"
+    run = ["ffmpeg", "-nostdin", "-loglevel", "error", "-y"]
+    subprocess.run([*run, "-i", str(clip.path), "-vn", "-c:a", "pcm_s16le", str(wav)], check=True)
+    # PCM (no encoder priming) starting 0.2 s after the picture on the container clock.
+    subprocess.run(
+        [*run, "-i", str(clip.path), "-itsoffset", "0.2", "-i", str(wav), "-map", "0:v", "-map", "1:a",
+         "-c:v", "copy", "-c:a", "pcm_s16le", str(delayed)],
+        check=True,
+    )  # fmt: skip
+    info = probe(delayed)
+    lag = info.audio_start_s - info.video_start_s
+    assert lag == pytest.approx(0.2, abs=1e-3)
+    f = extract_clip(_record(delayed, delayed), CFG, detector)
+    assert f.video_times[0] == pytest.approx(max(0.0, -lag), abs=1e-6)
+    assert f.audio_times[0] - f.video_times[0] == pytest.approx(0.01 + lag, abs=1e-6)
+    assert f.duration_s == pytest.approx(1.0 + lag, abs=0.05)
+    # Format 1 stores (built before the container clock) keep per-stream origins.
+    old = extract_clip(_record(delayed, delayed), replace(CFG, format_version=1), detector)
+    assert old.audio_times[0] == pytest.approx(0.01) and old.video_times[0] == 0.0
+    # Separate files share no clock: nothing is shifted.
+    apart = extract_clip(_record(delayed, clip.path), CFG, detector)
+    assert apart.audio_times[0] == pytest.approx(0.01) and apart.video_times[0] == 0.0
