@@ -301,6 +301,7 @@ def finalize_experiment(run_dir: str | Path, register: bool = True) -> CVResult:
                 "protocol": spec["protocol"],
                 "selected_fold": selected.index,
                 "selected_fold_val_uar": selected.best_val_uar,
+                "val_uar_mean": float(np.mean([f.best_val_uar for f in fold_results])),
                 "parent_run_id": parent,
                 **{f"test_{k}": v for k, v in summary.items()},
             }

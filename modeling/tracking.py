@@ -240,12 +240,17 @@ def _protocol(tags: dict[str, str]) -> tuple[str, ...]:
 
 
 def register_and_promote(model_uri: str, dataset: str, tags: dict[str, Any]) -> RegistrationResult:
-    """Register a version with ``tags`` (protocol + test metrics) and apply the champion rule."""
+    """Register a version with ``tags`` (protocol + metrics) and apply the champion rule.
+
+    The rule compares ``val_uar_mean`` (each fold's selected-epoch validation UAR,
+    averaged): test metrics are reported as tags but never choose a model, not even
+    the deployed one, or repeated experiments would tune on the test speakers.
+    """
     import mlflow
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    missing = [k for k in (*PROTOCOL_TAGS, "test_uar_mean") if k not in tags]
+    missing = [k for k in (*PROTOCOL_TAGS, "val_uar_mean") if k not in tags]
     if missing:
         raise ValueError(f"registration tags lack {missing}")
     name = model_name(dataset)
@@ -256,16 +261,16 @@ def register_and_promote(model_uri: str, dataset: str, tags: dict[str, Any]) -> 
         champion = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
         champion = None
-    new_uar = float(tags["test_uar_mean"])
+    new_uar = float(tags["val_uar_mean"])
     if champion is None:
         promote, reason = True, "first version on this registry"
     elif _protocol(champion.tags) != _protocol(str_tags):
         promote = False
         reason = f"champion v{champion.version} was evaluated on another protocol {_protocol(champion.tags)}; not comparable"
     else:
-        old_uar = float(champion.tags.get("test_uar_mean", "-inf"))
+        old_uar = float(champion.tags.get("val_uar_mean", "-inf"))  # -inf: registered before the rule used it
         promote = new_uar > old_uar
-        reason = f"test UAR mean {new_uar:.4f} {'>' if promote else '<='} champion v{champion.version} {old_uar:.4f}"
+        reason = f"validation UAR mean {new_uar:.4f} {'>' if promote else '<='} champion v{champion.version} {old_uar:.4f}"
     if promote:
         client.set_registered_model_alias(name, CHAMPION, version.version)
     return RegistrationResult(name=name, version=str(version.version), champion=promote, reason=reason)

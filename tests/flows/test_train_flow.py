@@ -82,13 +82,14 @@ def test_flow_trains_logs_registers_and_serves(home: Path, tmp_path: Path) -> No
     assert out.filter(like="prob_").sum(axis=1).iloc[0] == pytest.approx(1.0, abs=1e-5)
     assert out.loc[0, "modalities"] == "audio" and pd.isna(out.loc[0, "error"])
 
-    # Champion rule: only a strictly better test UAR on the same protocol moves the alias.
+    # Champion rule: only a strictly better validation UAR on the same protocol moves the alias;
+    # the test score plays no part.
     mv = client.get_model_version("msata-crema-d", "1")
     tags = dict(mv.tags)
     uri = result["registered"]["model_uri"]
-    worse = register_and_promote(uri, "crema-d", tags | {"test_uar_mean": float(tags["test_uar_mean"]) - 0.1})
-    other = register_and_promote(uri, "crema-d", tags | {"test_uar_mean": 2.0, "feature_config_hash": "0123456789ab"})
-    better = register_and_promote(uri, "crema-d", tags | {"test_uar_mean": float(tags["test_uar_mean"]) + 0.1})
+    worse = register_and_promote(uri, "crema-d", tags | {"val_uar_mean": float(tags["val_uar_mean"]) - 0.1, "test_uar_mean": 2.0})
+    other = register_and_promote(uri, "crema-d", tags | {"val_uar_mean": 2.0, "feature_config_hash": "0123456789ab"})
+    better = register_and_promote(uri, "crema-d", tags | {"val_uar_mean": float(tags["val_uar_mean"]) + 0.1, "test_uar_mean": 0.0})
     assert (worse.champion, other.champion, better.champion) == (False, False, True)
     assert "another protocol" in other.reason
     assert str(client.get_model_version_by_alias("msata-crema-d", "champion").version) == better.version
