@@ -200,6 +200,7 @@ class RunResult:
     final_loss: float  # mean training CE over the last 100 steps (fresh clips, so also a held-out figure)
     seconds: float
     history: list[float] = field(default_factory=list)  # mean training CE of every 100 steps
+    ctm_history: list[float] = field(default_factory=list)  # mean CTM loss of every 100 steps (0 without CTM)
 
 
 @torch.no_grad()
@@ -245,7 +246,8 @@ def train_variant(
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     history: list[float] = []
-    running, start = 0.0, time.perf_counter()
+    ctm_history: list[float] = []
+    running, running_ctm, start = 0.0, 0.0, time.perf_counter()
     for step in range(budget.steps):
         batch = generate(budget.batch_size, task, seed=training_seed(seed, step)).batch(drop=variant.drop)
         out = model(batch)
@@ -259,11 +261,13 @@ def train_variant(
         opt.step()
         sched.step()
         running += float(parts.ce.detach())
+        running_ctm += float(parts.ctm.detach())
         if (step + 1) % 100 == 0:
             history.append(running / 100)
-            running = 0.0
+            ctm_history.append(running_ctm / 100)
+            running, running_ctm = 0.0, 0.0
             if progress:
-                print(f"  {variant.name} seed={seed} step={step + 1} ce={history[-1]:.4f}", flush=True)
+                print(f"  {variant.name} seed={seed} step={step + 1} ce={history[-1]:.4f} ctm={ctm_history[-1]:.3f}", flush=True)
     return RunResult(
         variant=variant.name,
         seed=seed,
@@ -271,4 +275,5 @@ def train_variant(
         final_loss=history[-1] if history else float("nan"),
         seconds=time.perf_counter() - start,
         history=history,
+        ctm_history=ctm_history,
     )

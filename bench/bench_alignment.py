@@ -13,7 +13,7 @@ import argparse
 import json
 import statistics
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -30,7 +30,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=TrainBudget.steps)
     parser.add_argument("--n-test", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--progress", action="store_true", help="print the training loss every 50 steps")
+    parser.add_argument("--lambda-ctm", type=float, default=None, help="CTM weight of the tarope+ctm variant (default 0.1)")
+    parser.add_argument("--progress", action="store_true", help="print the training losses every 100 steps")
     parser.add_argument("--json", type=Path, default=None, help="also write every run's result here")
     args = parser.parse_args()
 
@@ -39,6 +40,10 @@ def main() -> None:
     if unknown := [n for n in names if n not in VARIANTS]:
         raise SystemExit(f"unknown variants {unknown}; known: {list(VARIANTS)}")
     task, budget = TaskConfig(), TrainBudget(steps=args.steps)
+    variants = dict(VARIANTS)
+    if args.lambda_ctm is not None:
+        variants["tarope+ctm"] = replace(variants["tarope+ctm"], lambda_ctm=args.lambda_ctm)
+    print(f"variants={[variants[n] for n in names]}", flush=True)
     print(f"task={task}\nbudget={budget}\nthreads={torch.get_num_threads()} torch={torch.__version__}", flush=True)
 
     results: list[RunResult] = []
@@ -46,7 +51,7 @@ def main() -> None:
         # Training clips depend on (seed, step) only, so every variant of a seed sees the same clips.
         test = generate(args.n_test, task, seed=20_000 + seed)
         for name in names:
-            result = train_variant(VARIANTS[name], test, task, budget, seed, progress=args.progress)
+            result = train_variant(variants[name], test, task, budget, seed, progress=args.progress)
             results.append(result)
             print(
                 f"seed={seed} {name:11s} test_acc={result.test_accuracy:.3f} "
