@@ -150,7 +150,7 @@ def _train_with_progress(run):
             bar = bars[fold]
             if event.kind == "epoch_end" and event.record is not None:
                 r = event.record
-                progress.update(bar, completed=event.epoch, total=event.epochs, description=f"loss {r.train_loss:.3f}  val UAR {r.val_uar:.3f}")
+                progress.update(bar, completed=event.epoch, total=event.epochs, description=f"loss {r.train_loss:.3f}  val UAR {r.val_uar:.3f}  {r.train_clips_per_s:.0f} clips/s, {100 * r.data_wait_share:.0f}% waiting on data")
             elif event.kind == "step" and event.steps:
                 progress.update(bar, description=f"epoch {event.epoch} step {event.step}/{event.steps}")
 

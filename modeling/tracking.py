@@ -113,7 +113,8 @@ def log_history(run_id: str, history: Sequence[Any]) -> None:
     metrics = [
         Metric(name, float(getattr(record, name)), now, int(record.epoch))
         for record in history
-        for name in ("train_loss", "train_ce", "train_ctm", "val_loss", "val_wa", "val_uar", "val_macro_f1", "lr")
+        for name in ("train_loss", "train_ce", "train_ctm", "val_loss", "val_wa", "val_uar", "val_macro_f1", "lr", "train_clips_per_s", "data_wait_share")
+        if hasattr(record, name)
     ]
     for start in range(0, len(metrics), 500):
         MlflowClient().log_batch(run_id, metrics=metrics[start : start + 500])

@@ -79,7 +79,9 @@ class EpochRecord:
     val_uar: float
     val_macro_f1: float
     lr: float
-    seconds: float
+    seconds: float  # the whole epoch, validation included
+    train_clips_per_s: float = 0.0  # training clips per second of the training pass
+    data_wait_share: float = 0.0  # share of the training pass spent waiting for the next batch
 
 
 @dataclass
@@ -232,7 +234,10 @@ def train_model(
         started = time.perf_counter()
         sums = np.zeros(3)
         count = 0
+        waited = 0.0
+        fetch_started = time.perf_counter()
         for step, batch in enumerate(train_loader, start=1):
+            waited += time.perf_counter() - fetch_started
             batch: Batch = batch.to(device, non_blocking=True)
             with _autocast(device):
                 output = model(batch)
@@ -249,6 +254,8 @@ def train_model(
             count += len(batch)
             if progress:
                 progress(ProgressEvent("step", epoch, config.epochs, step=step, steps=n_steps, loss=float(total.detach())))
+            fetch_started = time.perf_counter()  # the float() reads above synchronise a GPU step
+        train_s = time.perf_counter() - started
         val_metrics, val_loss = evaluate(model, val_loader, device, n_classes)
         record = EpochRecord(
             epoch=epoch,
@@ -261,6 +268,8 @@ def train_model(
             val_macro_f1=val_metrics.macro_f1,
             lr=optimizer.param_groups[0]["lr"],
             seconds=time.perf_counter() - started,
+            train_clips_per_s=count / train_s if train_s > 0 else 0.0,
+            data_wait_share=waited / train_s if train_s > 0 else 0.0,
         )
         history.append(record)
         improved = record.val_uar > best_uar

@@ -57,6 +57,7 @@ def test_train_checkpoints_and_learns(store_path: str, tmp_path) -> None:
     result = train_model(new_model(), train, val, cfg, tmp_path, tiny_meta(), progress=events.append)
     assert [r.epoch for r in result.history] == [1, 2, 3] and result.epochs_run == 3
     assert result.history[-1].train_ce < result.history[0].train_ce  # it learns something
+    assert all(r.train_clips_per_s > 0 and 0.0 <= r.data_wait_share < 1.0 for r in result.history)
     best = load_checkpoint(result.best_path, require_resume=True)
     last = load_checkpoint(result.last_path, require_resume=True)
     assert last["epoch"] == 3
