@@ -31,7 +31,7 @@ import numpy as np
 from features.config import FeatureConfig
 from modeling import splits as sp
 from modeling.metrics import compute_metrics, metrics_from_confusion, summarize_folds
-from modeling.train_loop import ProgressCallback, ProgressEvent, TrainConfig, predict, resolve_device, train_model
+from modeling.train_loop import ProgressCallback, ProgressEvent, TrainConfig, predict, resolve_device, seed_everything, train_model
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -231,6 +231,7 @@ def run_fold(run_dir: str | Path, fold_index: int, progress: ProgressCallback | 
             event.fold = fold_index
             progress(event)
 
+    seed_everything(config.seed)  # the initial weights too: a rerun of a fold starts from the same model
     model = MsataModel(MsataConfig.from_dict(spec["model"]))
     result = train_model(model, train_loader, val_loader, config, fold_dir, meta, resume=True, progress=on_progress)
     if result.best_path is None:

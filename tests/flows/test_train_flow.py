@@ -108,6 +108,25 @@ def test_resume_skips_finished_folds(home: Path, tmp_path: Path) -> None:
     assert [(Path(again.run_dir) / f"fold_{i}" / "best.pt").stat().st_mtime_ns for i in range(2)] == stamp
 
 
+def test_rerun_reproduces_the_fold_models(home: Path, tmp_path: Path) -> None:
+    import torch
+
+    from modeling.checkpoint import load_checkpoint
+    from modeling.experiment import run_cross_validation
+
+    store = tmp_path / "store"
+    build_tiny_store(store, n_speakers=5, clips_per_speaker=4)
+    cfg = TrainConfig(**(TRAIN | {"epochs": 1}))
+    runs = []
+    for name in ("a", "b"):
+        torch.rand(17)  # whatever ran before in the process must not change the initial weights
+        runs.append(run_cross_validation(str(store), "crema-d", cfg, SplitConfig(n_folds=2), TINY_MODEL, run_dir=tmp_path / name, track=False))
+    assert runs[0].summary == runs[1].summary
+    for fold in range(2):
+        a, b = (load_checkpoint(tmp_path / name / f"fold_{fold}" / "best.pt")["state_dict"] for name in ("a", "b"))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_protocol_errors_before_training(home: Path, tmp_path: Path) -> None:
     from modeling.experiment import prepare_experiment
     from storage.feature_store import FeatureStore
