@@ -208,7 +208,7 @@ def run_fold(run_dir: str | Path, fold_index: int, progress: ProgressCallback | 
         "feature_config": spec["feature_config"],
         "label_names": label_names,
         "dataset": spec["dataset"],
-        "modalities": spec.get("modalities", ["audio", "video"]),  # specs written before it was recorded: both
+        "modalities": spec.get("modalities"),  # None in specs written before it was recorded: inference assumes both
     }
 
     run_id = None

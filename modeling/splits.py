@@ -127,14 +127,12 @@ def validate_manifest(manifest: pd.DataFrame, label_names: list[str], config: Sp
         raise ProtocolError(f"n_folds must be at least 2, got {config.n_folds}")
     n_speakers = speakers.astype(str).nunique()
     needed = config.n_folds + config.min_val_speakers
-    largest_test = -(-n_speakers // config.n_folds)  # ceil: the biggest fold
-    rest = n_speakers - largest_test
-    n_val = max(config.min_val_speakers, int(round(config.val_fraction * rest)))
-    if n_speakers < needed or rest - n_val < 1:
+    rest = n_speakers - -(-n_speakers // config.n_folds)  # speakers outside the biggest (ceil) test fold
+    if n_speakers < needed or rest - n_val_speakers(rest, config) < 1:
         raise ProtocolError(
             f"{n_speakers} speakers cannot make {config.n_folds} speaker-independent folds plus "
             f"{config.min_val_speakers} validation speaker(s) and at least one training speaker per fold: "
-            f"need at least {max(needed, config.n_folds + config.min_val_speakers + 1)}"
+            f"need at least {needed + 1}"
         )
 
 
@@ -146,8 +144,13 @@ def check_feature_config(actual: FeatureConfig, expected: FeatureConfig | None) 
         )
 
 
+def n_val_speakers(n_train_speakers: int, config: SplitConfig) -> int:
+    """Validation speakers drawn from a fold's ``n_train_speakers`` non-test speakers."""
+    return max(config.min_val_speakers, int(round(config.val_fraction * n_train_speakers)))
+
+
 def _draw_val_speakers(train_speakers: list[str], config: SplitConfig, rng: np.random.Generator) -> list[str]:
-    n_val = max(config.min_val_speakers, int(round(config.val_fraction * len(train_speakers))))
+    n_val = n_val_speakers(len(train_speakers), config)
     if n_val >= len(train_speakers):
         raise ProtocolError(f"{len(train_speakers)} training speakers leave none for training after {n_val} validation speakers")
     picked = rng.choice(len(train_speakers), size=n_val, replace=False)

@@ -35,8 +35,6 @@ CHAMPION = "champion"
 PROTOCOL_TAGS = ("dataset", "n_folds", "splits_hash", "feature_config_hash")
 
 
-
-
 def default_tracking_uri() -> str:
     db = msata_home() / "mlflow" / "mlflow.db"
     db.parent.mkdir(parents=True, exist_ok=True)
@@ -114,7 +112,6 @@ def log_history(run_id: str, history: Sequence[Any]) -> None:
         Metric(name, float(getattr(record, name)), now, int(record.epoch))
         for record in history
         for name in ("train_loss", "train_ce", "train_ctm", "val_loss", "val_wa", "val_uar", "val_macro_f1", "lr", "train_clips_per_s", "data_wait_share")
-        if hasattr(record, name)
     ]
     for start in range(0, len(metrics), 500):
         MlflowClient().log_batch(run_id, metrics=metrics[start : start + 500])
