@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,12 +30,13 @@ import numpy as np
 from features.config import FeatureConfig
 from modeling import splits as sp
 from modeling.metrics import compute_metrics, metrics_from_confusion, summarize_folds
+from modeling.run_dir import SPEC_FILE, RunDirError, check_run_dir, clear_run_dir  # noqa: F401  (RunDirError: re-exported)
 from modeling.train_loop import ProgressCallback, ProgressEvent, TrainConfig, predict, resolve_device, seed_everything, train_model
 
 if TYPE_CHECKING:
     import pandas as pd
 
-SPEC_FILE, RESULT_FILE, RUN_FILE = "experiment.json", "result.json", "mlflow_run.json"
+RESULT_FILE, RUN_FILE = "result.json", "mlflow_run.json"
 
 
 @dataclass
@@ -123,6 +123,7 @@ def prepare_experiment(
     key = _hash({k: spec[k] for k in ("store_path", "dataset", "model", "feature_config_hash", "splits_hash")} | {"train": train_key})
     run_dir = Path(run_dir) if run_dir else tracking.msata_home() / "runs" / spec["dataset"] / key
     spec_path = run_dir / SPEC_FILE
+    check_run_dir(run_dir)  # a folder msata did not create is refused, resumed or not, before anything is written
     if spec_path.exists() and resume:
         old = json.loads(spec_path.read_text())
         for name in ("dataset", "feature_config_hash", "splits_hash", "model", "label_names"):
@@ -130,9 +131,10 @@ def prepare_experiment(
                 raise sp.ProtocolError(f"cannot resume {run_dir}: {name} changed from {old[name]!r} to {spec[name]!r}")
         spec["train"] = {**old["train"], "num_workers": train_config.num_workers}
         spec["mlflow"] = old.get("mlflow")
-    elif run_dir.exists():
-        shutil.rmtree(run_dir)  # a fresh (non-resumed) run never mixes with old checkpoints
+    else:
+        clear_run_dir(run_dir)  # a fresh run never mixes with old checkpoints; only msata's own files go
     run_dir.mkdir(parents=True, exist_ok=True)
+    tracking.write_json(spec_path, spec)  # first: it marks the folder as msata's
     split_files = sp.export_splits(folds, manifest, run_dir)
     if track and not spec.get("mlflow"):
         tracking.configure_tracking()
