@@ -237,28 +237,61 @@ def _protocol(tags: dict[str, str]) -> tuple[str, ...]:
     return tuple(str(tags.get(k)) for k in PROTOCOL_TAGS)
 
 
+class RegistryError(RuntimeError):
+    """The registry could not be read or written: nothing was promoted."""
+
+
+def current_champion(name: str) -> Any:
+    """The champion ModelVersion of registered model ``name``, or None when there is none yet.
+
+    "None yet" means exactly two things: the model is not registered, or it has no
+    champion alias. Any other failure (a server or database error, an alias that
+    points at a version that cannot be read) raises RegistryError, because
+    treating it as "no champion" would promote whatever comes next.
+    """
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    try:
+        aliases = client.get_registered_model(name).aliases  # {alias: version}
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise RegistryError(f"cannot read registered model {name}: {_first_line(err)}") from err
+    if CHAMPION not in aliases:
+        return None
+    try:
+        return client.get_model_version(name, str(aliases[CHAMPION]))
+    except MlflowException as err:
+        raise RegistryError(f"cannot read the champion of {name} (v{aliases[CHAMPION]}): {_first_line(err)}") from err
+
+
+def _first_line(err: Exception) -> str:
+    text = str(getattr(err, "message", err)).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def register_and_promote(model_uri: str, dataset: str, tags: dict[str, Any]) -> RegistrationResult:
     """Register a version with ``tags`` (protocol + metrics) and apply the champion rule.
 
     The rule compares ``val_uar_mean`` (each fold's selected-epoch validation UAR,
     averaged): test metrics are reported as tags but never choose a model, not even
     the deployed one, or repeated experiments would tune on the test speakers.
+    The champion is read before registering: when it cannot be read, nothing is
+    registered and RegistryError says why.
     """
     import mlflow
     from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
 
     missing = [k for k in (*PROTOCOL_TAGS, "val_uar_mean") if k not in tags]
     if missing:
         raise ValueError(f"registration tags lack {missing}")
     name = model_name(dataset)
     str_tags = {k: str(v) for k, v in tags.items()}
+    champion = current_champion(name)
     version = mlflow.register_model(model_uri, name, tags=str_tags)
     client = MlflowClient()
-    try:
-        champion = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        champion = None
     new_uar = float(tags["val_uar_mean"])
     if champion is None:
         promote, reason = True, "first version on this registry"
