@@ -7,6 +7,7 @@ place before any of those libraries read their settings.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import Optional
@@ -45,28 +46,27 @@ def preprocess(
     """Decode a corpus and write timestamped audio and face features to a Zarr store."""
     from flows.preprocess import run_preprocessing
 
-    summary = _with_progress(
-        "preprocessing",
-        lambda on_progress: run_preprocessing(
+    with _store_progress_bar("preprocessing") as on_progress:
+        summary = run_preprocessing(
             dataset.value, root, store, csv_path=csv, workers=workers, dask_address=dask_address, limit=limit, on_progress=on_progress
-        ),
-    )
+        )
     print_preprocess_summary(summary)
     if summary.done + summary.skipped == 0:
         raise typer.Exit(code=1)
 
 
-def _with_progress(label: str, run):
-    """Run ``run(on_progress)`` under a rich progress bar fed by per-item callbacks."""
+@contextmanager
+def _store_progress_bar(label: str, unit: str = "stored"):
+    """A rich progress bar; yields ``on_progress(completed, total)`` (called from a polling thread)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.description}"), console=console) as progress:
+    with Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit), TimeElapsedColumn(), console=console) as progress:
         bar = progress.add_task("", total=None)
 
-        def on_progress(outcome, total: int) -> None:
-            progress.update(bar, total=total, advance=1, description=f"{outcome.clip_id}: {outcome.status}")
+        def on_progress(completed: int, total: int) -> None:
+            progress.update(bar, completed=completed, total=total)
 
-        return run(on_progress)
+        yield on_progress
 
 
 def print_preprocess_summary(summary) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,6 @@ from typing import Any
 from prefect import flow, task, unmapped
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from features.clip import ClipError
 from features.config import FeatureConfig
@@ -25,6 +23,8 @@ from features.crema_d import prepare_crema_d
 from features.folder import prepare_folder
 from features.manifest import ClipRecord, RecipeResult
 from features.ravdess import prepare_ravdess
+from flows.progress import ProgressCallback, store_progress
+from flows.runners import task_runner_for, validate_workers
 from storage import FeatureStore
 
 DATASETS = ("crema-d", "ravdess", "folder")
@@ -110,6 +110,18 @@ def commit_task(store_path: str, config: dict[str, Any]) -> None:
     store.compact()
 
 
+@flow(name="preprocess-clips", log_prints=True)
+def preprocess_clips(records: list[dict[str, Any]], store: str, config: dict[str, Any]) -> list[ClipOutcome]:
+    """One task per clip on the task runner the parent chose; outcomes in the order of ``records``."""
+    futures = process_clip_task.map(records, store_path=unmapped(store), config=unmapped(config))
+    index = {f.task_run_id: i for i, f in enumerate(futures)}
+    outcomes: list[ClipOutcome | None] = [None] * len(records)
+    for future in as_completed(futures):
+        i = index[future.task_run_id]
+        outcomes[i] = _outcome_of(future, ClipRecord(**records[i]))
+    return [o for o in outcomes if o is not None]
+
+
 @flow(name="preprocess-dataset", log_prints=True)
 def preprocess_dataset(
     dataset: str,
@@ -118,9 +130,17 @@ def preprocess_dataset(
     csv_path: str | None = None,
     limit: int | None = None,
     feature_config: dict[str, Any] | None = None,
-    on_progress: Callable[[ClipOutcome, int], None] | None = None,
+    workers: int = 1,
+    dask_address: str | None = None,
 ) -> PreprocessSummary:
-    config = FeatureConfig.from_dict(feature_config or {})
+    """Extract every clip of ``root`` into ``store``; finished clips are skipped.
+
+    Runner: ``dask_address`` (a running Dask scheduler, e.g. tcp://host:8786), else
+    ``workers`` local processes when > 1, else one thread: at most that many clips are
+    decoded at once.
+    """
+    validate_workers(workers, dask_address)
+    config = FeatureConfig.from_dict(feature_config) if feature_config else FeatureConfig()
     config_dict = config.to_dict()
     found = discover_task(dataset, root, csv_path)
     records = found.records[:limit] if limit else found.records
@@ -130,11 +150,9 @@ def preprocess_dataset(
         summary.failures.append({"clip_id": "", "path": rejection.path, "reason": rejection.reason})
         feature_store.record_failure("", rejection.path, rejection.reason)
 
-    futures = process_clip_task.map([r.to_dict() for r in records], store_path=unmapped(store), config=unmapped(config_dict))
-    by_future = {f.task_run_id: r for f, r in zip(futures, records)}
-    for future in as_completed(futures):
-        record = by_future[future.task_run_id]
-        outcome = _outcome_of(future, record)
+    clips = preprocess_clips.with_options(task_runner=task_runner_for(workers, dask_address))
+    outcomes = clips([r.to_dict() for r in records], store, config_dict) if records else []
+    for record, outcome in zip(records, outcomes):
         if outcome.status == "failed":
             summary.failed += 1
             summary.failures.append({"clip_id": outcome.clip_id, "path": record.video_path or record.audio_path or "", "reason": outcome.reason})
@@ -142,8 +160,6 @@ def preprocess_dataset(
             summary.skipped += 1
         else:
             summary.done += 1
-        if on_progress is not None:
-            on_progress(outcome, len(records))
     commit_task(store, config_dict)
     print(f"preprocess-dataset: {summary.done} done, {summary.skipped} skipped, {summary.failed} failed, {summary.rejected} rejected -> {store}")
     return summary
@@ -158,20 +174,6 @@ def _outcome_of(future: Any, record: ClipRecord) -> ClipOutcome:
         return ClipOutcome(record.clip_id, "failed", reason)
 
 
-def task_runner_for(workers: int = 1, dask_address: str | None = None):
-    """Threads locally by default; a Dask cluster (remote address or local processes) otherwise."""
-    if dask_address:
-        from prefect_dask import DaskTaskRunner
-
-        return DaskTaskRunner(address=dask_address)
-    if workers > 1:
-        from prefect_dask import DaskTaskRunner
-
-        # Processes, one thread each: MTCNN and librosa are CPU-bound and hold the GIL in places.
-        return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None})
-    return ThreadPoolTaskRunner(max_workers=1)
-
-
 def run_preprocessing(
     dataset: str,
     root: str | Path,
@@ -181,16 +183,26 @@ def run_preprocessing(
     dask_address: str | None = None,
     limit: int | None = None,
     feature_config: FeatureConfig | None = None,
-    on_progress: Callable[[ClipOutcome, int], None] | None = None,
+    on_progress: ProgressCallback | None = None,
 ) -> PreprocessSummary:
-    runner = task_runner_for(workers, dask_address)
-    flow_fn = preprocess_dataset.with_options(task_runner=runner)
-    return flow_fn(
-        dataset=dataset,
-        root=str(root),
-        store=str(store),
-        csv_path=csv_path,
-        limit=limit,
-        feature_config=(feature_config or FeatureConfig()).to_dict(),
-        on_progress=on_progress,
-    )
+    """Run ``preprocess-dataset`` against PREFECT_API_URL or a temporary API.
+
+    ``on_progress(stored, total)`` is called in this process by a thread that polls the
+    store; it never travels with the flow's parameters (Dask would have to pickle it).
+    """
+    from flows.api import prefect_api
+
+    validate_workers(workers, dask_address)
+    root, store = str(root), str(store)
+    clip_ids = [r.clip_id for r in discover(dataset, root, csv_path).records][:limit] if on_progress else []
+    with prefect_api(), store_progress(store, clip_ids, on_progress):
+        return preprocess_dataset(
+            dataset=dataset,
+            root=root,
+            store=store,
+            csv_path=csv_path,
+            limit=limit,
+            feature_config=(feature_config or FeatureConfig()).to_dict(),
+            workers=workers,
+            dask_address=dask_address,
+        )
