@@ -19,8 +19,10 @@ class ClipError(ValueError):
 class ClipFeatures:
     """Timestamped features of one clip. Times are seconds from the clip start.
 
-    Audio (None when the clip has no usable audio):
-      logmel       (Ta, n_mels) float32
+    Audio (None when the clip has no usable audio); one of logmel / audio_states, as the
+    feature config's audio encoder says:
+      logmel       (Ta, n_mels) float32   log-mel ("log-mel" encoder)
+      audio_states (Ta, L, D)   float16   hidden states of a pretrained encoder (L stored layers)
       audio_times  (Ta,)        float64  centre time of each frame
     Video (None when the clip has no video, or no face in any frame):
       face_crops     (Tv, S, S, 3) uint8  RGB square crops
@@ -34,6 +36,7 @@ class ClipFeatures:
     clip_id: str
     duration_s: float
     logmel: np.ndarray | None = None
+    audio_states: np.ndarray | None = None
     audio_times: np.ndarray | None = None
     face_crops: np.ndarray | None = None
     video_times: np.ndarray | None = None
@@ -45,7 +48,17 @@ class ClipFeatures:
 
     @property
     def has_audio(self) -> bool:
-        return self.logmel is not None
+        return self.audio_features is not None
+
+    @property
+    def audio_features(self) -> np.ndarray | None:
+        """The per-frame audio array, whichever representation the clip holds: (Ta, ...)."""
+        return self.logmel if self.logmel is not None else self.audio_states
+
+    @property
+    def n_audio_frames(self) -> int:
+        features = self.audio_features
+        return 0 if features is None else len(features)
 
     @property
     def has_video(self) -> bool:

@@ -49,12 +49,19 @@ def extract_clip(
     if use_audio:
         assert a_info is not None
         wave = decode_audio(a_info.path, config.audio.sample_rate, info=a_info)  # (N,)
-        logmel, times = log_mel(wave, config.audio)  # (Ta, F), (Ta,)
         spans.append(wave.shape[0] / config.audio.sample_rate)
-        if len(logmel):
-            features.logmel, features.audio_times = logmel, times
+        if config.audio_encoder.is_log_mel:
+            logmel, times = log_mel(wave, config.audio)  # (Ta, F), (Ta,)
+            frame_ms = config.audio.hop_length_s * 1000
+            if len(logmel):
+                features.logmel, features.audio_times = logmel, times
         else:
-            notes.append(f"audio of {a_info.path} is shorter than one {config.audio.hop_length_s * 1000:.0f} ms frame")
+            states, times = _encoder_states(wave, config)  # (Ta, L, D), (Ta,)
+            frame_ms = 20.0
+            if len(states):
+                features.audio_states, features.audio_times = states, times
+        if features.audio_times is None:
+            notes.append(f"audio of {a_info.path} is shorter than one {frame_ms:.0f} ms frame")
 
     if use_video:
         assert v_info is not None
@@ -79,6 +86,15 @@ def extract_clip(
         raise ClipError(f"{', '.join(sorted(infos))}: nothing usable: {'; '.join(notes)}")
     features.duration_s = max(spans)
     return features
+
+
+def _encoder_states(wave, config: FeatureConfig):
+    """Imported here so that log-mel preprocessing never loads the encoder code or weights."""
+    from features.audio_encoders.stage import encode_wave
+
+    if config.audio.sample_rate != 16_000:
+        raise ValueError(f"audio encoder {config.audio_encoder.name!r} needs 16 kHz input, the config decodes at {config.audio.sample_rate} Hz")
+    return encode_wave(wave, config.audio_encoder)
 
 
 def _to_container_clock(features: ClipFeatures, info: MediaInfo, spans: list[float]) -> list[float]:

@@ -14,7 +14,7 @@ import torch
 
 @dataclass
 class ClipExample:
-    logmel: torch.Tensor  # (Ta, F) float32; Ta may be 0
+    audio: torch.Tensor  # (Ta, F) float32 log-mel or (Ta, L, D) float16 encoder states; Ta may be 0
     audio_times: torch.Tensor  # (Ta,) float32 seconds
     face_crops: torch.Tensor  # (Tv, S, S, 3) uint8; Tv may be 0
     video_times: torch.Tensor  # (Tv,) float32 seconds
@@ -25,7 +25,7 @@ class ClipExample:
 
 @dataclass
 class Batch:
-    audio: torch.Tensor  # (B, Ta, F) float32, zero-padded
+    audio: torch.Tensor  # (B, Ta, F) float32 log-mel or (B, Ta, L, D) float16 encoder states, zero-padded
     audio_times: torch.Tensor  # (B, Ta) float32 seconds
     audio_mask: torch.Tensor  # (B, Ta) bool, True = real frame
     video: torch.Tensor  # (B, Tv, S, S, 3) uint8, zero-padded
@@ -65,13 +65,13 @@ def _pad_stack(seqs: list[torch.Tensor], length: int, fill: float | bool | int =
 def collate(examples: list[ClipExample]) -> Batch:
     if not examples:
         raise ValueError("collate() got an empty list of examples")
-    ta = max(e.logmel.shape[0] for e in examples)
+    ta = max(e.audio.shape[0] for e in examples)
     tv = max(e.face_crops.shape[0] for e in examples)
     audio_mask = torch.zeros(len(examples), ta, dtype=torch.bool)
     for i, e in enumerate(examples):
-        audio_mask[i, : e.logmel.shape[0]] = True
+        audio_mask[i, : e.audio.shape[0]] = True
     return Batch(
-        audio=_pad_stack([e.logmel for e in examples], ta),
+        audio=_pad_stack([e.audio for e in examples], ta),
         audio_times=_pad_stack([e.audio_times for e in examples], ta),
         audio_mask=audio_mask,
         video=_pad_stack([e.face_crops for e in examples], tv),

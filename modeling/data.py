@@ -60,19 +60,22 @@ def _select(times: np.ndarray, t0: float, t1: float) -> np.ndarray:
     return (times >= t0) & (times < t1)
 
 
-def spec_mask(logmel: np.ndarray, config: DataConfig, rng: np.random.Generator) -> np.ndarray:
-    """Time and frequency masking; masked cells get the clip's mean log-energy (not 0,
-    which is loud in log scale)."""
-    out = logmel.copy()  # (Ta, F)
+def spec_mask(audio: np.ndarray, config: DataConfig, rng: np.random.Generator) -> np.ndarray:
+    """Time and frequency masking; masked cells get the clip's mean (for log-mel, its mean
+    log-energy: 0 is loud in log scale). Encoder states (Ta, L, D) get time masks only:
+    their channels are not frequencies, and neighbouring channels are unrelated."""
+    out = audio.copy()  # (Ta, F) or (Ta, L, D)
     if out.size == 0:
         return out
-    fill = float(out.mean())
-    t_len, n_bins = out.shape
+    fill = out.mean(axis=0, keepdims=True) if out.ndim == 3 else float(out.mean())
+    t_len, n_bins = out.shape[0], out.shape[1]
     for _ in range(config.time_masks):
         width = int(rng.integers(0, config.time_mask_max_frames + 1))
         if 0 < width < t_len:
             start = int(rng.integers(0, t_len - width + 1))
             out[start : start + width] = fill
+    if out.ndim != 2:
+        return out
     for _ in range(config.freq_masks):
         width = int(rng.integers(0, config.freq_mask_max_bins + 1))
         if 0 < width < n_bins:
@@ -93,6 +96,22 @@ def jitter_crops(crops: np.ndarray, max_px: int, rng: np.random.Generator) -> np
     return np.ascontiguousarray(padded[:, y0 : y0 + size, x0 : x0 + size])
 
 
+def audio_frame_shape(feature_config: FeatureConfig) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of one audio frame as the model receives it: (F,) float32 log-mel, or
+    (L, D) float16 encoder states (kept half-precision until the front-end: half the memory)."""
+    encoder = feature_config.audio_encoder
+    if encoder.is_log_mel:
+        return (feature_config.audio.n_mels,), np.dtype(np.float32)
+    return encoder.state_shape(), np.dtype(np.float16)
+
+
+def model_input_settings(feature_config: FeatureConfig) -> dict[str, int]:
+    """The model settings a store dictates (its audio input and crop size); one place for the rule."""
+    encoder = feature_config.audio_encoder
+    layers, width = (0, 0) if encoder.is_log_mel else encoder.state_shape()
+    return {"n_mels": feature_config.audio.n_mels, "crop_size": feature_config.face.crop_size, "audio_layers": layers, "audio_width": width}
+
+
 def features_to_example(
     features: ClipFeatures,
     feature_config: FeatureConfig,
@@ -104,14 +123,15 @@ def features_to_example(
     """Cut ``features`` to ``window`` (times re-based to its start) and apply augmentation
     when ``rng`` is given. Shared by training and inference so both see the same inputs."""
     t0, t1 = window
-    n_mels = feature_config.audio.n_mels
     size = feature_config.face.crop_size
-    if features.logmel is not None and features.audio_times is not None:
+    frame_shape, audio_dtype = audio_frame_shape(feature_config)
+    stored = features.audio_features
+    if stored is not None and features.audio_times is not None:
         keep = _select(np.asarray(features.audio_times), t0, t1)
-        logmel = np.asarray(features.logmel, dtype=np.float32)[keep]  # (Ta, F)
+        audio = np.asarray(stored, dtype=audio_dtype)[keep]  # (Ta, F) or (Ta, L, D)
         audio_times = np.asarray(features.audio_times)[keep] - t0
     else:
-        logmel, audio_times = np.zeros((0, n_mels), np.float32), np.zeros((0,), np.float64)
+        audio, audio_times = np.zeros((0, *frame_shape), audio_dtype), np.zeros((0,), np.float64)
     if features.face_crops is not None and features.video_times is not None:
         keep = _select(np.asarray(features.video_times), t0, t1)
         crops = np.asarray(features.face_crops, dtype=np.uint8)[keep]  # (Tv, S, S, 3)
@@ -121,10 +141,10 @@ def features_to_example(
         crops = np.zeros((0, size, size, 3), np.uint8)
         video_times, mask = np.zeros((0,), np.float64), np.zeros((0,), bool)
     if rng is not None and config is not None and config.augment:
-        logmel = spec_mask(logmel, config, rng)
+        audio = spec_mask(audio, config, rng)
         crops = jitter_crops(crops, config.crop_jitter_px, rng)
     return ClipExample(
-        logmel=torch.from_numpy(np.ascontiguousarray(logmel)),
+        audio=torch.from_numpy(np.ascontiguousarray(audio)),
         audio_times=torch.from_numpy(audio_times.astype(np.float32)),
         face_crops=torch.from_numpy(np.ascontiguousarray(crops)),
         video_times=torch.from_numpy(video_times.astype(np.float32)),

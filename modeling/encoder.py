@@ -1,8 +1,9 @@
 """The msata model: one transformer over time-stamped audio and face tokens.
 
     audio log-mel (B, Ta, F) --AudioFrontend--> (B, Ta', D) + times
+      or encoder states (B, Ta, L, D_in) --EncoderStatesFrontend (layer mix, projection)--> (B, Ta', D) + times
     face crops (B, Tv, S, S, 3) --VideoFrontend--> (B, Tv, D) + times
-    [audio; video] + modality embeddings --N pre-norm blocks (rotary q/k)--> masked mean --> logits
+    [audio; video] + modality embeddings --N pre-norm blocks (rotary q/k)--> pooling (mean | attention) --> logits
 
 The position module (TaRoPE / index RoPE / none, see ``modeling.tarope``) is
 built once and injected into every attention layer. ``fusion="late"`` is the
@@ -21,10 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from modeling.batch import Batch
-from modeling.frontends import AudioFrontend, Tokens, VideoFrontend
+from modeling.frontends import AudioFrontend, EncoderStatesFrontend, Tokens, VideoFrontend
 from modeling.tarope import DEFAULT_BASE, DEFAULT_RATE, POSITION_KINDS, Rotation, build_rotary
 
 FUSION_KINDS = ("joint", "late")
+POOLING_KINDS = ("mean", "attention")
 
 
 @dataclass
@@ -37,6 +39,9 @@ class MsataConfig:
     mlp_ratio: float = 4.0
     dropout: float = 0.1
     audio_downsample: int = 1  # 1 keeps 50 tokens/s; k merges k frames per token
+    audio_layers: int = 0  # > 0: the audio input is a pretrained encoder's states (L layers of audio_width)
+    audio_width: int = 0
+    pooling: str = "mean"  # "mean" | "attention": how tokens become one clip vector
     crop_size: int = 96  # face crop side, must match the feature store's FaceConfig.crop_size
     video_channels: tuple[int, ...] = (32, 64, 128, 128)  # one stride-2 CNN stage each
     positions: str = "tarope"  # "tarope" | "index" | "none"
@@ -55,6 +60,10 @@ class MsataConfig:
             raise ValueError(f"fusion={self.fusion!r}; expected one of {FUSION_KINDS}")
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
             raise ValueError(f"d_model={self.d_model} must split into {self.n_heads} heads of even width")
+        if self.pooling not in POOLING_KINDS:
+            raise ValueError(f"pooling={self.pooling!r}; expected one of {POOLING_KINDS}")
+        if (self.audio_layers > 0) != (self.audio_width > 0):
+            raise ValueError(f"audio_layers={self.audio_layers} and audio_width={self.audio_width}: set both (encoder states) or neither (log-mel)")
         if self.audio_downsample < 1:
             raise ValueError(f"audio_downsample must be >= 1, got {self.audio_downsample}")
         if self.n_classes < 1 or self.n_layers < 1 or not self.video_channels:
@@ -158,6 +167,22 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x.to(torch.float32) * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
 
 
+class Pooling(nn.Module):
+    """Tokens -> one vector: masked mean, or attention pooling (a learned score per token,
+    softmax over the valid ones), which lets the few emotional frames of a clip count more."""
+
+    def __init__(self, kind: str, d_model: int) -> None:
+        super().__init__()
+        self.score = nn.Linear(d_model, 1) if kind == "attention" else None
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.score is None:
+            return masked_mean(x, mask)  # (B, D)
+        logits = self.score(x.to(torch.float32)).squeeze(-1).masked_fill(~mask, float("-inf"))  # (B, T)
+        weights = torch.softmax(logits, dim=1).nan_to_num(0.0)  # a clip with no valid token gets zeros
+        return torch.einsum("bt,btd->bd", weights, x.to(torch.float32))
+
+
 def _concat(a: Tokens, v: Tokens) -> Tokens:
     return Tokens(
         x=torch.cat([a.x, v.x.to(a.x.dtype)], dim=1),
@@ -172,12 +197,17 @@ class MsataModel(nn.Module):
         super().__init__()
         self.config = config
         d = config.d_model
-        self.audio_frontend = AudioFrontend(config.n_mels, d, config.audio_downsample, config.dropout)
+        if config.audio_layers > 0:
+            self.audio_frontend: nn.Module = EncoderStatesFrontend(config.audio_layers, config.audio_width, d, config.audio_downsample, config.dropout)
+        else:
+            self.audio_frontend = AudioFrontend(config.n_mels, d, config.audio_downsample, config.dropout)
         self.video_frontend = VideoFrontend(config.crop_size, config.video_channels, d, config.dropout)
         self.modality = nn.Parameter(torch.randn(2, d) / math.sqrt(d))  # [audio, video] embeddings
         self.encoder = Encoder(config)
         self.video_encoder = Encoder(config) if config.fusion == "late" else None
         pooled_dim = 2 * d if config.fusion == "late" else d
+        self.pool = Pooling(config.pooling, d)
+        self.video_pool = Pooling(config.pooling, d) if config.fusion == "late" else None
         self.head_drop = nn.Dropout(config.dropout)
         self.classifier = nn.Linear(pooled_dim, config.n_classes)
         self.ctm_head = nn.Linear(d, config.ctm_dim)  # used by losses.ctm_loss only
@@ -190,10 +220,10 @@ class MsataModel(nn.Module):
         if self.video_encoder is None:  # joint: one sequence, cross-modal attention
             h = self.encoder(_concat(a, v))  # (B, Ta' + Tv, D)
             audio_out, video_out = h[:, : a.x.shape[1]], h[:, a.x.shape[1] :]
-            pooled = masked_mean(h, torch.cat([a.mask, v.mask], dim=1))  # (B, D)
+            pooled = self.pool(h, torch.cat([a.mask, v.mask], dim=1))  # (B, D)
         else:  # late: no attention across modalities
             audio_out, video_out = self.encoder(a), self.video_encoder(v)
-            pooled = torch.cat([masked_mean(audio_out, a.mask), masked_mean(video_out, v.mask)], dim=-1)  # (B, 2D)
+            pooled = torch.cat([self.pool(audio_out, a.mask), self.video_pool(video_out, v.mask)], dim=-1)  # (B, 2D)
         logits = self.classifier(self.head_drop(pooled))  # (B, C)
         return ModelOutput(
             logits=logits,

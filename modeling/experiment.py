@@ -73,7 +73,9 @@ def _hash(data: Any) -> str:
 def build_model_config(overrides: dict[str, Any] | None, feature_config: FeatureConfig, n_classes: int) -> dict[str, Any]:
     from modeling.encoder import MsataConfig
 
-    forced = {"n_classes": n_classes, "n_mels": feature_config.audio.n_mels, "crop_size": feature_config.face.crop_size}
+    from modeling.data import model_input_settings
+
+    forced = {"n_classes": n_classes, **model_input_settings(feature_config)}
     overrides = dict(overrides or {})
     clashes = {k: (overrides[k], v) for k, v in forced.items() if k in overrides and overrides[k] != v}
     if clashes:

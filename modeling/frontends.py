@@ -100,6 +100,45 @@ class AudioFrontend(nn.Module):
         return Tokens(x, times.to(torch.float32), mask, _index_positions(b, x.shape[1], x.device))
 
 
+class EncoderStatesFrontend(nn.Module):
+    """Pretrained-encoder hidden states (B, Ta, L, D_in) at 50/s -> tokens (B, Ta', d_model).
+
+    As in SUPERB: each stored layer is layer-normed (no affine), the layers are mixed by a
+    learned softmax weighting, then projected to d_model. With downsample k > 1, k
+    consecutive frames are averaged into one token (time = mean of theirs), which keeps the
+    joint encoder's cost down; the pretrained encoder already gives each frame wide context.
+    """
+
+    def __init__(self, n_layers: int, width: int, d_model: int, downsample: int, dropout: float) -> None:
+        super().__init__()
+        self.n_layers, self.width, self.downsample = n_layers, width, downsample
+        self.layer_logits = nn.Parameter(torch.zeros(n_layers))  # uniform mix at init
+        self.proj = nn.Sequential(nn.Linear(width, d_model), nn.GELU(), nn.Linear(d_model, d_model))
+        self.drop = nn.Dropout(dropout)
+        self.d_model = d_model
+
+    def layer_weights(self) -> torch.Tensor:
+        return torch.softmax(self.layer_logits, dim=0)  # (L,)
+
+    def forward(self, states: torch.Tensor, times: torch.Tensor, mask: torch.Tensor) -> Tokens:
+        b, t = states.shape[:2]
+        if t == 0:
+            empty = states.new_zeros((b, 0, self.d_model), dtype=torch.float32)
+            return Tokens(empty, times.new_zeros(b, 0), mask.new_zeros(b, 0), times.new_zeros(b, 0))
+        if tuple(states.shape[2:]) != (self.n_layers, self.width):
+            raise ValueError(f"audio encoder states have shape {tuple(states.shape[2:])} per frame, the model expects ({self.n_layers}, {self.width})")
+        x = F.layer_norm(states.to(torch.float32), (self.width,))  # (B, Ta, L, D_in)
+        x = torch.einsum("btld,l->btd", x, self.layer_weights())  # (B, Ta, D_in)
+        x = x * mask.unsqueeze(-1)
+        if self.downsample > 1:
+            pad = (-t) % self.downsample
+            m = F.pad(mask, (0, pad)).view(b, -1, self.downsample).to(x.dtype)  # (B, Ta', k)
+            x = F.pad(x, (0, 0, 0, pad)).view(b, -1, self.downsample, self.width).sum(2) / m.sum(-1, keepdim=True).clamp_min(1.0)
+            times, mask = merge_times(times, mask, self.downsample)
+        x = self.drop(self.proj(x))  # (B, Ta', d_model)
+        return Tokens(x, times.to(torch.float32), mask, _index_positions(b, x.shape[1], x.device))
+
+
 class VideoFrontend(nn.Module):
     """Face crops (B, Tv, S, S, 3) uint8 -> one token per frame (B, Tv, D).
 

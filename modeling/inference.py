@@ -245,7 +245,7 @@ class Predictor:
         if "video" not in self.modalities:
             features = replace(features, **dict.fromkeys(_VIDEO_FIELDS))
         if "audio" not in self.modalities:
-            features = replace(features, logmel=None, audio_times=None)
+            features = replace(features, logmel=None, audio_states=None, audio_times=None)
         if features.has_video and 0 < features.face_ratio < self.min_face_ratio:
             warnings.append(f"a face was found in only {features.face_ratio:.0%} of the video frames")
         duration = float(features.duration_s)
@@ -297,7 +297,7 @@ class Predictor:
         examples = []
         for i, (t0, t1) in enumerate(windows):
             example = features_to_example(features, self.feature_config, -1, (t0, _OPEN_END if t1 >= duration - _EPS else t1))
-            if example.logmel.shape[0] == 0 and not bool(example.face_mask.any()):
+            if example.audio.shape[0] == 0 and not bool(example.face_mask.any()):
                 continue
             todo.append(i)
             examples.append(example)

@@ -28,6 +28,7 @@ SAFE_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,149}$")  # <= 150 chars: st
 # chunk keeps a random crop window cheap to read while chunks stay around 0.9 MB raw.
 ARRAYS: dict[str, tuple[np.dtype, int]] = {
     "logmel": (np.dtype("float32"), 1024),
+    "audio_states": (np.dtype("float16"), 256),  # (Ta, L, D): ~1.8 MB raw per chunk for Whisper base
     "audio_times": (np.dtype("float64"), 4096),
     "face_crops": (np.dtype("uint8"), 32),
     "video_times": (np.dtype("float64"), 4096),
@@ -36,7 +37,7 @@ ARRAYS: dict[str, tuple[np.dtype, int]] = {
     "face_landmarks": (np.dtype("float32"), 4096),
     "face_probs": (np.dtype("float32"), 4096),
 }
-AUDIO_ARRAYS = ("logmel", "audio_times")
+AUDIO_ARRAYS = {"logmel": ("logmel", "audio_times"), "encoder": ("audio_states", "audio_times")}
 VIDEO_REQUIRED = ("face_crops", "video_times", "face_mask")
 VIDEO_OPTIONAL = ("face_boxes", "face_landmarks", "face_probs")
 
@@ -72,8 +73,10 @@ def failure_file_name(clip_id: str, path: str) -> str:
 
 def _expected_shapes(config: FeatureConfig, n_audio: int, n_video: int) -> dict[str, tuple[int, ...]]:
     side = config.face.crop_size
+    states = config.audio_encoder.state_shape() if not config.audio_encoder.is_log_mel else (0, 0)
     return {
         "logmel": (n_audio, config.audio.n_mels),
+        "audio_states": (n_audio, *states),
         "audio_times": (n_audio,),
         "face_crops": (n_video, side, side, 3),
         "video_times": (n_video,),
@@ -92,7 +95,11 @@ def validated_arrays(features: ClipFeatures, config: FeatureConfig) -> dict[str,
     """
     present = {name: getattr(features, name) for name in ARRAYS if getattr(features, name) is not None}
     where = f"clip {features.clip_id!r}"
-    for group in (AUDIO_ARRAYS, VIDEO_REQUIRED):
+    audio_arrays = AUDIO_ARRAYS["logmel" if config.audio_encoder.is_log_mel else "encoder"]
+    foreign = [name for name in ("logmel", "audio_states") if name in present and name not in audio_arrays]
+    if foreign:
+        raise ValueError(f"{where}: {foreign} do not belong in a store of audio encoder {config.audio_encoder.name!r}")
+    for group in (audio_arrays, VIDEO_REQUIRED):
         given = [name for name in group if name in present]
         if given and len(given) != len(group):
             raise ValueError(f"{where}: {given} given without {[n for n in group if n not in present]}")
@@ -102,7 +109,7 @@ def validated_arrays(features: ClipFeatures, config: FeatureConfig) -> dict[str,
     if not np.isfinite(features.duration_s) or features.duration_s < 0:
         raise ValueError(f"{where}: duration_s must be finite and >= 0, got {features.duration_s}")
 
-    n_audio = len(present["logmel"]) if "logmel" in present else 0
+    n_audio = features.n_audio_frames
     n_video = len(present["face_crops"]) if "face_crops" in present else 0
     shapes = _expected_shapes(config, n_audio, n_video)
     out: dict[str, np.ndarray] = {}
@@ -136,7 +143,7 @@ def manifest_row(record: ClipRecord, features: ClipFeatures, config_hash: str) -
     row.update(
         has_audio=features.has_audio,
         has_video=features.has_video,
-        n_audio_frames=len(features.logmel) if features.logmel is not None else 0,
+        n_audio_frames=features.n_audio_frames,
         n_video_frames=len(features.face_crops) if features.face_crops is not None else 0,
         duration_s=float(features.duration_s),
         face_ratio=features.face_ratio if features.has_video else 0.0,

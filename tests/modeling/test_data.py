@@ -44,7 +44,7 @@ def test_crop_cuts_both_streams_at_the_same_instants() -> None:
     want_v = clip.video_times[(clip.video_times >= 0.7) & (clip.video_times < 1.9)] - 0.7
     assert torch.allclose(ex.audio_times, torch.from_numpy(want_a).float())
     assert torch.allclose(ex.video_times, torch.from_numpy(want_v).float())
-    assert ex.logmel.shape == (len(want_a), 16) and ex.face_crops.shape == (len(want_v), 16, 16, 3)
+    assert ex.audio.shape == (len(want_a), 16) and ex.face_crops.shape == (len(want_v), 16, 16, 3)
     first_v = int(np.argmax(clip.video_times >= 0.7))
     assert torch.equal(ex.face_crops[0], torch.from_numpy(clip.face_crops[first_v]))  # no augmentation without rng
     assert ex.face_mask.dtype == torch.bool and ex.label == 2
@@ -55,15 +55,15 @@ def test_missing_modalities_become_empty_sequences() -> None:
     audio_only = features_to_example(tiny_clip("a", 0, 6, 2.0, rng, video=False), TINY_FEATURES, 0, (0.0, math.inf))
     video_only = features_to_example(tiny_clip("v", 0, 6, 2.0, rng, audio=False), TINY_FEATURES, 0, (0.0, math.inf))
     assert audio_only.face_crops.shape == (0, 16, 16, 3) and audio_only.video_times.shape == (0,)
-    assert audio_only.logmel.shape[0] == 100
-    assert video_only.logmel.shape == (0, 16) and video_only.face_crops.shape[0] == 50
+    assert audio_only.audio.shape[0] == 100
+    assert video_only.audio.shape == (0, 16) and video_only.face_crops.shape[0] == 50
 
 
 def test_train_items_are_random_but_reproducible(store_path: str) -> None:
     ds = dataset(store_path, train=True, max_duration_s=1.0)
     a, b, c = ds[(0, 1)], ds[(0, 1)], ds[(0, 2)]
-    assert torch.equal(a.logmel, b.logmel) and torch.equal(a.video_times, b.video_times)
-    assert not torch.equal(a.logmel, c.logmel)  # another epoch: another crop / mask
+    assert torch.equal(a.audio, b.audio) and torch.equal(a.video_times, b.video_times)
+    assert not torch.equal(a.audio, c.audio)  # another epoch: another crop / mask
     for ex in (a, c):
         assert ex.audio_times.numel() == 0 or float(ex.audio_times.max()) < 1.0
         assert ex.video_times.numel() == 0 or float(ex.video_times.max()) < 1.0
@@ -73,10 +73,10 @@ def test_eval_items_are_whole_and_deterministic(store_path: str) -> None:
     ds = dataset(store_path, train=False, max_duration_s=1.0)
     ex = ds[0]
     feats = ds._features(ds.clip_ids[0])
-    assert ex.logmel.shape[0] == feats.logmel.shape[0]  # whole clip, unaugmented
-    assert torch.equal(ex.logmel, torch.from_numpy(feats.logmel))
+    assert ex.audio.shape[0] == feats.logmel.shape[0]  # whole clip, unaugmented
+    assert torch.equal(ex.audio, torch.from_numpy(feats.logmel))
     centre = dataset(store_path, train=False, eval_max_duration_s=1.0)[0]
-    assert torch.equal(centre.logmel, dataset(store_path, train=False, eval_max_duration_s=1.0)[0].logmel)
+    assert torch.equal(centre.audio, dataset(store_path, train=False, eval_max_duration_s=1.0)[0].audio)
     assert float(centre.audio_times.max()) < 1.0
 
 

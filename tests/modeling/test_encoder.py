@@ -24,7 +24,7 @@ def clip(ta: int, tv: int, seed: int, face_every: int = 1, offset: float = 0.0) 
     face_mask = torch.zeros(tv, dtype=torch.bool)
     face_mask[::face_every] = True
     return ClipExample(
-        logmel=torch.randn(ta, N_MELS, generator=g) * 3 - 5,
+        audio=torch.randn(ta, N_MELS, generator=g) * 3 - 5,
         audio_times=torch.arange(ta, dtype=torch.float32) / 50 + 0.0125 + offset,
         face_crops=torch.randint(0, 256, (tv, CROP, CROP, 3), generator=g, dtype=torch.uint8),
         video_times=torch.arange(tv, dtype=torch.float32) / 30 + offset,

@@ -1,0 +1,123 @@
+"""Floors for the emotion results: logistic regression on pooled features, same folds as training.
+
+For every clip of a feature store, the frames are pooled into mean and standard deviation
+(log-mel stores: per mel channel plus MFCCs from the log-mel; encoder stores: per stored
+layer), a standardised logistic regression is fitted on each fold's training speakers, its
+C (and, for encoder stores, the layer) is chosen on the fold's validation speakers only, and
+the choice is scored once on the test speakers. The folds are msata's own
+(``modeling.splits.make_folds``), so these figures sit beside ``msata train``'s.
+
+``--speaker-norm`` adds the transductive variant: each speaker's pooled vectors are
+standardised with that speaker's own mean and std (unlabelled clips of the test speaker
+included). It is reported apart, labelled transductive.
+
+    .venv/bin/python bench/pooled_baselines.py --store STORE --dataset ravdess --folds 5 --val-fraction 0.2 --out OUT.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import scipy.fft
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from modeling.metrics import compute_metrics, mean_std  # noqa: E402
+from modeling.splits import SplitConfig, make_folds, resolve_label_names  # noqa: E402
+from storage import FeatureStore  # noqa: E402
+
+C_GRID = (0.01, 0.1, 1.0, 10.0)
+
+
+def pooled_views(store: FeatureStore, clip_ids: list[str]) -> dict[str, np.ndarray]:
+    """name -> (N, 2F) mean+std pooled vectors, one view per representation (or layer)."""
+    views: dict[str, list[np.ndarray]] = {}
+    for cid in clip_ids:
+        clip = store.read(cid)
+        if clip.audio_states is not None:
+            states = clip.audio_states.astype(np.float32)  # (T, L, D)
+            for i, layer in enumerate(store.config.audio_encoder.state_indices()):
+                views.setdefault(f"layer {layer}", []).append(np.concatenate([states[:, i].mean(0), states[:, i].std(0)]))
+        else:
+            logmel = clip.logmel  # (T, F)
+            mfcc = scipy.fft.dct(logmel, type=2, norm="ortho", axis=1)[:, :20]  # (T, 20)
+            stats = [logmel.mean(0), logmel.std(0), mfcc.mean(0), mfcc.std(0)]
+            views.setdefault("log-mel+MFCC stats", []).append(np.concatenate(stats))
+    return {name: np.stack(rows) for name, rows in views.items()}
+
+
+def speaker_standardise(x: np.ndarray, speakers: np.ndarray) -> np.ndarray:
+    out = np.empty_like(x)
+    for spk in np.unique(speakers):
+        rows = speakers == spk
+        out[rows] = (x[rows] - x[rows].mean(0)) / (x[rows].std(0) + 1e-6)
+    return out
+
+
+def fit_score(x: np.ndarray, y: np.ndarray, train: np.ndarray, evaluate: np.ndarray, c: float, seed: int) -> np.ndarray:
+    scaler = StandardScaler().fit(x[train])
+    model = LogisticRegression(C=c, max_iter=2000, random_state=seed).fit(scaler.transform(x[train]), y[train])
+    return model.predict(scaler.transform(x[evaluate]))
+
+
+def run(store_path: str, dataset: str, split_config: SplitConfig, speaker_norm: bool) -> dict:
+    store = FeatureStore.open(store_path)
+    manifest = store.manifest()
+    labels = resolve_label_names(dataset, manifest)
+    clip_ids = manifest["clip_id"].astype(str).tolist()
+    y = np.array([labels.index(v) for v in manifest["label"]])
+    speakers = manifest["speaker"].astype(str).to_numpy()
+    views = pooled_views(store, clip_ids)
+    if speaker_norm:
+        views = {name: speaker_standardise(x, speakers) for name, x in views.items()}
+    position = {cid: i for i, cid in enumerate(clip_ids)}
+    folds = make_folds(manifest, split_config)
+    per_fold = []
+    for fold in folds:
+        tr, va, te = (np.array([position[c] for c in ids]) for ids in (fold.train_ids, fold.val_ids, fold.test_ids))
+        best = None
+        for name, x in views.items():  # model choice: validation speakers only
+            for c in C_GRID:
+                val_uar = compute_metrics(y[va], fit_score(x, y, tr, va, c, split_config.seed), len(labels)).uar
+                if best is None or val_uar > best[0]:
+                    best = (val_uar, name, c)
+        _, name, c = best
+        test = compute_metrics(y[te], fit_score(views[name], y, tr, te, c, split_config.seed), len(labels))
+        per_fold.append({"fold": fold.index, "view": name, "C": c, "val_uar": best[0], **test.scalars(), "test_speakers": list(fold.test_speakers)})
+        print(f"fold {fold.index}: {name}, C={c}: val UAR {best[0]:.3f}, test WA {test.wa:.3f} UAR {test.uar:.3f} F1 {test.macro_f1:.3f}", flush=True)
+    summary = {}
+    for key in ("wa", "uar", "macro_f1"):
+        m, s = mean_std([f[key] for f in per_fold])
+        summary[f"{key}_mean"], summary[f"{key}_std"] = m, s
+    return {"store": store_path, "feature_config_hash": store.config_hash, "speaker_norm": speaker_norm, "folds": per_fold, "summary": summary}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--store", required=True)
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--val-fraction", type=float, default=0.2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--speaker-norm", action="store_true", help="transductive: standardise per speaker")
+    parser.add_argument("--out", help="write the result as JSON")
+    args = parser.parse_args()
+    started = time.time()
+    result = run(args.store, args.dataset, SplitConfig(n_folds=args.folds, val_fraction=args.val_fraction, seed=args.seed), args.speaker_norm)
+    result["wall_s"] = round(time.time() - started, 1)
+    s = result["summary"]
+    tag = " (transductive: per-speaker standardisation)" if args.speaker_norm else ""
+    print(f"{args.store}{tag}: WA {s['wa_mean']:.3f} ± {s['wa_std']:.3f}, UAR {s['uar_mean']:.3f} ± {s['uar_std']:.3f}, macro-F1 {s['macro_f1_mean']:.3f} ± {s['macro_f1_std']:.3f}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
