@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from dataclasses import replace
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -42,6 +43,9 @@ class DataConfig:
     freq_mask_max_bins: int = 8
     crop_jitter_px: int = 4  # random shift of every face crop of a clip, in pixels
     in_memory: bool = True  # keep clips read from the store (per worker process)
+    # Transductive: standardise each audio channel with its speaker's statistics over all of
+    # that speaker's clips (test speakers' unlabelled clips included). Reported apart.
+    speaker_norm: bool = False
     seed: int = 0
 
 
@@ -112,6 +116,38 @@ def model_input_settings(feature_config: FeatureConfig) -> dict[str, int]:
     return {"n_mels": feature_config.audio.n_mels, "crop_size": feature_config.face.crop_size, "audio_layers": layers, "audio_width": width}
 
 
+AudioStats = tuple[np.ndarray, np.ndarray]  # (mean, std), each of one frame's shape, float32
+
+
+def audio_statistics(clips: Iterable[ClipFeatures]) -> AudioStats | None:
+    """Per-channel mean and std over every audio frame of ``clips``; None when none has audio."""
+    total, total_sq, count = None, None, 0
+    for clip in clips:
+        frames = clip.audio_features
+        if frames is None or len(frames) == 0:
+            continue
+        x = np.asarray(frames, dtype=np.float64)
+        total = x.sum(0) if total is None else total + x.sum(0)
+        total_sq = (x * x).sum(0) if total_sq is None else total_sq + (x * x).sum(0)
+        count += len(x)
+    if total is None:
+        return None
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean * mean, 0.0))
+    return mean.astype(np.float32), np.maximum(std, 1e-3).astype(np.float32)
+
+
+def speaker_normalised(features: ClipFeatures, stats: AudioStats | None) -> ClipFeatures:
+    """The clip with its audio frames standardised by ``stats`` (same dtype as stored)."""
+    frames = features.audio_features
+    if stats is None or frames is None:
+        return features
+    mean, std = stats
+    scaled = ((np.asarray(frames, dtype=np.float32) - mean) / std).astype(frames.dtype)
+    field_name = "logmel" if features.logmel is not None else "audio_states"
+    return replace(features, **{field_name: scaled})
+
+
 def features_to_example(
     features: ClipFeatures,
     feature_config: FeatureConfig,
@@ -170,9 +206,14 @@ class ClipDataset(Dataset):
         feature_config: FeatureConfig,
         config: DataConfig,
         train: bool,
+        speakers: Sequence[str] | None = None,
     ) -> None:
         if len(clip_ids) != len(labels):
             raise ValueError(f"{len(clip_ids)} clip ids but {len(labels)} labels")
+        if config.speaker_norm and (speakers is None or len(speakers) != len(clip_ids)):
+            raise ValueError("speaker_norm needs one speaker per clip id")
+        self.speakers = list(speakers) if speakers is not None else None
+        self._speaker_stats: dict[str, AudioStats | None] | None = None
         self.store_path = str(store_path)
         self.clip_ids = list(clip_ids)
         self.labels = [int(v) for v in labels]
@@ -203,10 +244,24 @@ class ClipDataset(Dataset):
             self._cache[clip_id] = features
         return features
 
+    def _speaker_statistics(self, speaker: str) -> AudioStats | None:
+        """Each speaker's clips in this dataset are all of that speaker's clips in the fold:
+        folds are speaker-independent, so no other split holds them."""
+        if self._speaker_stats is None:
+            assert self.speakers is not None
+            by_speaker: dict[str, list[str]] = {}
+            for clip_id, spk in zip(self.clip_ids, self.speakers):
+                by_speaker.setdefault(spk, []).append(clip_id)
+            self._speaker_stats = {spk: audio_statistics(self._features(c) for c in ids) for spk, ids in by_speaker.items()}
+        return self._speaker_stats[speaker]
+
     def __getitem__(self, key: int | tuple[int, int]) -> ClipExample:
         index, epoch = (key, None) if isinstance(key, (int, np.integer)) else key
         clip_id = self.clip_ids[index]
         features = self._features(clip_id)
+        if self.config.speaker_norm:
+            assert self.speakers is not None
+            features = speaker_normalised(features, self._speaker_statistics(self.speakers[index]))
         if self.train:
             rng = np.random.default_rng([self.config.seed, epoch if epoch is not None else 0, index])
             window = crop_window(features.duration_s, self.config.max_duration_s, rng)

@@ -42,6 +42,7 @@ class TrainConfig:
     eval_max_duration_s: float | None = None  # None = whole clip at eval
     augment: bool = True
     in_memory: bool = True
+    speaker_norm: bool = False  # transductive per-speaker standardisation of the audio (see DataConfig)
     num_workers: int = 2
     seed: int = 0
     device: str = "auto"  # "auto" = cuda when available, else cpu
@@ -52,6 +53,7 @@ class TrainConfig:
             eval_max_duration_s=self.eval_max_duration_s,
             augment=self.augment,
             in_memory=self.in_memory,
+            speaker_norm=self.speaker_norm,
             seed=self.seed,
         )
 

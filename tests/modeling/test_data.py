@@ -114,3 +114,16 @@ def test_worker_loader_matches_single_process(store_path: str) -> None:
         assert b0.clip_ids == b2.clip_ids
         assert torch.equal(b0.audio, b2.audio) and torch.equal(b0.video, b2.video)
         assert torch.equal(b0.audio_mask, b2.audio_mask)
+
+
+def test_speaker_statistics_standardise_each_channel() -> None:
+    from features.clip import ClipFeatures
+    from modeling.data import audio_statistics, speaker_normalised
+
+    rng = np.random.default_rng(0)
+    clips = [ClipFeatures(f"c{i}", 1.0, audio_states=(3.0 + 2.0 * rng.standard_normal((50, 2, 4))).astype(np.float16), audio_times=np.arange(50) * 0.02) for i in range(4)]
+    stats = audio_statistics(clips)
+    assert stats is not None and stats[0].shape == (2, 4)
+    joined = np.concatenate([speaker_normalised(c, stats).audio_states.astype(np.float64) for c in clips])
+    assert np.allclose(joined.mean(0), 0.0, atol=1e-2) and np.allclose(joined.std(0), 1.0, atol=1e-2)
+    assert audio_statistics([ClipFeatures("v", 1.0)]) is None  # no audio: nothing to normalise

@@ -162,3 +162,38 @@ def test_inputs_checked_at_the_boundary() -> None:
     bad_crop.video = torch.zeros(1, 5, 32, 32, 3, dtype=torch.uint8)
     with pytest.raises(ValueError, match=r"\(32, 32, 3\)"):
         model(bad_crop)
+
+
+def states_clip(ta: int, seed: int, layers: int = 3, width: int = 8) -> ClipExample:
+    g = torch.Generator().manual_seed(seed)
+    return ClipExample(
+        audio=torch.randn(ta, layers, width, generator=g).to(torch.float16),
+        audio_times=torch.arange(ta, dtype=torch.float32) * 0.02,
+        face_crops=torch.zeros(0, CROP, CROP, 3, dtype=torch.uint8),
+        video_times=torch.zeros(0),
+        face_mask=torch.zeros(0, dtype=torch.bool),
+        label=seed % 3,
+        clip_id=f"s{seed}",
+    )
+
+
+@pytest.mark.parametrize("pooling", ["mean", "attention"])
+def test_encoder_states_model_ignores_padding_and_learns_a_layer_mix(pooling: str) -> None:
+    model = model_for(audio_layers=3, audio_width=8, audio_downsample=2, pooling=pooling)
+    alone = model(collate([states_clip(25, 1)])).logits
+    padded = model(collate([states_clip(25, 1), states_clip(60, 2)])).logits[:1]
+    assert torch.allclose(alone, padded, atol=1e-5)  # a clip's output does not depend on its batch
+    weights = model.audio_frontend.layer_weights()
+    assert weights.shape == (3,) and torch.allclose(weights.sum(), torch.tensor(1.0))
+    model.train()
+    loss = torch.nn.functional.cross_entropy(model(collate([states_clip(25, 1), states_clip(40, 2)])).logits, torch.tensor([1, 2]))
+    loss.backward()
+    assert model.audio_frontend.layer_logits.grad is not None and model.audio_frontend.layer_logits.grad.abs().sum() > 0
+
+
+def test_encoder_states_of_the_wrong_shape_are_refused() -> None:
+    model = model_for(audio_layers=3, audio_width=8)
+    with pytest.raises(ValueError, match=r"\(2, 8\) per frame, the model expects \(3, 8\)"):
+        model(collate([states_clip(10, 1, layers=2)]))
+    with pytest.raises(ValueError, match="set both"):
+        tiny_config(audio_layers=3)
