@@ -133,6 +133,9 @@ def prepare_experiment(
                 raise sp.ProtocolError(f"cannot resume {run_dir}: {name} changed from {old[name]!r} to {spec[name]!r}")
         spec["train"] = {**old["train"], "num_workers": train_config.num_workers}
         spec["mlflow"] = old.get("mlflow")
+        if spec["mlflow"]:
+            tracking.configure_tracking()
+            tracking.reopen_run(spec["mlflow"]["parent_run_id"])  # it was KILLED or FAILED, or FINISHED and finalized again
     else:
         clear_run_dir(run_dir)  # a fresh run never mixes with old checkpoints; only msata's own files go
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -142,16 +145,18 @@ def prepare_experiment(
         tracking.configure_tracking()
         experiment_id = tracking.get_or_create_experiment(spec["dataset"])
         parent = tracking.create_run(experiment_id, f"cv-{spec['dataset']}-{key}", tags={"msata.dataset": spec["dataset"], "msata.protocol": spec["protocol"]})
-        params = tracking.flatten({k: spec[k] for k in ("dataset", "store_path", "train", "splits", "model", "feature_config_hash", "splits_hash", "protocol")})
-        params["n_clips"], params["label_names"] = str(len(manifest)), json.dumps(label_names)
-        tracking.log_params(parent, params)
-        for path in split_files:
-            tracking.log_artifact(parent, path, "splits")
         spec["mlflow"] = {"experiment_id": experiment_id, "parent_run_id": parent}
+        with tracking.ended_on_failure(parent):
+            params = tracking.flatten({k: spec[k] for k in ("dataset", "store_path", "train", "splits", "model", "feature_config_hash", "splits_hash", "protocol")})
+            params["n_clips"], params["label_names"] = str(len(manifest)), json.dumps(label_names)
+            tracking.log_params(parent, params)
+            for path in split_files:
+                tracking.log_artifact(parent, path, "splits")
     tracking.write_json(spec_path, spec)
     if spec.get("mlflow"):
         tracking.configure_tracking()
-        tracking.log_artifact(spec["mlflow"]["parent_run_id"], spec_path, "config")
+        with tracking.ended_on_failure(spec["mlflow"]["parent_run_id"]):
+            tracking.log_artifact(spec["mlflow"]["parent_run_id"], spec_path, "config")
     return run_dir
 
 
@@ -191,8 +196,6 @@ def _loaders(spec: dict[str, Any], fold: sp.Fold, config: TrainConfig):
 def run_fold(run_dir: str | Path, fold_index: int, progress: ProgressCallback | None = None) -> FoldResult:
     """Train, select on validation, test once; idempotent (a finished fold is returned as is)."""
     from modeling import tracking
-    from modeling.encoder import MsataConfig, MsataModel
-    from modeling.checkpoint import load_trained_model
 
     run_dir = Path(run_dir)
     spec = load_spec(run_dir)
@@ -204,6 +207,31 @@ def run_fold(run_dir: str | Path, fold_index: int, progress: ProgressCallback | 
     if not 0 <= fold_index < len(folds):
         raise ValueError(f"fold {fold_index} does not exist (0..{len(folds) - 1})")
     fold = folds[fold_index]
+
+    run_id = parent_id = None
+    if spec.get("mlflow"):
+        tracking.configure_tracking()
+        parent_id = spec["mlflow"]["parent_run_id"]
+        run_file = fold_dir / RUN_FILE
+        if run_file.exists():
+            run_id = json.loads(run_file.read_text())["run_id"]
+            tracking.reopen_run(run_id)  # an interrupted fold goes on in the same run
+        else:
+            run_id = tracking.create_run(spec["mlflow"]["experiment_id"], f"fold-{fold_index}", parent_id, {"msata.fold": str(fold_index)})
+            fold_dir.mkdir(parents=True, exist_ok=True)
+            tracking.write_json(run_file, {"run_id": run_id})
+    with tracking.ended_on_failure(run_id, parent_id):  # Ctrl-C: KILLED, an error: FAILED (the fold and its experiment)
+        return _train_and_test_fold(spec, fold, fold_dir, run_id, progress)
+
+
+def _train_and_test_fold(spec: dict[str, Any], fold: sp.Fold, fold_dir: Path, run_id: str | None, progress: ProgressCallback | None) -> FoldResult:
+    from modeling import tracking
+    from modeling.checkpoint import load_trained_model
+    from modeling.encoder import MsataConfig, MsataModel
+
+    fold_index = fold.index
+    if run_id:
+        tracking.log_params(run_id, {"fold": str(fold_index), "train_speakers": json.dumps(fold.train_speakers), "val_speakers": json.dumps(fold.val_speakers), "test_speakers": json.dumps(fold.test_speakers), "n_train": str(len(fold.train_ids)), "n_val": str(len(fold.val_ids)), "n_test": str(len(fold.test_ids))})
     config = TrainConfig.from_dict(spec["train"])
     train_loader, val_loader, test_loader = _loaders(spec, fold, config)
     label_names = spec["label_names"]
@@ -214,19 +242,6 @@ def run_fold(run_dir: str | Path, fold_index: int, progress: ProgressCallback | 
         "dataset": spec["dataset"],
         "modalities": spec.get("modalities"),  # None in specs written before it was recorded: inference assumes both
     }
-
-    run_id = None
-    if spec.get("mlflow"):
-        tracking.configure_tracking()
-        run_file = fold_dir / RUN_FILE
-        if run_file.exists():
-            run_id = json.loads(run_file.read_text())["run_id"]
-        else:
-            mlflow_spec = spec["mlflow"]
-            run_id = tracking.create_run(mlflow_spec["experiment_id"], f"fold-{fold_index}", mlflow_spec["parent_run_id"], {"msata.fold": str(fold_index)})
-            fold_dir.mkdir(parents=True, exist_ok=True)
-            tracking.write_json(run_file, {"run_id": run_id})
-            tracking.log_params(run_id, {"fold": str(fold_index), "train_speakers": json.dumps(fold.train_speakers), "val_speakers": json.dumps(fold.val_speakers), "test_speakers": json.dumps(fold.test_speakers), "n_train": str(len(fold.train_ids)), "n_val": str(len(fold.val_ids)), "n_test": str(len(fold.test_ids))})
 
     def on_progress(event: ProgressEvent) -> None:
         if run_id and event.kind == "epoch_end" and event.record is not None:
@@ -260,7 +275,7 @@ def run_fold(run_dir: str | Path, fold_index: int, progress: ProgressCallback | 
         tracking.log_artifact(run_id, tracking.plot_confusion(metrics.confusion, label_names, fold_dir / "confusion_test.png", f"fold {fold_index} test"), "plots")
         tracking.log_artifact(run_id, tracking.plot_learning_curves(result.history, fold_dir / "learning_curves.png", f"fold {fold_index}"), "plots")
         tracking.end_run(run_id)
-    tracking.write_json(result_path, asdict(fold_result))  # last: marks the fold as done
+    tracking.write_json(fold_dir / RESULT_FILE, asdict(fold_result))  # last: marks the fold as done
     return fold_result
 
 
@@ -294,27 +309,39 @@ def finalize_experiment(run_dir: str | Path, register: bool = True) -> CVResult:
         tracking.configure_tracking()
         parent = spec["mlflow"]["parent_run_id"]
         result.parent_run_id = parent
-        tracking.log_metrics(parent, {f"test_{k}": v for k, v in summary.items()} | {f"test_{k}": v for k, v in result.extra.items()})
-        tracking.log_artifact(parent, tracking.plot_confusion(pooled, spec["label_names"], run_dir / "confusion_pooled.png", "test, all folds"), "plots")
-        if register:
-            model_uri = tracking.log_pyfunc_model(parent, selected.best_path, spec["label_names"])
-            tags = {
-                "dataset": spec["dataset"],
-                "n_folds": len(spec["folds"]),
-                "splits_hash": spec["splits_hash"],
-                "feature_config_hash": spec["feature_config_hash"],
-                "protocol": spec["protocol"],
-                "selected_fold": selected.index,
-                "selected_fold_val_uar": selected.best_val_uar,
-                "val_uar_mean": float(np.mean([f.best_val_uar for f in fold_results])),
-                "parent_run_id": parent,
-                **{f"test_{k}": v for k, v in summary.items()},
-            }
-            reg = tracking.register_and_promote(model_uri, spec["dataset"], tags)
-            result.registered = asdict(reg) | {"model_uri": model_uri}
-        tracking.end_run(parent)
+        with tracking.ended_on_failure(parent):
+            _log_and_register(spec, run_dir, result, selected, register)
+            tracking.end_run(parent)
     tracking.write_json(run_dir / "cv_result.json", asdict(result))
     return result
+
+
+def _log_and_register(spec: dict[str, Any], run_dir: Path, result: CVResult, selected: FoldResult, register: bool) -> None:
+    """Summary metrics and pooled confusion on the parent run; the selected fold's model registered once."""
+    from modeling import tracking
+
+    parent, summary, folds = result.parent_run_id, result.summary, result.folds
+    tracking.log_metrics(parent, {f"test_{k}": v for k, v in summary.items()} | {f"test_{k}": v for k, v in result.extra.items()})
+    tracking.log_artifact(parent, tracking.plot_confusion(np.asarray(result.confusion), spec["label_names"], run_dir / "confusion_pooled.png", "test, all folds"), "plots")
+    if not register:
+        return
+    reg = tracking.registration_of_run(spec["dataset"], parent)  # a finalized experiment finalized again: same version
+    if reg is None:
+        model_uri = tracking.log_pyfunc_model(parent, selected.best_path, spec["label_names"])
+        tags = {
+            "dataset": spec["dataset"],
+            "n_folds": len(spec["folds"]),
+            "splits_hash": spec["splits_hash"],
+            "feature_config_hash": spec["feature_config_hash"],
+            "protocol": spec["protocol"],
+            "selected_fold": selected.index,
+            "selected_fold_val_uar": selected.best_val_uar,
+            "val_uar_mean": float(np.mean([f.best_val_uar for f in folds])),
+            "parent_run_id": parent,
+            **{f"test_{k}": v for k, v in summary.items()},
+        }
+        reg = tracking.register_and_promote(model_uri, spec["dataset"], tags)
+    result.registered = asdict(reg)
 
 
 def run_cross_validation(

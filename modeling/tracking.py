@@ -18,8 +18,10 @@ strictly higher.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -192,6 +194,33 @@ def end_run(run_id: str, status: str = "FINISHED") -> None:
     MlflowClient().set_terminated(run_id, status=status)
 
 
+def reopen_run(run_id: str) -> None:
+    """Mark a run RUNNING again (a resumed experiment reuses its KILLED or FAILED runs)."""
+    from mlflow import MlflowClient
+
+    MlflowClient().update_run(run_id, status="RUNNING")
+
+
+@contextlib.contextmanager
+def ended_on_failure(*run_ids: str | None) -> Iterator[None]:
+    """End ``run_ids`` when the block raises: KILLED for Ctrl-C, SystemExit and cancellation
+    (BaseExceptions that are not Exceptions), FAILED for any other error; the error propagates.
+
+    Runs are created with ``MlflowClient.create_run`` and ended explicitly on success,
+    so without this an interrupted experiment would stay RUNNING in MLflow forever.
+    """
+    try:
+        yield
+    except BaseException as err:
+        status = "FAILED" if isinstance(err, Exception) else "KILLED"
+        for run_id in filter(None, run_ids):
+            try:
+                end_run(run_id, status)
+            except Exception as mark_err:  # the original error matters more: keep it, say why the run stays RUNNING
+                err.add_note(f"MLflow run {run_id} could not be marked {status}: {mark_err}")
+        raise
+
+
 def log_artifact(run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
     from mlflow import MlflowClient
 
@@ -231,6 +260,7 @@ class RegistrationResult:
     version: str
     champion: bool
     reason: str
+    model_uri: str = ""
 
 
 def _protocol(tags: dict[str, str]) -> tuple[str, ...]:
@@ -304,7 +334,26 @@ def register_and_promote(model_uri: str, dataset: str, tags: dict[str, Any]) -> 
         reason = f"validation UAR mean {new_uar:.4f} {'>' if promote else '<='} champion v{champion.version} {old_uar:.4f}"
     if promote:
         client.set_registered_model_alias(name, CHAMPION, version.version)
-    return RegistrationResult(name=name, version=str(version.version), champion=promote, reason=reason)
+    return RegistrationResult(name=name, version=str(version.version), champion=promote, reason=reason, model_uri=model_uri)
+
+
+def registration_of_run(dataset: str, run_id: str) -> RegistrationResult | None:
+    """The version already registered from ``run_id`` (an experiment registers one model), or None.
+
+    It makes registration idempotent: finalizing a finished experiment again (``--resume``)
+    returns the existing version instead of registering the same model a second time.
+    """
+    from mlflow import MlflowClient
+
+    name = model_name(dataset)
+    versions = MlflowClient().search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    if not versions:
+        return None
+    first = min(versions, key=lambda mv: int(mv.version))
+    champion = current_champion(name)
+    is_champion = champion is not None and str(champion.version) == str(first.version)
+    reason = f"already registered from run {run_id} as v{first.version}; not registered again"
+    return RegistrationResult(name=name, version=str(first.version), champion=is_champion, reason=reason, model_uri=str(first.source))
 
 
 def compare_models(dataset: str | None = None) -> pd.DataFrame:

@@ -92,3 +92,62 @@ def test_experiment_json_is_written_first(home, store, tmp_path, monkeypatch):
     monkeypatch.undo()
     assert (tmp_path / "run" / "experiment.json").is_file()
     assert (_prepare(store, tmp_path / "run", resume=True) / "splits.json").is_file()
+
+
+# ----------------------------------------------------------------------------- MLflow runs end, models register once
+
+
+def _statuses(run_dir):
+    import json
+
+    from mlflow import MlflowClient
+
+    from modeling.tracking import configure_tracking
+
+    configure_tracking()
+    client = MlflowClient()
+    spec = json.loads((run_dir / "experiment.json").read_text())
+    runs = {"parent": spec["mlflow"]["parent_run_id"]}
+    for fold in (0, 1):
+        path = run_dir / f"fold_{fold}" / "mlflow_run.json"
+        if path.exists():
+            runs[f"fold_{fold}"] = json.loads(path.read_text())["run_id"]
+    return {name: client.get_run(run_id).info.status for name, run_id in runs.items()}
+
+
+@pytest.mark.slow
+def test_stopped_runs_are_marked_and_a_resumed_experiment_registers_once(home, store, tmp_path):
+    from mlflow import MlflowClient
+
+    from modeling.experiment import run_cross_validation
+
+    cfg = TrainConfig(epochs=1, batch_size=4, lr=3e-3, warmup_epochs=0.5, num_workers=0, max_duration_s=1.5)
+    run_dir = tmp_path / "run"
+
+    def stop_in_fold_1(error):
+        def progress(event):
+            if event.fold == 1 and event.kind == "step":
+                raise error
+
+        return progress
+
+    def cv(progress=None, resume=True):
+        return run_cross_validation(store, "crema-d", cfg, SplitConfig(n_folds=2), TINY_MODEL, run_dir=run_dir, resume=resume, progress=progress)
+
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C
+        cv(stop_in_fold_1(KeyboardInterrupt()), resume=False)
+    assert _statuses(run_dir) == {"parent": "KILLED", "fold_0": "FINISHED", "fold_1": "KILLED"}
+    with pytest.raises(RuntimeError, match="disk full"):  # a failure
+        cv(stop_in_fold_1(RuntimeError("disk full")))
+    assert _statuses(run_dir) == {"parent": "FAILED", "fold_0": "FINISHED", "fold_1": "FAILED"}
+
+    first = cv()
+    assert _statuses(run_dir) == {"parent": "FINISHED", "fold_0": "FINISHED", "fold_1": "FINISHED"}
+    assert first.registered["version"] == "1" and first.registered["champion"]
+    again = cv()  # --resume of a finished experiment
+    assert again.registered["version"] == "1" and again.registered["model_uri"] == first.registered["model_uri"]
+    assert _statuses(run_dir)["parent"] == "FINISHED"
+    client = MlflowClient()
+    assert [str(mv.version) for mv in client.search_model_versions("name='msata-crema-d'")] == ["1"]
+    experiment_id = client.get_run(first.parent_run_id).info.experiment_id
+    assert len(client.search_logged_models([experiment_id])) == 1  # the model was not logged twice either
