@@ -2,24 +2,32 @@
 
 Heavy imports (torch, prefect, mlflow) happen inside the commands so that
 ``msata --help`` is instant and the project-local environment defaults are in
-place before any of those libraries read their settings.
+place before any of those libraries read their settings. Printing lives in
+``flows/cli_output.py``; errors, stops and feature configs in ``flows/cli_support.py``.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+import os
 from enum import Enum
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
+from flows.cli_output import (
+    compare_table,
+    compare_text,
+    print_cv_result,
+    print_prediction,
+    print_preprocess_summary,
+    progress_bar,
+    train_progress,
+)
+from flows.cli_support import VERBOSE, UserError, console, feature_config_from, one_line_errors, read_config_file, stop_promptly
 from flows.settings import configure_environment
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Audio-visual emotion recognition with time-aligned self-attention.")
-console = Console()
 
 
 class Dataset(str, Enum):
@@ -28,83 +36,73 @@ class Dataset(str, Enum):
     folder = "folder"
 
 
+class OutputFormat(str, Enum):
+    table = "table"
+    json = "json"
+    csv = "csv"
+
+
 @app.callback()
-def _main() -> None:
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks and Prefect's own log lines.")) -> None:
+    VERBOSE["on"] = verbose
+    if verbose:
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+    else:  # the flow runs still log to the Prefect API; the terminal shows msata's own lines
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
     configure_environment()
 
 
 @app.command()
+@one_line_errors
 def preprocess(
     dataset: Dataset = typer.Option(..., help="Corpus recipe to use."),
     root: Path = typer.Option(..., exists=True, file_okay=False, help="Corpus root folder."),
     store: str = typer.Option(..., help="Feature store folder or fsspec URL."),
     csv: Optional[str] = typer.Option(None, help="Labels CSV for --dataset folder (default ROOT/labels.csv)."),
-    workers: int = typer.Option(1, min=1, help="Local worker processes (Dask) when > 1."),
-    dask_address: Optional[str] = typer.Option(None, help="Run the clip tasks on this Dask scheduler."),
+    workers: int = typer.Option(1, min=1, help="Clips extracted at once: local Dask worker processes when > 1."),
+    dask_address: Optional[str] = typer.Option(None, help="Run the clip tasks on this running Dask scheduler (tcp://host:8786)."),
     limit: Optional[int] = typer.Option(None, min=1, help="Process only the first N clips."),
+    feature_config: Optional[Path] = typer.Option(
+        None, exists=True, dir_okay=False, help="TOML/JSON feature settings, keys as FeatureConfig.to_dict() nests them (\\[audio], \\[face], ...)."
+    ),
+    detect_every: Optional[int] = typer.Option(None, min=1, help="Run face detection on every N-th frame (face.detect_every; default 1)."),
 ) -> None:
     """Decode a corpus and write timestamped audio and face features to a Zarr store."""
-    from flows.preprocess import run_preprocessing
+    from flows.preprocess import discover, run_preprocessing
 
-    with _store_progress_bar("preprocessing") as on_progress:
+    config = feature_config_from(feature_config, {"face.detect_every": detect_every})
+    found = discover(dataset.value, str(root), csv)
+    if not found.records:
+        example = f" (e.g. {found.rejected[0].path}: {found.rejected[0].reason})" if found.rejected else ""
+        raise UserError(f"no clip under {root} fits the {dataset.value} recipe: {len(found.rejected)} file(s) rejected{example}; is --dataset right?")
+    with stop_promptly(f"clips committed so far are kept in {store}; run the same command again to resume"), progress_bar("preprocessing", "clips stored") as on_progress:
         summary = run_preprocessing(
-            dataset.value, root, store, csv_path=csv, workers=workers, dask_address=dask_address, limit=limit, on_progress=on_progress
+            dataset.value, root, store, csv_path=csv, workers=workers, dask_address=dask_address, limit=limit, feature_config=config, on_progress=on_progress
         )
     print_preprocess_summary(summary)
     if summary.done + summary.skipped == 0:
         raise typer.Exit(code=1)
 
 
-@contextmanager
-def _store_progress_bar(label: str, unit: str = "stored"):
-    """A rich progress bar; yields ``on_progress(completed, total)`` (called from a polling thread)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit), TimeElapsedColumn(), console=console) as progress:
-        bar = progress.add_task("", total=None)
-
-        def on_progress(completed: int, total: int) -> None:
-            progress.update(bar, completed=completed, total=total)
-
-        yield on_progress
-
-
-def print_preprocess_summary(summary) -> None:
-    console.print(
-        f"[bold]{summary.done}[/] done, [bold]{summary.skipped}[/] skipped, "
-        f"[bold red]{summary.failed}[/] failed, {summary.rejected} rejected by the recipe -> {summary.store} (config {summary.config_hash})"
-    )
-    if summary.failures:
-        table = Table("clip / path", "reason", title="failures", show_lines=False)
-        for failure in summary.failures[:50]:
-            table.add_row(failure["clip_id"] or failure["path"], failure["reason"][:160])
-        if len(summary.failures) > 50:
-            table.add_row("...", f"{len(summary.failures) - 50} more: see the store's failures table")
-        console.print(table)
-
-
 def _load_overrides(path: Optional[Path]) -> dict:
     """A run config file (.toml or .json) with optional [train], [model] and [splits] tables."""
     if path is None:
         return {}
-    import json
-    import tomllib
-
-    text = path.read_text()
-    data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    data = read_config_file(path)
     unknown = set(data) - {"train", "model", "splits"}
     if unknown:
-        raise typer.BadParameter(f"{path}: unknown sections {sorted(unknown)}; expected train, model, splits")
+        raise UserError(f"{path}: unknown sections {sorted(unknown)}; expected train, model, splits")
     return data
 
 
 @app.command()
+@one_line_errors
 def train(
     store: str = typer.Option(..., help="Feature store built by `msata preprocess`."),
     dataset: str = typer.Option(..., help="crema-d, ravdess, or the name of your own dataset (registered as msata-<dataset>)."),
-    folds: Optional[int] = typer.Option(None, min=2, help="Speaker-independent folds (default: 5 for CREMA-D, 5 for RAVDESS)."),
+    folds: Optional[int] = typer.Option(None, min=2, help="Speaker-independent folds (default 5; RAVDESS's 24 actors also split evenly into 6 or 4)."),
     epochs: Optional[int] = typer.Option(None, min=1, help="Maximum epochs per fold (early stopping on validation UAR)."),
-    config: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="TOML/JSON with [train], [model], [splits] overrides."),
+    config: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="TOML/JSON run config with \\[train], \\[model] and \\[splits] tables of overrides (infra/configs/)."),
     run_dir: Optional[Path] = typer.Option(None, help="Where checkpoints and split files go (default under MSATA_HOME/runs)."),
     resume: bool = typer.Option(False, help="Continue an interrupted experiment (the default run directory is keyed by store, configs and folds)."),
     register: bool = typer.Option(True, help="Register the selected model in the MLflow registry."),
@@ -121,8 +119,8 @@ def train(
         train_overrides["epochs"] = epochs
     if folds is not None:
         split_overrides["n_folds"] = folds
-    result = _train_with_progress(
-        lambda progress: run_cross_validation(
+    with train_progress() as progress:
+        result = run_cross_validation(
             store,
             dataset,
             train_config=TrainConfig.from_dict(train_overrides),
@@ -133,58 +131,30 @@ def train(
             register=register,
             progress=progress,
         )
-    )
     print_cv_result(result)
 
 
-def _train_with_progress(run):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(TextColumn("[bold]{task.fields[title]}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.description}"), console=console) as progress:
-        bars: dict[int | None, int] = {}
-
-        def on_event(event) -> None:
-            fold = event.fold
-            if fold not in bars:
-                bars[fold] = progress.add_task("", total=event.epochs, title=f"fold {fold}" if fold is not None else "training")
-            bar = bars[fold]
-            if event.kind == "epoch_end" and event.record is not None:
-                r = event.record
-                progress.update(bar, completed=event.epoch, total=event.epochs, description=f"loss {r.train_loss:.3f}  val UAR {r.val_uar:.3f}  {r.train_clips_per_s:.0f} clips/s, {100 * r.data_wait_share:.0f}% waiting on data")
-            elif event.kind == "step" and event.steps:
-                progress.update(bar, description=f"epoch {event.epoch} step {event.step}/{event.steps}")
-
-        return run(on_event)
-
-
-def print_cv_result(result) -> None:
-    table = Table("fold", "best epoch", "val UAR", "test WA", "test UAR", "test macro-F1", title=f"{result.dataset}: speaker-independent cross-validation")
-    for fold in result.folds:
-        table.add_row(str(fold.index), str(fold.best_epoch), f"{fold.best_val_uar:.3f}", f"{fold.test['wa']:.3f}", f"{fold.test['uar']:.3f}", f"{fold.test['macro_f1']:.3f}")
-    s = result.summary
-    table.add_row("mean ± std", "", "", f"{s['wa_mean']:.3f} ± {s['wa_std']:.3f}", f"{s['uar_mean']:.3f} ± {s['uar_std']:.3f}", f"{s['macro_f1_mean']:.3f} ± {s['macro_f1_std']:.3f}")
-    console.print(table)
-    console.print(f"run directory: {result.run_dir}")
-    if result.registered:
-        console.print(f"registered: {result.registered}")
-
-
 @app.command()
-def compare(dataset: Optional[str] = typer.Option(None, help="Only models of this dataset.")) -> None:
+@one_line_errors
+def compare(
+    dataset: Optional[str] = typer.Option(None, help="Only models of this dataset."),
+    format: OutputFormat = typer.Option(OutputFormat.table, "--format", help="table: the main columns; json / csv: every column, to stdout."),
+) -> None:
     """Registered model versions and their cross-validation metrics, side by side."""
     from modeling.experiment import compare_models
 
     frame = compare_models(dataset)
+    if format is not OutputFormat.table:
+        typer.echo(compare_text(frame, format.value), nl=False)
+        return
     if frame.empty:
         console.print("no registered msata models yet" + (f" for {dataset}" if dataset else ""))
-        raise typer.Exit(code=0)
-    table = Table(*[str(c) for c in frame.columns], title="msata model registry")
-    for row in frame.itertuples(index=False):
-        table.add_row(*[f"{v:.4f}" if isinstance(v, float) else str(v) for v in row])
-    console.print(table)
+        return
+    console.print(compare_table(frame))
 
 
 @app.command()
+@one_line_errors
 def predict(
     files: list[Path] = typer.Argument(..., help="Video or audio files (a folder runs the predict-folder flow)."),
     model: str = typer.Option("models:/msata-demo@champion", help="MLflow model URI or checkpoint path."),
@@ -201,7 +171,8 @@ def predict(
         from flows.predict import run_prediction
 
         out_dir = out or files[0].with_name(f"{files[0].name}_predictions")
-        summary = run_prediction(model, files[0], out_dir, plots=plot is not None, window_s=window, hop_s=hop)
+        with stop_promptly(f"finished parts are kept under {out_dir}"), progress_bar("predicting", "files") as on_progress:
+            summary = run_prediction(model, files[0], out_dir, plots=plot is not None, window_s=window, hop_s=hop, on_progress=on_progress)
         console.print(f"{summary.n_ok} predicted, {summary.n_failed} failed, {summary.n_with_warnings} with warnings -> {summary.parquet_path}")
         raise typer.Exit(code=0 if summary.n_ok else 1)
     try:
@@ -225,21 +196,8 @@ def predict(
         raise typer.Exit(code=1)
 
 
-def print_prediction(prediction) -> None:
-    if not prediction.ok:
-        console.print(f"[bold red]{prediction.path}[/]: {prediction.error}")
-        return
-    probs = "  ".join(f"{k} {v:.2f}" for k, v in sorted(prediction.probabilities.items(), key=lambda kv: -kv[1]))
-    console.print(f"[bold]{prediction.path}[/]: [bold green]{prediction.label}[/]  ({probs})  from {'+'.join(prediction.modalities)}, {prediction.duration_s:.2f} s")
-    for warning in prediction.warnings:
-        console.print(f"  [yellow]warning:[/] {warning}")
-    for window in prediction.timeline:
-        if window.probabilities:
-            top = max(window.probabilities, key=window.probabilities.get)
-            console.print(f"  {window.start_s:6.2f}-{window.end_s:6.2f} s  {top:<10} {window.probabilities[top]:.2f}")
-
-
 @app.command()
+@one_line_errors
 def demo(
     epochs: int = typer.Option(12, min=1, help="Maximum epochs per fold."),
 ) -> None:
@@ -252,9 +210,8 @@ def demo(
 
     start = time.perf_counter()
     home = msata_home()
-    result = _train_with_progress(
-        lambda progress: run_demo(home, DemoConfig(epochs=epochs), say=lambda s: console.print(f"[bold cyan]{s}"), train_progress=progress)
-    )
+    with train_progress() as progress:
+        result = run_demo(home, DemoConfig(epochs=epochs), say=lambda s: console.print(f"[bold cyan]{s}"), train_progress=progress)
     print_preprocess_summary(result.preprocess)
     print_cv_result(result.cv)
     print_prediction(result.prediction)

@@ -148,12 +148,11 @@ def predict_folder(
     device: str = "auto",
     files_per_task: int = 8,
     plots: bool = False,
-    on_progress: Callable[[int, int], None] | None = None,
 ) -> PredictSummary:
     """Predict every media file under ``input_dir``; results go to ``out_dir``.
 
-    ``model``: checkpoint path or MLflow model URI. ``on_progress(files_done, files_total)``
-    is called as chunks finish.
+    ``model``: checkpoint path or MLflow model URI. Progress: ``run_prediction`` counts
+    the finished parts from the calling process (no callback travels with the flow).
     """
     if files_per_task < 1:
         raise ValueError(f"files_per_task must be >= 1, got {files_per_task}")
@@ -168,16 +167,25 @@ def predict_folder(
         predict_chunk_task.submit(model, chunk, part, str(input_dir), window_s, hop_s, device, plot_dir)
         for chunk, part in zip(chunks, part_paths)
     ]
-    sizes = {f.task_run_id: len(c) for f, c in zip(futures, chunks)}
-    done = 0
     for future in as_completed(futures):
         future.result()  # predict_files records per-file errors; anything raised here is a real failure
-        done += sizes[future.task_run_id]
-        if on_progress is not None:
-            on_progress(done, len(paths))
     summary = collect_task(part_paths, out_dir, label_names)
     print(f"predict-folder: {summary.n_ok} predicted, {summary.n_failed} failed, {summary.n_with_warnings} with warnings -> {summary.parquet_path}")
     return summary
+
+
+def finished_files(out_dir: str | Path) -> int:
+    """Files predicted so far: the lines of the finished JSONL parts (each part is written at once)."""
+    parts = Path(out_dir) / PARTS_DIR
+    if not parts.is_dir():
+        return 0
+    total = 0
+    for part in parts.glob("part-*.jsonl"):
+        try:
+            total += sum(1 for line in part.read_text().splitlines() if line.strip())
+        except FileNotFoundError:  # collected and removed meanwhile
+            continue
+    return total
 
 
 def run_prediction(
@@ -186,10 +194,36 @@ def run_prediction(
     out_dir: str | Path,
     workers: int = 1,
     dask_address: str | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
     **kwargs: Any,
 ) -> PredictSummary:
-    """Run ``predict-folder`` on threads (1 worker) or a Dask cluster; kwargs go to the flow."""
-    from flows.preprocess import task_runner_for
+    """Run ``predict-folder`` on threads (1 worker) or a Dask cluster; kwargs go to the flow.
+
+    ``on_progress(files_done, files_total)`` is called from a thread of this process that
+    counts the finished parts: nothing unpicklable is sent with the flow.
+    """
+    from flows.api import prefect_api
+    from flows.runners import task_runner_for
 
     flow_fn = predict_folder.with_options(task_runner=task_runner_for(workers, dask_address))
-    return flow_fn(model=str(model), input_dir=str(input_dir), out_dir=str(out_dir), **kwargs)
+    total = len(find_media(input_dir, kwargs.get("extensions"), kwargs.get("recursive", True))) if on_progress else 0
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.wait(0.5):
+            on_progress(min(finished_files(out_dir), total), total)
+
+    poller = threading.Thread(target=poll, name="msata-predict-progress", daemon=True) if on_progress else None
+    with prefect_api():
+        if poller is not None:
+            on_progress(0, total)
+            poller.start()
+        try:
+            summary = flow_fn(model=str(model), input_dir=str(input_dir), out_dir=str(out_dir), **kwargs)
+        finally:
+            stop.set()
+            if poller is not None:
+                poller.join(timeout=10)
+    if on_progress is not None:
+        on_progress(summary.n_files, total)
+    return summary

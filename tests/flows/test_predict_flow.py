@@ -97,5 +97,7 @@ def test_predict_folder_flow(checkpoint: str, media: Path, tmp_path: Path) -> No
     lines = [json.loads(line) for line in (tmp_path / "out" / JSONL_NAME).read_text().splitlines()]
     assert [len(line["timeline"]) for line in lines] == [0, 3, 3]
     assert sorted(p.name for p in Path(summary.plot_dir).iterdir()) == ["sub__voice.png", "talk.png"]
-    assert progress[-1] == (3, 3) and len(progress) == 2
+    # Polled from this process (finished parts), never sent with the flow's parameters.
+    assert progress[0] == (0, 3) and progress[-1] == (3, 3)
+    assert [d for d, _ in progress] == sorted(d for d, _ in progress)
     assert not (tmp_path / "out" / PARTS_DIR).exists()

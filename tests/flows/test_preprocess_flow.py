@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -91,3 +92,30 @@ def test_crema_d_sample_with_faces(shared_data: Path, tmp_path: Path) -> None:
     assert summary.done == 2, summary.failures
     manifest = FeatureStore.open(tmp_path / "store").manifest()
     assert manifest.has_video.all() and (manifest.face_ratio > 0.9).all()
+
+
+def _max_overlap(intervals: list[tuple[float, float]]) -> int:
+    events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals], key=lambda ev: (ev[0], ev[1]))
+    running = peak = 0
+    for _, step in events:
+        running += step
+        peak = max(peak, running)
+    return peak
+
+
+def test_flow_called_as_a_deployment_runs_a_bounded_number_of_clips(folder_dataset: Path, tmp_path: Path) -> None:
+    """A deployment calls the flow itself (no run_preprocessing): its default runner must be bounded."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName, TaskRunFilterStartTime
+    from flows.preprocess import preprocess_dataset
+
+    before = datetime.now(timezone.utc)
+    summary = preprocess_dataset("folder", str(folder_dataset), str(tmp_path / "store"))
+    assert summary.done == 6
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="clip-"), start_time=TaskRunFilterStartTime(after_=before)))
+    intervals = [(r.start_time.timestamp(), r.end_time.timestamp()) for r in runs if r.start_time and r.end_time]
+    assert len(intervals) == summary.done + summary.failed, [r.name for r in runs]
+    assert _max_overlap(intervals) == 1
+    with pytest.raises(ValueError, match="workers must be an integer >= 1, got 0"):
+        preprocess_dataset("folder", str(folder_dataset), str(tmp_path / "store"), workers=0)

@@ -1,0 +1,131 @@
+"""How the ``msata`` commands print: summaries, progress bars, the model comparison."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from rich.table import Table
+
+from flows.cli_support import console
+
+# `msata compare`'s readable default: (header, column, std column or None); every column with --format json/csv.
+COMPARE_COLUMNS = (
+    ("model", "model", None),
+    ("version", "version", None),
+    ("aliases", "aliases", None),
+    ("folds", "n_folds", None),
+    ("val UAR", "val_uar_mean", None),
+    ("test UAR", "test_uar_mean", "test_uar_std"),
+    ("test WA", "test_wa_mean", "test_wa_std"),
+    ("test macro-F1", "test_macro_f1_mean", None),
+    ("fold", "selected_fold", None),
+)
+
+
+def _cell(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.0f}" if value.is_integer() and abs(value) >= 1 else f"{value:.{digits}f}"
+    return str(value)
+
+
+def compare_table(frame) -> Table:
+    table = Table(title="msata model registry (all columns: --format json or csv)")
+    shown = [(h, c, s) for h, c, s in COMPARE_COLUMNS if c in frame.columns]
+    for header, column, _ in shown:
+        table.add_column(header, no_wrap=column in ("model", "version"), overflow="fold")
+    for _, row in frame.iterrows():
+        cells = []
+        for _, column, std in shown:
+            text = _cell(row[column])
+            if std and std in frame.columns and text != "-" and _cell(row[std]) != "-":
+                text += f" ± {_cell(row[std])}"
+            cells.append(text)
+        table.add_row(*cells)
+    return table
+
+
+def compare_text(frame, fmt: str) -> str:
+    """All columns as JSON records or CSV (missing values: null / empty)."""
+    if fmt == "json":
+        return frame.to_json(orient="records", indent=1)
+    return frame.to_csv(index=False)
+
+
+@contextmanager
+def progress_bar(label: str, unit: str) -> Iterator[Any]:
+    """A rich progress bar; yields ``on_progress(completed, total)`` (safe to call from a polling thread)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit), TimeElapsedColumn(), console=console) as progress:
+        bar = progress.add_task("", total=None)
+
+        def on_progress(completed: int, total: int) -> None:
+            progress.update(bar, completed=completed, total=total)
+
+        yield on_progress
+
+
+@contextmanager
+def train_progress() -> Iterator[Any]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("[bold]{task.fields[title]}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.description}"), console=console) as progress:
+        bars: dict[int | None, int] = {}
+
+        def on_event(event) -> None:
+            fold = event.fold
+            if fold not in bars:
+                bars[fold] = progress.add_task("", total=event.epochs, title=f"fold {fold}" if fold is not None else "training")
+            bar = bars[fold]
+            if event.kind == "epoch_end" and event.record is not None:
+                r = event.record
+                progress.update(bar, completed=event.epoch, total=event.epochs, description=f"loss {r.train_loss:.3f}  val UAR {r.val_uar:.3f}  {r.train_clips_per_s:.0f} clips/s, {100 * r.data_wait_share:.0f}% waiting on data")
+            elif event.kind == "step" and event.steps:
+                progress.update(bar, description=f"epoch {event.epoch} step {event.step}/{event.steps}")
+
+        yield on_event
+
+
+def print_preprocess_summary(summary) -> None:
+    console.print(
+        f"[bold]{summary.done}[/] done, [bold]{summary.skipped}[/] skipped, "
+        f"[bold red]{summary.failed}[/] failed, {summary.rejected} rejected by the recipe -> {summary.store} (config {summary.config_hash})"
+    )
+    if summary.failures:
+        table = Table("clip / path", "reason", title="failures", show_lines=False)
+        for failure in summary.failures[:20]:
+            table.add_row(failure["clip_id"] or failure["path"], failure["reason"][:160])
+        if len(summary.failures) > 20:
+            table.add_row("...", f"{len(summary.failures) - 20} more: see the store's failures table")
+        console.print(table)
+
+
+def print_cv_result(result) -> None:
+    table = Table("fold", "best epoch", "val UAR", "test WA", "test UAR", "test macro-F1", title=f"{result.dataset}: speaker-independent cross-validation")
+    for fold in result.folds:
+        table.add_row(str(fold.index), str(fold.best_epoch), f"{fold.best_val_uar:.3f}", f"{fold.test['wa']:.3f}", f"{fold.test['uar']:.3f}", f"{fold.test['macro_f1']:.3f}")
+    s = result.summary
+    table.add_row("mean ± std", "", "", f"{s['wa_mean']:.3f} ± {s['wa_std']:.3f}", f"{s['uar_mean']:.3f} ± {s['uar_std']:.3f}", f"{s['macro_f1_mean']:.3f} ± {s['macro_f1_std']:.3f}")
+    console.print(table)
+    console.print(f"run directory: {result.run_dir}")
+    if result.registered:
+        console.print(f"registered: {result.registered}")
+
+
+def print_prediction(prediction) -> None:
+    if not prediction.ok:
+        console.print(f"[bold red]{prediction.path}[/]: {prediction.error}")
+        return
+    probs = "  ".join(f"{k} {v:.2f}" for k, v in sorted(prediction.probabilities.items(), key=lambda kv: -kv[1]))
+    console.print(f"[bold]{prediction.path}[/]: [bold green]{prediction.label}[/]  ({probs})  from {'+'.join(prediction.modalities)}, {prediction.duration_s:.2f} s")
+    for warning in prediction.warnings:
+        console.print(f"  [yellow]warning:[/] {warning}")
+    for window in prediction.timeline:
+        if window.probabilities:
+            top = max(window.probabilities, key=window.probabilities.get)
+            console.print(f"  {window.start_s:6.2f}-{window.end_s:6.2f} s  {top:<10} {window.probabilities[top]:.2f}")
