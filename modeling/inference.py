@@ -168,6 +168,7 @@ class Predictor:
         n_thumbnails: int = 6,
         min_face_ratio: float = 0.5,
         source: str = "",
+        speaker_norm: bool = False,
     ) -> None:
         unknown = set(modalities) - set(MODALITIES)
         if unknown or not modalities:
@@ -185,6 +186,13 @@ class Predictor:
         self.n_thumbnails = n_thumbnails
         self.min_face_ratio = min_face_ratio
         self.source = source
+        self.speaker_norm = speaker_norm  # trained with per-speaker statistics: predict_files takes its files as one speaker
+        encoder = feature_config.audio_encoder
+        if "audio" in self.modalities and not encoder.is_log_mel:
+            from features.audio_encoders.registry import packaged_encoder
+            from features.audio_encoders.weights import weight_files
+
+            weight_files(packaged_encoder(encoder.name))  # WeightsError naming the package to install, before any file
         self._detector: Any = None
         self._lock = threading.Lock()
 
@@ -204,6 +212,7 @@ class Predictor:
         crop_s = float(train_config.get("max_duration_s") or DEFAULT_CROP_S)
         kwargs.setdefault("clip_window_s", crop_s)
         kwargs.setdefault("clip_max_s", WHOLE_CLIP_FACTOR * crop_s)
+        kwargs.setdefault("speaker_norm", bool(train_config.get("speaker_norm", False)))
         return cls(model, FeatureConfig.from_dict(payload["feature_config"]), label_names, resolved, source=source, **kwargs)
 
     def detector(self) -> Any:
@@ -218,9 +227,14 @@ class Predictor:
     def predict_file(self, path: str | Path, window_s: float = 2.0, hop_s: float = 0.5) -> FilePrediction:
         """Predict one media file. Raises ClipError (a ValueError) naming the file when it
         cannot be used; :func:`predict_files` turns that into the file's ``error``."""
+        check_window(window_s, hop_s)  # before decoding anything
+        features, warnings = self.extract(path)
+        return self.predict_features(features, str(path), window_s, hop_s, warnings)
+
+    def extract(self, path: str | Path) -> tuple[ClipFeatures, list[str]]:
+        """The file's features in the model's feature config, with warnings for the user."""
         from features.extract import extract_clip
 
-        check_window(window_s, hop_s)  # before decoding anything
         record, notes = record_for_file(path, use_audio="audio" in self.modalities, use_video="video" in self.modalities)
         detector = self.detector() if record.has_video else None
         features = extract_clip(record, self.feature_config, detector=detector)
@@ -229,7 +243,7 @@ class Predictor:
             warnings.append("no face found in the video: the prediction uses the audio only")
         if not features.has_audio and not features.has_video:
             raise ClipError(f"{path}: nothing usable after extraction ({'; '.join(warnings) or 'no audio, no face'})")
-        return self.predict_features(features, str(path), window_s, hop_s, warnings)
+        return features, warnings
 
     @torch.no_grad()
     def predict_features(
@@ -344,6 +358,8 @@ def predict_files(
 
     ``on_result(prediction, index, total)`` is called after each file (progress bars).
     """
+    if predictor.speaker_norm:
+        return _predict_one_speaker(predictor, paths, window_s, hop_s, on_result)
     out: list[FilePrediction] = []
     for i, path in enumerate(paths):
         try:
@@ -352,6 +368,37 @@ def predict_files(
             pred = FilePrediction(path=str(path), error=str(err))
         except (RuntimeError, ValueError) as err:  # e.g. out of memory on a huge file
             pred = FilePrediction(path=str(path), error=f"{type(err).__name__}: {err}")
+        out.append(pred)
+        if on_result is not None:
+            on_result(pred, i, len(paths))
+    return out
+
+
+MIN_SPEAKER_FILES = 10  # below this, a speaker's statistics are noisy (training saw ~60 clips per speaker)
+
+
+def _predict_one_speaker(predictor: Predictor, paths: Sequence[str | Path], window_s: float, hop_s: float, on_result) -> list[FilePrediction]:
+    """Transductive prediction for a model trained with per-speaker normalisation: every
+    file is taken to be one speaker, whose audio statistics come from all the files."""
+    from modeling.data import audio_statistics, speaker_normalised
+
+    check_window(window_s, hop_s)
+    extracted: list[tuple[ClipFeatures, list[str]] | FilePrediction] = []
+    for path in paths:
+        try:
+            extracted.append(predictor.extract(path))
+        except (ClipError, OSError) as err:
+            extracted.append(FilePrediction(path=str(path), error=str(err)))
+        except (RuntimeError, ValueError) as err:
+            extracted.append(FilePrediction(path=str(path), error=f"{type(err).__name__}: {err}"))
+    usable = [item[0] for item in extracted if isinstance(item, tuple)]
+    stats = audio_statistics(usable)
+    note = f"speaker normalisation (transductive): all {len(usable)} files are taken as one speaker"
+    if len(usable) < MIN_SPEAKER_FILES:
+        note += f"; fewer than {MIN_SPEAKER_FILES} files make noisy statistics"
+    out: list[FilePrediction] = []
+    for i, (path, item) in enumerate(zip(paths, extracted)):
+        pred = item if isinstance(item, FilePrediction) else predictor.predict_features(speaker_normalised(item[0], stats), str(path), window_s, hop_s, [*item[1], note])
         out.append(pred)
         if on_result is not None:
             on_result(pred, i, len(paths))
