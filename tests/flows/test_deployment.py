@@ -93,8 +93,21 @@ def test_deployment_run_on_a_process_worker(prefect_env, tmp_path: Path) -> None
     store = tmp_path / "store"
     build_tiny_store(store, n_speakers=4, clips_per_speaker=3)
 
-    prefect(env, "work-pool", "create", POOL, "--type", "process")
-    prefect(env, "deploy", "--prefect-file", "infra/prefect.yaml", "--name", "crema-d")
+    # The recipe of infra/prefect.yaml and docs/training.md, as written: both pools, then every deployment.
+    prefect(env, "work-pool", "create", POOL, "--type", "process", "--overwrite")
+    prefect(env, "work-pool", "create", "gpu", "--type", "process", "--overwrite")
+    prefect(env, "deploy", "--prefect-file", "infra/prefect.yaml", "--all")
+    from prefect import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}), get_client(sync_client=True) as client:
+        deployed = {d.name: d for d in client.read_deployments()}
+    assert sorted(deployed) == ["crema-d", "crema-d-gpu", "nightly-crema-d", "ravdess"], sorted(deployed)
+    gpu = deployed["crema-d-gpu"]
+    assert "CUDA_VISIBLE_DEVICES" not in json.dumps(gpu.job_variables or {}), gpu.job_variables
+    assert any("git_clone" in json.dumps(step) for step in gpu.pull_steps or []), gpu.pull_steps
+    nightly = deployed["nightly-crema-d"]
+    assert nightly.parameters["workers"] == 2 and nightly.work_pool_name == POOL
     params = {
         "store_path": str(store),
         "dataset": "crema-d",
