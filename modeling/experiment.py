@@ -29,27 +29,15 @@ import numpy as np
 
 from features.config import FeatureConfig
 from modeling import splits as sp
-from modeling.metrics import compute_metrics, metrics_from_confusion, summarize_folds
+from modeling.metrics import metrics_from_confusion, summarize_folds
+from modeling.fold_run import RESULT_FILE, FoldResult, train_and_test_fold
 from modeling.run_dir import SPEC_FILE, RunDirError, check_run_dir, clear_run_dir  # noqa: F401  (RunDirError: re-exported)
-from modeling.train_loop import ProgressCallback, ProgressEvent, TrainConfig, predict, resolve_device, seed_everything, train_model
+from modeling.train_loop import ProgressCallback, TrainConfig
 
 if TYPE_CHECKING:
     import pandas as pd
 
-RESULT_FILE, RUN_FILE = "result.json", "mlflow_run.json"
-
-
-@dataclass
-class FoldResult:
-    index: int
-    test: dict[str, float]  # wa, uar, macro_f1 on the fold's test speakers
-    confusion: list[list[int]]
-    best_epoch: int
-    best_val_uar: float
-    epochs_run: int
-    stopped_early: bool
-    best_path: str
-    run_id: str | None = None
+RUN_FILE = "mlflow_run.json"
 
 
 @dataclass
@@ -144,9 +132,11 @@ def prepare_experiment(
     if track and not spec.get("mlflow"):
         tracking.configure_tracking()
         experiment_id = tracking.get_or_create_experiment(spec["dataset"])
-        parent = tracking.create_run(experiment_id, f"cv-{spec['dataset']}-{key}", tags={"msata.dataset": spec["dataset"], "msata.protocol": spec["protocol"]})
+        tags = {"msata.dataset": spec["dataset"], "msata.protocol": spec["protocol"], "msata.run_dir": str(run_dir)} | tracking.source_tags()
+        parent = tracking.create_run(experiment_id, f"cv-{spec['dataset']}-{key}", tags=tags)
         spec["mlflow"] = {"experiment_id": experiment_id, "parent_run_id": parent}
         with tracking.ended_on_failure(parent):
+            tracking.log_store_input(parent, str(store_path), spec["dataset"], spec["feature_config_hash"], len(manifest))
             params = tracking.flatten({k: spec[k] for k in ("dataset", "store_path", "train", "splits", "model", "feature_config_hash", "splits_hash", "protocol")})
             params["n_clips"], params["label_names"] = str(len(manifest)), json.dumps(label_names)
             tracking.log_params(parent, params)
@@ -173,24 +163,6 @@ def load_spec(run_dir: str | Path) -> dict[str, Any]:
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run prepare_experiment first")
     return json.loads(path.read_text())
-
-
-def _loaders(spec: dict[str, Any], fold: sp.Fold, config: TrainConfig):
-    from modeling.data import ClipDataset, make_loader
-    from storage.feature_store import FeatureStore
-
-    store = FeatureStore.open(spec["store_path"])
-    manifest = store.manifest()
-    label_of = dict(zip(manifest["clip_id"].astype(str), manifest["label"].astype(str)))
-    index = {name: i for i, name in enumerate(spec["label_names"])}
-    data_config = config.data_config()
-    pin = resolve_device(config.device).type == "cuda"
-
-    def loader(ids: tuple[str, ...], train: bool, workers: int):
-        ds = ClipDataset(spec["store_path"], ids, [index[label_of[c]] for c in ids], store.config, data_config, train)
-        return make_loader(ds, config.batch_size, workers, config.seed, pin)
-
-    return loader(fold.train_ids, True, config.num_workers), loader(fold.val_ids, False, config.num_workers), loader(fold.test_ids, False, 0)
 
 
 def run_fold(run_dir: str | Path, fold_index: int, progress: ProgressCallback | None = None) -> FoldResult:
@@ -221,62 +193,7 @@ def run_fold(run_dir: str | Path, fold_index: int, progress: ProgressCallback | 
             fold_dir.mkdir(parents=True, exist_ok=True)
             tracking.write_json(run_file, {"run_id": run_id})
     with tracking.ended_on_failure(run_id, parent_id):  # Ctrl-C: KILLED, an error: FAILED (the fold and its experiment)
-        return _train_and_test_fold(spec, fold, fold_dir, run_id, progress)
-
-
-def _train_and_test_fold(spec: dict[str, Any], fold: sp.Fold, fold_dir: Path, run_id: str | None, progress: ProgressCallback | None) -> FoldResult:
-    from modeling import tracking
-    from modeling.checkpoint import load_trained_model
-    from modeling.encoder import MsataConfig, MsataModel
-
-    fold_index = fold.index
-    if run_id:
-        tracking.log_params(run_id, {"fold": str(fold_index), "train_speakers": json.dumps(fold.train_speakers), "val_speakers": json.dumps(fold.val_speakers), "test_speakers": json.dumps(fold.test_speakers), "n_train": str(len(fold.train_ids)), "n_val": str(len(fold.val_ids)), "n_test": str(len(fold.test_ids))})
-    config = TrainConfig.from_dict(spec["train"])
-    train_loader, val_loader, test_loader = _loaders(spec, fold, config)
-    label_names = spec["label_names"]
-    meta = {
-        "model_config": spec["model"],
-        "feature_config": spec["feature_config"],
-        "label_names": label_names,
-        "dataset": spec["dataset"],
-        "modalities": spec.get("modalities"),  # None in specs written before it was recorded: inference assumes both
-    }
-
-    def on_progress(event: ProgressEvent) -> None:
-        if run_id and event.kind == "epoch_end" and event.record is not None:
-            tracking.log_history(run_id, [event.record])  # checkpointed before this event: never logged twice
-        if progress:
-            event.fold = fold_index
-            progress(event)
-
-    seed_everything(config.seed)  # the initial weights too: a rerun of a fold starts from the same model
-    model = MsataModel(MsataConfig.from_dict(spec["model"]))
-    result = train_model(model, train_loader, val_loader, config, fold_dir, meta, resume=True, progress=on_progress)
-    if result.best_path is None:
-        raise RuntimeError(f"fold {fold_index} finished without a best checkpoint in {fold_dir}")
-    device = resolve_device(config.device)
-    best_model, _, _ = load_trained_model(result.best_path, device)
-    y, probs, _, _ = predict(best_model, test_loader, device)
-    metrics = compute_metrics(y, probs.argmax(axis=1), len(label_names))
-    fold_result = FoldResult(
-        index=fold_index,
-        test=metrics.scalars(),
-        confusion=metrics.confusion.tolist(),
-        best_epoch=result.best_epoch,
-        best_val_uar=result.best_val_uar,
-        epochs_run=result.epochs_run,
-        stopped_early=result.stopped_early,
-        best_path=str(result.best_path),
-        run_id=run_id,
-    )
-    if run_id:
-        tracking.log_metrics(run_id, {f"test_{k}": v for k, v in metrics.scalars().items()} | {"best_epoch": result.best_epoch, "best_val_uar": result.best_val_uar})
-        tracking.log_artifact(run_id, tracking.plot_confusion(metrics.confusion, label_names, fold_dir / "confusion_test.png", f"fold {fold_index} test"), "plots")
-        tracking.log_artifact(run_id, tracking.plot_learning_curves(result.history, fold_dir / "learning_curves.png", f"fold {fold_index}"), "plots")
-        tracking.end_run(run_id)
-    tracking.write_json(fold_dir / RESULT_FILE, asdict(fold_result))  # last: marks the fold as done
-    return fold_result
+        return train_and_test_fold(spec, fold, fold_dir, run_id, progress)
 
 
 def finalize_experiment(run_dir: str | Path, register: bool = True) -> CVResult:
@@ -319,28 +236,14 @@ def finalize_experiment(run_dir: str | Path, register: bool = True) -> CVResult:
 def _log_and_register(spec: dict[str, Any], run_dir: Path, result: CVResult, selected: FoldResult, register: bool) -> None:
     """Summary metrics and pooled confusion on the parent run; the selected fold's model registered once."""
     from modeling import tracking
+    from modeling.registry import register_experiment_model
 
     parent, summary, folds = result.parent_run_id, result.summary, result.folds
     tracking.log_metrics(parent, {f"test_{k}": v for k, v in summary.items()} | {f"test_{k}": v for k, v in result.extra.items()})
     tracking.log_artifact(parent, tracking.plot_confusion(np.asarray(result.confusion), spec["label_names"], run_dir / "confusion_pooled.png", "test, all folds"), "plots")
     if not register:
         return
-    reg = tracking.registration_of_run(spec["dataset"], parent)  # a finalized experiment finalized again: same version
-    if reg is None:
-        model_uri = tracking.log_pyfunc_model(parent, selected.best_path, spec["label_names"])
-        tags = {
-            "dataset": spec["dataset"],
-            "n_folds": len(spec["folds"]),
-            "splits_hash": spec["splits_hash"],
-            "feature_config_hash": spec["feature_config_hash"],
-            "protocol": spec["protocol"],
-            "selected_fold": selected.index,
-            "selected_fold_val_uar": selected.best_val_uar,
-            "val_uar_mean": float(np.mean([f.best_val_uar for f in folds])),
-            "parent_run_id": parent,
-            **{f"test_{k}": v for k, v in summary.items()},
-        }
-        reg = tracking.register_and_promote(model_uri, spec["dataset"], tags)
+    reg = register_experiment_model(spec, parent, selected, folds, summary)
     result.registered = asdict(reg)
 
 

@@ -6,19 +6,37 @@ clip strategy and the same table: input a DataFrame with a ``path`` column (audi
 or video files), output :func:`modeling.predictions.predictions_frame` (``path``,
 ``label``, one ``prob_<class>`` column per class, ``n_windows``, ``modalities``,
 ``duration_s``, ``warnings``, ``error``). A file that cannot be read gets its
-``error`` and the other rows are still predicted.
+``error`` and the other rows are still predicted; its missing values are ``None``
+(JSON ``null`` when served), never a bare ``NaN``, which is not JSON.
+
+MLflow loads it from code (``modeling/pyfunc_code.py``, models-from-code), so
+loading unpickles no Python object; the checkpoint artifact goes through
+:func:`modeling.checkpoint.load_checkpoint` (``weights_only=True``).
 
 Params (optional, per call): ``window_s`` and ``hop_s`` of the timeline windows.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Sequence
 
 import mlflow.pyfunc
 import pandas as pd
 
 DEFAULT_WINDOW_S, DEFAULT_HOP_S = 2.0, 0.5
+CODE_PATH = Path(__file__).with_name("pyfunc_code.py")  # the models-from-code entry point
+
+
+def input_example() -> pd.DataFrame:
+    """What a caller sends: file paths. MLflow checks it against the signature when logging; the
+    files need not exist (such rows come back with an ``error``)."""
+    return pd.DataFrame({"path": ["interview.mp4", "voicemail.wav"]})
+
+
+def json_safe(frame: pd.DataFrame) -> pd.DataFrame:
+    """Missing values as None in object columns: MLflow's server writes them as null, not NaN."""
+    return frame.astype(object).where(frame.notna(), None)
 
 
 def model_signature(label_names: Sequence[str]) -> "mlflow.models.ModelSignature":
@@ -58,4 +76,4 @@ class MsataPyfunc(mlflow.pyfunc.PythonModel):
             window_s=float(params.get("window_s", DEFAULT_WINDOW_S)),
             hop_s=float(params.get("hop_s", DEFAULT_HOP_S)),
         )
-        return predictions_frame(predictions, self.predictor.label_names)
+        return json_safe(predictions_frame(predictions, self.predictor.label_names))

@@ -9,11 +9,11 @@ Layout: experiment ``msata-<dataset>``; one parent run per cross-validation (par
 split files, resolved config, pooled confusion matrix, the pyfunc model) with one
 nested run per fold (per-epoch metrics, learning curves, fold confusion matrix).
 
-Registry: the model is registered as ``msata-<dataset>``; each version carries the
-protocol as tags (dataset, n_folds, splits_hash, feature_config_hash) and its test
-metrics. The ``champion`` alias moves to a new version only when no champion exists
-or the champion was evaluated on the same protocol and the new test UAR mean is
-strictly higher.
+Parent runs carry MLflow's source tags (git commit, branch, dirty flag) and the
+feature store as a dataset input (path, feature config hash, clip count). Runs are
+ended explicitly: FINISHED on success, KILLED or FAILED when interrupted
+(:func:`ended_on_failure`). The registry (logged pyfunc, versions, champion rule)
+is ``modeling/registry.py``; its names are importable from here too.
 """
 
 from __future__ import annotations
@@ -22,12 +22,22 @@ import contextlib
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import pandas as pd
+
+# Registry functions live in modeling/registry.py; importing them from here keeps working.
+_REGISTRY_NAMES = ("RegistrationResult", "RegistryError", "current_champion", "register_and_promote", "registration_of_run", "compare_models", "log_pyfunc_model", "pip_requirements")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _REGISTRY_NAMES:
+        from modeling import registry
+
+        return getattr(registry, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # One definition of the project-local home (MSATA_HOME, default ./.msata) for CLI, flows and library use.
 from flows.settings import msata_home  # tiny module, no heavy imports
@@ -221,180 +231,56 @@ def ended_on_failure(*run_ids: str | None) -> Iterator[None]:
         raise
 
 
+def source_tags() -> dict[str, str]:
+    """MLflow's source tags for a run started from this checkout: git commit, branch, remote, dirty flag."""
+    import subprocess
+
+    tags = {"mlflow.source.type": "LOCAL", "mlflow.source.name": str(REPO_ROOT)}
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True, timeout=10, check=False)
+        except (OSError, subprocess.SubprocessError):  # no git, or it hung: the run is still worth tracking
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+        tags["msata.git.dirty"] = str(bool(git("status", "--porcelain", "--untracked-files=no"))).lower()
+        for key, args in (("mlflow.source.git.branch", ("rev-parse", "--abbrev-ref", "HEAD")), ("mlflow.source.git.repoURL", ("remote", "get-url", "origin"))):
+            value = git(*args)
+            if value:
+                tags[key] = value
+    return tags
+
+
+def log_store_input(run_id: str, store_path: str, dataset: str, feature_config_hash: str, n_clips: int) -> None:
+    """Dataset lineage: the feature store a run trained on (path, feature config hash, clip count) as an MLflow input."""
+    import warnings
+
+    from mlflow import MlflowClient
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
+    from mlflow.entities import DatasetInput, InputTag
+
+    if "://" in store_path and not store_path.startswith("file://"):
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+        with warnings.catch_warnings():  # "can be interpreted in multiple ways": the first match is right for a URL
+            warnings.simplefilter("ignore", UserWarning)
+            source = resolve_dataset_source(store_path)
+    else:
+        source = LocalArtifactDatasetSource(str(Path(store_path).resolve()) if "://" not in store_path else store_path)
+    entity = MetaDataset(source, name=f"msata-{dataset}-features", digest=feature_config_hash[:36])._to_mlflow_entity()
+    tags = {"mlflow.data.context": "training", "store_path": store_path, "feature_config_hash": feature_config_hash, "n_clips": str(n_clips)}
+    MlflowClient().log_inputs(run_id, datasets=[DatasetInput(entity, tags=[InputTag(k, v) for k, v in tags.items()])])
+
+
 def log_artifact(run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
     from mlflow import MlflowClient
 
     MlflowClient().log_artifact(run_id, str(path), artifact_path)
-
-
-def pip_requirements() -> list[str]:
-    from importlib.metadata import version
-
-    names = ("torch", "numpy", "pandas", "mlflow", "ffmpeg-python", "librosa", "facenet-pytorch", "zarr", "pyarrow")
-    return [f"{name}=={version(name)}" for name in names]
-
-
-def log_pyfunc_model(run_id: str, checkpoint_path: str | Path, label_names: Sequence[str]) -> str:
-    """Log the checkpoint as an MLflow pyfunc in ``run_id``; returns the model URI."""
-    import mlflow
-
-    from modeling.pyfunc_model import MsataPyfunc, model_signature
-
-    signature = model_signature(label_names)
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=MsataPyfunc(),
-            artifacts={"checkpoint": str(checkpoint_path)},
-            signature=signature,
-            # Snapshot of the code the model was trained with, so it loads outside this repo.
-            code_paths=[str(REPO_ROOT / "modeling"), str(REPO_ROOT / "features")],
-            pip_requirements=pip_requirements(),
-        )
-    return info.model_uri
-
-
-@dataclass(frozen=True)
-class RegistrationResult:
-    name: str
-    version: str
-    champion: bool
-    reason: str
-    model_uri: str = ""
-
-
-def _protocol(tags: dict[str, str]) -> tuple[str, ...]:
-    return tuple(str(tags.get(k)) for k in PROTOCOL_TAGS)
-
-
-class RegistryError(RuntimeError):
-    """The registry could not be read or written: nothing was promoted."""
-
-
-def current_champion(name: str) -> Any:
-    """The champion ModelVersion of registered model ``name``, or None when there is none yet.
-
-    "None yet" means exactly two things: the model is not registered, or it has no
-    champion alias. Any other failure (a server or database error, an alias that
-    points at a version that cannot be read) raises RegistryError, because
-    treating it as "no champion" would promote whatever comes next.
-    """
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    client = MlflowClient()
-    try:
-        aliases = client.get_registered_model(name).aliases  # {alias: version}
-    except MlflowException as err:
-        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
-            return None
-        raise RegistryError(f"cannot read registered model {name}: {_first_line(err)}") from err
-    if CHAMPION not in aliases:
-        return None
-    try:
-        return client.get_model_version(name, str(aliases[CHAMPION]))
-    except MlflowException as err:
-        raise RegistryError(f"cannot read the champion of {name} (v{aliases[CHAMPION]}): {_first_line(err)}") from err
-
-
-def _first_line(err: Exception) -> str:
-    text = str(getattr(err, "message", err)).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
-def register_and_promote(model_uri: str, dataset: str, tags: dict[str, Any]) -> RegistrationResult:
-    """Register a version with ``tags`` (protocol + metrics) and apply the champion rule.
-
-    The rule compares ``val_uar_mean`` (each fold's selected-epoch validation UAR,
-    averaged): test metrics are reported as tags but never choose a model, not even
-    the deployed one, or repeated experiments would tune on the test speakers.
-    The champion is read before registering: when it cannot be read, nothing is
-    registered and RegistryError says why.
-    """
-    import mlflow
-    from mlflow import MlflowClient
-
-    missing = [k for k in (*PROTOCOL_TAGS, "val_uar_mean") if k not in tags]
-    if missing:
-        raise ValueError(f"registration tags lack {missing}")
-    name = model_name(dataset)
-    str_tags = {k: str(v) for k, v in tags.items()}
-    champion = current_champion(name)
-    version = mlflow.register_model(model_uri, name, tags=str_tags)
-    client = MlflowClient()
-    new_uar = float(tags["val_uar_mean"])
-    if champion is None:
-        promote, reason = True, "first version on this registry"
-    elif _protocol(champion.tags) != _protocol(str_tags):
-        promote = False
-        reason = f"champion v{champion.version} was evaluated on another protocol {_protocol(champion.tags)}; not comparable"
-    else:
-        old_uar = float(champion.tags.get("val_uar_mean", "-inf"))  # -inf: registered before the rule used it
-        promote = new_uar > old_uar
-        reason = f"validation UAR mean {new_uar:.4f} {'>' if promote else '<='} champion v{champion.version} {old_uar:.4f}"
-    if promote:
-        client.set_registered_model_alias(name, CHAMPION, version.version)
-    return RegistrationResult(name=name, version=str(version.version), champion=promote, reason=reason, model_uri=model_uri)
-
-
-def registration_of_run(dataset: str, run_id: str) -> RegistrationResult | None:
-    """The version already registered from ``run_id`` (an experiment registers one model), or None.
-
-    It makes registration idempotent: finalizing a finished experiment again (``--resume``)
-    returns the existing version instead of registering the same model a second time.
-    """
-    from mlflow import MlflowClient
-
-    name = model_name(dataset)
-    versions = MlflowClient().search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-    if not versions:
-        return None
-    first = min(versions, key=lambda mv: int(mv.version))
-    champion = current_champion(name)
-    is_champion = champion is not None and str(champion.version) == str(first.version)
-    reason = f"already registered from run {run_id} as v{first.version}; not registered again"
-    return RegistrationResult(name=name, version=str(first.version), champion=is_champion, reason=reason, model_uri=str(first.source))
-
-
-def compare_models(dataset: str | None = None) -> pd.DataFrame:
-    """Registered msata versions (all datasets, or one) with metrics and tags side by side."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    configure_tracking()
-    client = MlflowClient()
-    if dataset is not None:
-        names = [model_name(dataset)]
-    else:
-        names = [m.name for m in client.search_registered_models(filter_string="name LIKE 'msata-%'")]
-    rows: list[dict[str, Any]] = []
-    for name in names:
-        try:
-            aliases = client.get_registered_model(name).aliases  # {alias: version}
-        except MlflowException as err:
-            if err.error_code == "RESOURCE_DOES_NOT_EXIST":  # nothing registered for this dataset yet
-                continue
-            raise
-        by_version: dict[str, list[str]] = {}
-        for alias, ver in aliases.items():
-            by_version.setdefault(str(ver), []).append(alias)
-        for mv in client.search_model_versions(f"name='{name}'"):
-            row: dict[str, Any] = {"model": name, "version": int(mv.version), "aliases": ",".join(sorted(by_version.get(str(mv.version), []))), "run_id": mv.run_id}
-            for key, value in mv.tags.items():
-                row[key] = _maybe_float(value)
-            rows.append(row)
-    frame = pd.DataFrame(rows)
-    if frame.empty:
-        return pd.DataFrame(columns=["model", "version", "aliases", "run_id", "test_uar_mean"])
-    sort_key = "test_uar_mean" if "test_uar_mean" in frame else "version"
-    return frame.sort_values(["model", sort_key], ascending=[True, False], ignore_index=True)
-
-
-def _maybe_float(value: str) -> Any:
-    try:
-        return float(value)
-    except ValueError:
-        return value
 
 
 def write_json(path: str | Path, data: Any) -> Path:

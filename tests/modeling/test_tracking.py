@@ -69,3 +69,99 @@ def test_champion_rule_and_a_registry_it_cannot_read(mlflow_db: Path, logged_mod
     client = MlflowClient()
     assert [str(mv.version) for mv in client.search_model_versions("name='msata-crema-d'")] == ["2"]  # nothing registered
     assert str(client.get_registered_model("msata-crema-d").aliases["champion"]) == "1"  # alias not moved
+
+
+# ----------------------------------------------------------------------------- the logged pyfunc
+
+
+@pytest.mark.slow
+def test_pyfunc_is_logged_from_code_with_metadata_and_no_warnings(mlflow_db: Path, tmp_path: Path, recwarn: pytest.WarningsRecorder) -> None:
+    import json
+    import math
+
+    import mlflow
+    import pandas as pd
+    import yaml
+    from mlflow import MlflowClient
+    from mlflow.pyfunc.scoring_server import predictions_to_json
+
+    from modeling import tracking
+
+    run_id = tracking.create_run(tracking.get_or_create_experiment("crema-d"), "pyfunc-test")
+    uri = tracking.log_pyfunc_model(run_id, tiny_checkpoint(tmp_path / "best.pt"), tiny_meta()["label_names"])
+    assert not [w for w in recwarn if "input example" in str(w.message).lower()]  # MLflow's warning at every registration
+    local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path / "dl")))
+    mlmodel = yaml.safe_load((local / "MLmodel").read_text())
+    assert mlmodel["flavors"]["python_function"].get("model_code_path")  # models-from-code: nothing cloudpickled
+    assert not list(local.rglob("*.pkl")) and mlmodel.get("saved_input_example_info")
+
+    model = mlflow.pyfunc.load_model(uri)
+    out = model.predict(pd.DataFrame({"path": [str(tmp_path / "missing.wav")]}))
+    assert out.loc[0, "error"] and "missing.wav" in out.loc[0, "error"]
+    served = io_json(predictions_to_json, out)
+    row = json.loads(served, parse_constant=lambda c: pytest.fail(f"bare {c} in served JSON"))["predictions"][0]
+    assert row["label"] is None and row["prob_happy"] is None and row["error"]
+    assert not any(isinstance(v, float) and math.isnan(v) for v in row.values())
+
+    tags = {"dataset": "crema_d", "n_folds": 2, "splits_hash": "s", "feature_config_hash": "f", "val_uar_mean": 0.5, "test_uar_mean": 0.25, "parent_run_id": run_id}
+    reg = tracking.register_and_promote(uri, "crema-d", tags)
+    client = MlflowClient()
+    version = client.get_model_version(reg.name, reg.version)
+    assert "validation UAR" in version.description and client.get_registered_model(reg.name).description
+    logged = mlflow.get_logged_model(uri.removeprefix("models:/"))
+    assert {m.key: m.value for m in logged.metrics}["test_uar_mean"] == pytest.approx(0.25)  # a metric, not a string
+
+
+def io_json(write, frame) -> str:
+    import io
+
+    buf = io.StringIO()
+    write(frame, buf)
+    return buf.getvalue()
+
+
+@pytest.mark.slow
+def test_the_pyfunc_refuses_a_crafted_checkpoint(mlflow_db: Path, tmp_path: Path) -> None:
+    import os
+
+    import mlflow
+    import torch
+
+    from modeling import tracking
+    from modeling.checkpoint import CheckpointError
+
+    marker = tmp_path / "MARKER"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    crafted = tmp_path / "best.pt"
+    torch.save(tiny_meta() | {"state_dict": {"w": Evil()}}, crafted)
+    run_id = tracking.create_run(tracking.get_or_create_experiment("crema-d"), "crafted")
+    uri = tracking.log_pyfunc_model(run_id, crafted, tiny_meta()["label_names"])
+    with pytest.raises(CheckpointError, match="refusing to load checkpoint"):
+        mlflow.pyfunc.load_model(uri)
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_experiment_lineage_and_source(mlflow_db: Path, tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    from modeling.experiment import prepare_experiment
+    from modeling.splits import SplitConfig
+    from modeling.train_loop import TrainConfig
+    from training_fixtures import TINY_MODEL, build_tiny_store
+
+    store = build_tiny_store(tmp_path / "store", n_speakers=5, clips_per_speaker=4)
+    run_dir = prepare_experiment(str(tmp_path / "store"), "crema-d", TrainConfig(epochs=1), SplitConfig(n_folds=2), TINY_MODEL, run_dir=tmp_path / "run")
+    import json
+
+    parent = MlflowClient().get_run(json.loads((run_dir / "experiment.json").read_text())["mlflow"]["parent_run_id"])
+    [dataset_input] = parent.inputs.dataset_inputs
+    assert dataset_input.dataset.digest == store.config.config_hash()[:36]
+    tags = {t.key: t.value for t in dataset_input.tags}
+    assert tags["n_clips"] == "20" and tags["feature_config_hash"] == store.config.config_hash() and tags["mlflow.data.context"] == "training"
+    assert str(tmp_path / "store") in dataset_input.dataset.source
+    assert len(parent.data.tags["mlflow.source.git.commit"]) == 40
