@@ -41,12 +41,13 @@ def loaders(spec: dict[str, Any], fold: sp.Fold, config: TrainConfig):
     store = FeatureStore.open(spec["store_path"])
     manifest = store.manifest()
     label_of = dict(zip(manifest["clip_id"].astype(str), manifest["label"].astype(str)))
+    speaker_of = dict(zip(manifest["clip_id"].astype(str), manifest["speaker"].astype(str)))  # for train.speaker_norm
     index = {name: i for i, name in enumerate(spec["label_names"])}
     data_config = config.data_config()
     pin = resolve_device(config.device).type == "cuda"
 
     def loader(ids: tuple[str, ...], train: bool, workers: int):
-        ds = ClipDataset(spec["store_path"], ids, [index[label_of[c]] for c in ids], store.config, data_config, train)
+        ds = ClipDataset(spec["store_path"], ids, [index[label_of[c]] for c in ids], store.config, data_config, train, [speaker_of[c] for c in ids])
         return make_loader(ds, config.batch_size, workers, config.seed, pin)
 
     return loader(fold.train_ids, True, config.num_workers), loader(fold.val_ids, False, config.num_workers), loader(fold.test_ids, False, 0)
