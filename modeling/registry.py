@@ -15,6 +15,7 @@ read with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +50,9 @@ def log_pyfunc_model(run_id: str, checkpoint_path: str | Path, label_names: Sequ
             input_example=input_example(),
             # Snapshot of the code the model was trained with, so it loads outside this repo.
             code_paths=[str(REPO_ROOT / "modeling"), str(REPO_ROOT / "features")],
-            pip_requirements=pip_requirements(),
+            # The environment spelled out: MLflow's own conda.yaml builder warns when pip itself is
+            # not installed (a uv environment), at every registration.
+            conda_env={"name": "msata", "channels": ["conda-forge"], "dependencies": [f"python={platform.python_version()}", "pip", {"pip": pip_requirements()}]},
             metadata={"label_names": list(label_names)},
         )
     return info.model_uri

@@ -87,9 +87,19 @@ def test_pyfunc_is_logged_from_code_with_metadata_and_no_warnings(mlflow_db: Pat
 
     from modeling import tracking
 
+    import logging
+
     run_id = tracking.create_run(tracking.get_or_create_experiment("crema-d"), "pyfunc-test")
-    uri = tracking.log_pyfunc_model(run_id, tiny_checkpoint(tmp_path / "best.pt"), tiny_meta()["label_names"])
+    logged_warnings: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: logged_warnings.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("mlflow").addHandler(handler)
+    try:
+        uri = tracking.log_pyfunc_model(run_id, tiny_checkpoint(tmp_path / "best.pt"), tiny_meta()["label_names"])
+    finally:
+        logging.getLogger("mlflow").removeHandler(handler)
     assert not [w for w in recwarn if "input example" in str(w.message).lower()]  # MLflow's warning at every registration
+    assert logged_warnings == []  # nothing lands in the user's terminal (cloudpickle, pip version, input example)
     local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path / "dl")))
     mlmodel = yaml.safe_load((local / "MLmodel").read_text())
     assert mlmodel["flavors"]["python_function"].get("model_code_path")  # models-from-code: nothing cloudpickled
