@@ -25,6 +25,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 console = Console()
 err_console = Console(stderr=True)
@@ -39,7 +40,12 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     from flows.api import PrefectApiError
     from storage import StoreError
 
-    return (UserError, ValueError, OSError, StoreError, PrefectApiError, KeyError)
+    types: tuple[type[BaseException], ...] = (UserError, ValueError, OSError, StoreError, PrefectApiError)
+    if "mlflow" in sys.modules:  # a model URI that does not resolve, a registry that does not answer
+        from mlflow.exceptions import MlflowException
+
+        types += (MlflowException,)
+    return types
 
 
 def one_line_errors(command):
@@ -52,8 +58,8 @@ def one_line_errors(command):
         except _user_error_types() as err:
             if VERBOSE["on"]:
                 raise
-            message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-            err_console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+            message = " ".join(str(err).split()) or type(err).__name__
+            err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
             err_console.print("(run `msata --verbose ...` for the traceback)", style="dim")
             raise typer.Exit(code=2) from None
 
