@@ -66,11 +66,14 @@ def preprocess(
         None, exists=True, dir_okay=False, help="TOML/JSON feature settings, keys as FeatureConfig.to_dict() nests them (\\[audio], \\[face], ...)."
     ),
     detect_every: Optional[int] = typer.Option(None, min=1, help="Run face detection on every N-th frame (face.detect_every; default 1)."),
+    audio_encoder: Optional[str] = typer.Option(
+        None, help="Audio representation (audio_encoder.name): log-mel (default), or the hidden states of a packaged pretrained encoder: whisper-base, whisper-tiny.en."
+    ),
 ) -> None:
     """Decode a corpus and write timestamped audio and face features to a Zarr store."""
     from flows.preprocess import discover, run_preprocessing
 
-    config = feature_config_from(feature_config, {"face.detect_every": detect_every})
+    config = feature_config_from(feature_config, {"face.detect_every": detect_every, "audio_encoder.name": audio_encoder})
     found = discover(dataset.value, str(root), csv)
     if not found.records:
         example = f" (e.g. {found.rejected[0].path}: {found.rejected[0].reason})" if found.rejected else ""

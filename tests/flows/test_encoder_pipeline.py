@@ -1,0 +1,70 @@
+"""A pretrained audio encoder end to end, as a user runs it: `msata preprocess --audio-encoder`,
+cross-validation on the stored states, and prediction on a new file from the model's recorded
+feature config (the encoder runs again at prediction time)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from features.config import AudioEncoderConfig
+from features.synthetic import make_synthetic_dataset
+from flow_servers import MSATA, REPO, clean_env
+from storage import FeatureStore
+
+pytestmark = pytest.mark.slow
+
+TINY_EN = AudioEncoderConfig(name="whisper-tiny.en")
+
+
+@pytest.fixture(scope="module")
+def encoder_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    raw = make_synthetic_dataset(tmp_path_factory.mktemp("raw"), n_speakers=4, clips_per_class=1, classes=("happy", "sad"), duration_s=1.0, size=(160, 120))
+    tmp = tmp_path_factory.mktemp("cli")
+    store = tmp / "store"
+    args = ["preprocess", "--dataset", "folder", "--root", str(raw), "--store", str(store), "--audio-encoder", "whisper-tiny.en"]
+    done = subprocess.run([MSATA, *args], env=clean_env(tmp) | {"COLUMNS": "200"}, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return raw, store
+
+
+def test_preprocess_stores_encoder_states_with_their_times(encoder_store: tuple[Path, Path]) -> None:
+    _, store_path = encoder_store
+    store = FeatureStore.open(store_path)
+    assert store.config.audio_encoder == TINY_EN  # name, all 5 hidden states, the pinned weights' sha256
+    clip = store.read(store.clip_ids()[0])
+    assert clip.logmel is None and clip.audio_states.shape[1:] == (5, 384) and clip.audio_states.dtype == np.float16
+    assert np.allclose(np.diff(clip.audio_times), 0.02) and abs(len(clip.audio_times) - 50 * clip.duration_s) <= 2
+    assert clip.face_crops is not None  # the video side is unchanged
+
+
+def test_unknown_encoder_is_one_line(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [MSATA, "preprocess", "--dataset", "folder", "--root", str(tmp_path), "--store", str(tmp_path / "s"), "--audio-encoder", "whisper-huge"],
+        env=clean_env(tmp_path), cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode != 0 and "unknown audio encoder 'whisper-huge'" in done.stdout + done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("speaker_norm", [False, True])
+def test_train_and_predict_on_encoder_states(encoder_store: tuple[Path, Path], tmp_path: Path, speaker_norm: bool) -> None:
+    from modeling.experiment import run_cross_validation
+    from modeling.inference import load_predictor, predict_files
+    from modeling.splits import SplitConfig
+    from modeling.train_loop import TrainConfig
+
+    raw, store = encoder_store
+    model = {"d_model": 32, "n_heads": 2, "n_layers": 1, "video_channels": [8, 16], "audio_downsample": 2, "pooling": "attention", "ctm_dim": 16}
+    train = TrainConfig(epochs=2, batch_size=4, num_workers=0, speaker_norm=speaker_norm, max_duration_s=1.0)
+    result = run_cross_validation(str(store), "folder", train, SplitConfig(n_folds=2), model, run_dir=tmp_path / "run", track=False)
+    assert len(result.folds) == 2 and all(0.0 <= f.test["uar"] <= 1.0 for f in result.folds)
+    predictor = load_predictor(result.folds[0].best_path, device="cpu")
+    assert predictor.feature_config.audio_encoder == TINY_EN and predictor.speaker_norm is speaker_norm
+    clips = sorted((raw / "clips").glob("*.mp4"))[:3]
+    predictions = predict_files(predictor, clips)
+    assert all(p.error is None and p.label in ("happy", "sad") and "audio" in p.modalities for p in predictions), predictions
+    assert any("transductive" in w for w in predictions[0].warnings) is speaker_norm
