@@ -210,8 +210,10 @@ def run_prediction(
     stop = threading.Event()
 
     def poll() -> None:
-        while not stop.wait(0.5):
-            on_progress(min(finished_files(out_dir), total), total)
+        done = 0
+        while not stop.wait(0.5):  # the parts are removed once collected: never report fewer than before
+            done = max(done, min(finished_files(out_dir), total))
+            on_progress(done, total)
 
     poller = threading.Thread(target=poll, name="msata-predict-progress", daemon=True) if on_progress else None
     with prefect_api():
