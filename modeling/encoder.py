@@ -26,7 +26,7 @@ from modeling.frontends import AudioFrontend, EncoderStatesFrontend, Tokens, Vid
 from modeling.tarope import DEFAULT_BASE, DEFAULT_RATE, POSITION_KINDS, Rotation, build_rotary
 
 FUSION_KINDS = ("joint", "late")
-POOLING_KINDS = ("mean", "attention")
+POOLING_KINDS = ("mean", "attention", "stats")
 
 
 @dataclass
@@ -41,7 +41,7 @@ class MsataConfig:
     audio_downsample: int = 1  # 1 keeps 50 tokens/s; k merges k frames per token
     audio_layers: int = 0  # > 0: the audio input is a pretrained encoder's states (L layers of audio_width)
     audio_width: int = 0
-    pooling: str = "mean"  # "mean" | "attention": how tokens become one clip vector
+    pooling: str = "mean"  # "mean" | "attention" | "stats" (mean and std, 2D wide): how tokens become one clip vector
     crop_size: int = 96  # face crop side, must match the feature store's FaceConfig.crop_size
     video_channels: tuple[int, ...] = (32, 64, 128, 128)  # one stride-2 CNN stage each
     positions: str = "tarope"  # "tarope" | "index" | "none"
@@ -168,14 +168,23 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 class Pooling(nn.Module):
-    """Tokens -> one vector: masked mean, or attention pooling (a learned score per token,
-    softmax over the valid ones), which lets the few emotional frames of a clip count more."""
+    """Tokens -> one vector: masked mean; attention pooling (a learned score per token,
+    softmax over the valid ones), which lets the few emotional frames of a clip count more;
+    or statistics pooling (mean and standard deviation, as in x-vectors), which also keeps
+    how much the tokens vary over the clip (out_dim = 2D)."""
 
     def __init__(self, kind: str, d_model: int) -> None:
         super().__init__()
+        self.kind = kind
         self.score = nn.Linear(d_model, 1) if kind == "attention" else None
+        self.out_dim = 2 * d_model if kind == "stats" else d_model
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.kind == "stats":
+            mean = masked_mean(x, mask)  # (B, D)
+            m = mask.unsqueeze(-1).to(torch.float32)
+            var = ((x.to(torch.float32) - mean.unsqueeze(1)).square() * m).sum(1) / m.sum(1).clamp_min(1.0)
+            return torch.cat([mean, torch.sqrt(var + 1e-5)], dim=-1)  # (B, 2D)
         if self.score is None:
             return masked_mean(x, mask)  # (B, D)
         logits = self.score(x.to(torch.float32)).squeeze(-1).masked_fill(~mask, float("-inf"))  # (B, T)
@@ -205,8 +214,8 @@ class MsataModel(nn.Module):
         self.modality = nn.Parameter(torch.randn(2, d) / math.sqrt(d))  # [audio, video] embeddings
         self.encoder = Encoder(config)
         self.video_encoder = Encoder(config) if config.fusion == "late" else None
-        pooled_dim = 2 * d if config.fusion == "late" else d
         self.pool = Pooling(config.pooling, d)
+        pooled_dim = 2 * self.pool.out_dim if config.fusion == "late" else self.pool.out_dim
         self.video_pool = Pooling(config.pooling, d) if config.fusion == "late" else None
         self.head_drop = nn.Dropout(config.dropout)
         self.classifier = nn.Linear(pooled_dim, config.n_classes)

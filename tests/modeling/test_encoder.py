@@ -177,7 +177,7 @@ def states_clip(ta: int, seed: int, layers: int = 3, width: int = 8) -> ClipExam
     )
 
 
-@pytest.mark.parametrize("pooling", ["mean", "attention"])
+@pytest.mark.parametrize("pooling", ["mean", "attention", "stats"])
 def test_encoder_states_model_ignores_padding_and_learns_a_layer_mix(pooling: str) -> None:
     model = model_for(audio_layers=3, audio_width=8, audio_downsample=2, pooling=pooling)
     alone = model(collate([states_clip(25, 1)])).logits
