@@ -8,7 +8,6 @@ place before any of those libraries read their settings. Printing lives in
 
 from __future__ import annotations
 
-import os
 from enum import Enum
 from pathlib import Path
 from typing import Optional
@@ -25,7 +24,7 @@ from flows.cli_output import (
     train_progress,
 )
 from flows.cli_support import VERBOSE, UserError, console, feature_config_from, one_line_errors, read_config_file, stop_promptly
-from flows.settings import configure_environment
+from flows.settings import configure_cli_logging, configure_environment
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Audio-visual emotion recognition with time-aligned self-attention.")
 
@@ -45,10 +44,7 @@ class OutputFormat(str, Enum):
 @app.callback()
 def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks and Prefect's own log lines.")) -> None:
     VERBOSE["on"] = verbose
-    if verbose:
-        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
-    else:  # the flow runs still log to the Prefect API; the terminal shows msata's own lines
-        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+    configure_cli_logging(verbose)
     configure_environment()
 
 
@@ -110,10 +106,12 @@ def train(
     resume: bool = typer.Option(False, help="Continue an interrupted experiment (the default run directory is keyed by store, configs and folds)."),
     register: bool = typer.Option(True, help="Register the selected model in the MLflow registry."),
 ) -> None:
-    """Cross-validate msata on a feature store; log to MLflow and register the model."""
-    from modeling.experiment import run_cross_validation
-    from modeling.splits import SplitConfig
-    from modeling.train_loop import TrainConfig
+    """Cross-validate msata on a feature store; log to MLflow and register the model.
+
+    Runs the ``train-msata`` Prefect flow in this process (the same flow deployments
+    run): the run, its log lines and its artifacts appear in Prefect.
+    """
+    from flows.train import run_training
 
     overrides = _load_overrides(config)
     train_overrides = dict(overrides.get("train", {}))
@@ -123,16 +121,9 @@ def train(
     if folds is not None:
         split_overrides["n_folds"] = folds
     with train_progress() as progress:
-        result = run_cross_validation(
-            store,
-            dataset,
-            train_config=TrainConfig.from_dict(train_overrides),
-            split_config=SplitConfig(**split_overrides) if split_overrides else None,
-            model_overrides=overrides.get("model"),
-            run_dir=run_dir,
-            resume=resume,
-            register=register,
-            progress=progress,
+        result = run_training(
+            store, dataset, train=train_overrides, splits=split_overrides, model=overrides.get("model"),
+            run_dir=run_dir, resume=resume, register=register, progress=progress,
         )
     print_cv_result(result)
 

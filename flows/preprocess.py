@@ -1,13 +1,16 @@
 """Prefect flow ``preprocess-dataset``: raw corpus -> feature store.
 
 discover (recipe) -> one task per clip (paths and ids in, an outcome out) ->
-commit (manifest compaction) -> summary of done / skipped / failed with reasons.
+commit (manifest compaction) -> summary of done / skipped / failed with reasons,
+returned and published as a Prefect artifact (``preprocess-<dataset>``, flows/artifacts.py).
 Tasks never pass arrays: each one decodes, extracts and writes its clip itself.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +26,7 @@ from features.crema_d import prepare_crema_d
 from features.folder import prepare_folder
 from features.manifest import ClipRecord, RecipeResult
 from features.ravdess import prepare_ravdess
+from flows.artifacts import publish_preprocess_summary
 from flows.progress import ProgressCallback, store_progress
 from flows.runners import task_runner_for, validate_workers
 from storage import FeatureStore
@@ -161,6 +165,7 @@ def preprocess_dataset(
         else:
             summary.done += 1
     commit_task(store, config_dict)
+    publish_preprocess_summary(dataset, summary.to_dict())
     print(f"preprocess-dataset: {summary.done} done, {summary.skipped} skipped, {summary.failed} failed, {summary.rejected} rejected -> {store}")
     return summary
 
@@ -172,6 +177,16 @@ def _outcome_of(future: Any, record: ClipRecord) -> ClipOutcome:
     except Exception as err:  # noqa: BLE001 - recorded with its type and message, never swallowed
         reason = f"unexpected {type(err).__name__}: {err}"
         return ClipOutcome(record.clip_id, "failed", reason)
+
+
+@contextmanager
+def _flushing_api_logs() -> Iterator[None]:
+    from flows.settings import flush_api_logs
+
+    try:
+        yield
+    finally:
+        flush_api_logs()  # before a temporary API server stops
 
 
 def run_preprocessing(
@@ -195,7 +210,7 @@ def run_preprocessing(
     validate_workers(workers, dask_address)
     root, store = str(root), str(store)
     clip_ids = [r.clip_id for r in discover(dataset, root, csv_path).records][:limit] if on_progress else []
-    with prefect_api(), store_progress(store, clip_ids, on_progress):
+    with prefect_api(), store_progress(store, clip_ids, on_progress), _flushing_api_logs():
         return preprocess_dataset(
             dataset=dataset,
             root=root,

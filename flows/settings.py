@@ -16,6 +16,19 @@ def msata_home() -> Path:
     return Path(os.environ.get("MSATA_HOME", Path.cwd() / ".msata")).resolve()
 
 
+def configure_cli_logging(verbose: bool = False) -> None:
+    """Logging for the ``msata`` commands, set before Prefect is imported.
+
+    Flow and task runs send their INFO lines to the Prefect API (the run's log in the
+    UI), whether the API is a running server or msata's temporary one. The terminal
+    shows msata's own output only: Prefect's console handler is raised to CRITICAL,
+    unless ``--verbose`` asks for Prefect's lines there too. A user's own
+    PREFECT_LOGGING_* variables win.
+    """
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "INFO" if verbose else "CRITICAL")
+
+
 def configure_environment() -> Path:
     """Set project-local defaults (never overriding the user's) and return MSATA_HOME."""
     home = msata_home()
@@ -26,7 +39,14 @@ def configure_environment() -> Path:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # library use and tests; the CLI sends INFO to the API (configure_cli_logging)
     # The temporary API server starts in a subprocess; on a busy 2-core machine it needs more than the default 20 s.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     return home
+
+
+def flush_api_logs(timeout_s: float = 10.0) -> None:
+    """Send the log lines still queued for the Prefect API (call before a temporary API server stops)."""
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=timeout_s)

@@ -1,23 +1,56 @@
 """Prefect flow ``train-msata``: speaker-independent cross-validation on a feature store.
 
-prepare (validate + split + MLflow parent run) -> one task per fold (train, select
-on validation, test) -> finalize (mean +- std, register, champion rule). Tasks pass
-the run directory and fold indices only; every array stays in the feature store
-and the checkpoints on disk. Folds run one after another: each uses the whole
-GPU of the worker.
+prepare (validate + split + MLflow parent run, tagged with this flow run's id) -> one
+task per fold (train, select on validation, test) -> finalize (mean +- std, register,
+champion rule) -> artifacts (the cross-validation table and a link to the MLflow run,
+``flows/artifacts.py``). Tasks pass the run directory and fold indices only; every
+array stays in the feature store and the checkpoints on disk. Folds run one after
+another: each uses the whole GPU of the worker.
 
-Deployed by ``infra/prefect.yaml`` (``prefect deploy --prefect-file infra/prefect.yaml``)
-and started with ``prefect deployment run train-msata/<name>``.
+One path for every run: deployments (``infra/prefect.yaml``, ``prefect deployment run
+train-msata/<name>``) and ``msata train`` (:func:`run_training`, the flow run in the
+CLI's process) both run this flow, so both show up in Prefect the same way.
+
+Progress: a callback cannot be a flow parameter (parameters are serialised for the
+API, and Dask pickles them). The fold tasks instead call :func:`report_progress`,
+which hands each training event to the callbacks registered with
+:func:`progress_hook` *in the process the task runs in*. ``msata train`` runs the
+flow and its tasks in its own process and registers its progress bars there; a
+deployment's worker registers none, and the epochs reach the UI as log lines.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.settings import configure_environment
+from flows.settings import configure_environment, flush_api_logs
+from flows.train_params import ModelOverrides, SplitParams, TrainParams
+
+if TYPE_CHECKING:
+    from modeling.experiment import CVResult
+
+_PROGRESS_HOOKS: list[Callable[[Any], None]] = []  # this process's listeners; never serialised
+
+
+@contextmanager
+def progress_hook(callback: Callable[[Any], None]) -> Iterator[None]:
+    """Send the training events of fold tasks running in this process to ``callback`` while the block runs."""
+    _PROGRESS_HOOKS.append(callback)
+    try:
+        yield
+    finally:
+        _PROGRESS_HOOKS.remove(callback)
+
+
+def report_progress(event: Any) -> None:
+    for callback in list(_PROGRESS_HOOKS):
+        callback(event)
 
 
 @task(name="prepare-experiment", cache_policy=NO_CACHE)
@@ -32,13 +65,16 @@ def prepare_task(
     resume: bool,
     track: bool,
 ) -> str:
+    from prefect.runtime import flow_run
+
     from features.config import FeatureConfig
     from modeling.experiment import prepare_experiment
     from modeling.splits import SplitConfig
     from modeling.train_loop import TrainConfig
 
     expected = FeatureConfig.from_dict(expected_feature_config) if expected_feature_config else None
-    path = prepare_experiment(store_path, dataset, TrainConfig.from_dict(train), SplitConfig(**splits), model, expected, run_dir, resume, track)
+    tags = {"prefect.flow_run_id": flow_run.id, "prefect.flow_run_name": flow_run.name} if flow_run.id else None
+    path = prepare_experiment(store_path, dataset, TrainConfig.from_dict(train), SplitConfig(**splits), model, expected, run_dir, resume, track, run_tags=tags)
     return str(path)
 
 
@@ -54,6 +90,7 @@ def fold_task(run_dir: str, fold_index: int) -> dict[str, Any]:
         if event.kind == "epoch_end" and event.record is not None:
             r = event.record
             logger.info("fold %d epoch %d/%d: loss %.4f val UAR %.4f (%.1fs)", fold_index, r.epoch, event.epochs, r.train_loss, r.val_uar, r.seconds)
+        report_progress(event)
 
     result = run_fold(run_dir, fold_index, on_progress)
     logger.info("fold %d: test UAR %.4f WA %.4f (best epoch %d)", fold_index, result.test["uar"], result.test["wa"], result.best_epoch)
@@ -73,9 +110,9 @@ def finalize_task(run_dir: str, register: bool) -> dict[str, Any]:
 def train_msata(
     store_path: str,
     dataset: str,
-    train: dict[str, Any] | None = None,
-    splits: dict[str, Any] | None = None,
-    model: dict[str, Any] | None = None,
+    train: TrainParams = TrainParams(),  # noqa: B008 - immutable pydantic defaults: the UI form shows them
+    splits: SplitParams = SplitParams(),  # noqa: B008
+    model: ModelOverrides = ModelOverrides(),  # noqa: B008
     expected_feature_config: dict[str, Any] | None = None,
     run_dir: str | None = None,
     resume: bool = False,
@@ -84,16 +121,24 @@ def train_msata(
 ) -> dict[str, Any]:
     """Cross-validate msata on ``store_path``.
 
-    ``train`` / ``splits`` / ``model`` override ``TrainConfig`` / ``SplitConfig`` /
-    ``MsataConfig`` fields (e.g. ``{"epochs": 30}``). ``resume=True`` continues an
-    interrupted experiment in the same run directory.
+    ``train`` / ``splits`` are ``TrainConfig`` / ``SplitConfig``; ``model`` overrides
+    ``MsataConfig`` fields (only those given; the store decides the input sizes).
+    Dicts are accepted and validated (e.g. ``train={"epochs": 30}``); unknown keys
+    are refused. ``resume=True`` continues an interrupted experiment in the same run
+    directory.
     """
-    configure_environment()
-    logger = get_run_logger()
-    run_path = prepare_task(store_path, dataset, train or {}, splits or {}, model or {}, expected_feature_config, run_dir, resume, track)
+    from dataclasses import asdict
+
+    from flows.artifacts import publish_cv_artifacts
     from modeling.experiment import load_spec
 
-    n_folds = len(load_spec(run_path)["folds"])
+    configure_environment()
+    logger = get_run_logger()
+    run_path = prepare_task(
+        store_path, dataset, train.to_config().to_dict(), asdict(splits.to_config()), model.overrides(), expected_feature_config, run_dir, resume, track
+    )
+    spec = load_spec(run_path)
+    n_folds = len(spec["folds"])
     for index in range(n_folds):
         fold_task(run_path, index)
     result = finalize_task(run_path, register and track)
@@ -102,5 +147,51 @@ def train_msata(
         "%s: test UAR %.4f +- %.4f, WA %.4f +- %.4f over %d fold(s); registered %s",
         dataset, summary["uar_mean"], summary["uar_std"], summary["wa_mean"], summary["wa_std"], n_folds, result.get("registered"),
     )
+    publish_cv_artifacts(result, (spec.get("mlflow") or {}).get("experiment_id"))
     return result
 
+
+def cv_result_from_dict(data: dict[str, Any]) -> "CVResult":
+    from modeling.experiment import CVResult
+    from modeling.fold_run import FoldResult
+
+    return CVResult(**(data | {"folds": [FoldResult(**f) for f in data["folds"]]}))
+
+
+def run_training(
+    store_path: str,
+    dataset: str,
+    train: dict[str, Any] | None = None,
+    splits: dict[str, Any] | None = None,
+    model: dict[str, Any] | None = None,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    register: bool = True,
+    progress: Callable[[Any], None] | None = None,
+) -> "CVResult":
+    """Run ``train-msata`` in this process against PREFECT_API_URL or a temporary API (``msata train``).
+
+    ``progress`` receives every training event of the fold tasks through
+    :func:`progress_hook`; it is never a flow parameter. The store is opened first, so a
+    wrong path fails at once, before any API server is started.
+    """
+    from prefect.exceptions import ParameterTypeError
+
+    from flows.api import prefect_api
+    from storage import FeatureStore
+
+    params = {
+        "store_path": str(store_path), "dataset": dataset, "train": train or {}, "splits": splits or {}, "model": model or {},
+        "run_dir": str(run_dir) if run_dir else None, "resume": resume, "register": register,
+    }
+    try:  # here, before a server starts or a flow run is created: "train.epoch: Extra inputs are not permitted"
+        train_msata.validate_parameters(params)
+    except ParameterTypeError as err:
+        raise ValueError(str(err)) from err
+    FeatureStore.open(str(store_path))
+    with prefect_api(), progress_hook(progress) if progress else nullcontext():
+        try:
+            result = train_msata(**params)
+        finally:
+            flush_api_logs()  # before a temporary API server stops
+    return cv_result_from_dict(result)

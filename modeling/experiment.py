@@ -81,8 +81,13 @@ def prepare_experiment(
     run_dir: str | Path | None = None,
     resume: bool = False,
     track: bool = True,
+    run_tags: dict[str, str] | None = None,
 ) -> Path:
-    """Validate, split, persist the experiment spec; returns the run directory."""
+    """Validate, split, persist the experiment spec; returns the run directory.
+
+    ``run_tags`` go on the MLflow parent run, new or resumed (``train-msata`` passes its
+    Prefect flow-run id: a resumed experiment carries the id of the run that resumed it).
+    """
     from storage.feature_store import FeatureStore
     from modeling import tracking
 
@@ -146,6 +151,8 @@ def prepare_experiment(
     if spec.get("mlflow"):
         tracking.configure_tracking()
         with tracking.ended_on_failure(spec["mlflow"]["parent_run_id"]):
+            if run_tags:
+                tracking.set_tags(spec["mlflow"]["parent_run_id"], run_tags)
             tracking.log_artifact(spec["mlflow"]["parent_run_id"], spec_path, "config")
     return run_dir
 

@@ -198,6 +198,13 @@ def create_run(experiment_id: str, name: str, parent_run_id: str | None = None, 
     return MlflowClient().create_run(experiment_id, tags=all_tags, run_name=name).info.run_id
 
 
+def set_tags(run_id: str, tags: dict[str, str]) -> None:
+    from mlflow import MlflowClient
+    from mlflow.entities import RunTag
+
+    MlflowClient().log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
 def end_run(run_id: str, status: str = "FINISHED") -> None:
     from mlflow import MlflowClient
 

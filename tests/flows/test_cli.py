@@ -43,6 +43,16 @@ def test_missing_store_is_one_line_and_verbose_shows_the_traceback(tmp_path: Pat
     assert verbose.exit_code != 0 and verbose.exception is not None and str(missing) in str(verbose.exception)
 
 
+def test_train_config_typo_is_one_line_before_any_flow_run(tmp_path: Path) -> None:
+    config = tmp_path / "run.json"
+    config.write_text('{"train": {"epoch": 3}}')
+    result = runner.invoke(app, ["train", "--store", str(tmp_path / "no-store"), "--dataset", "crema-d", "--config", str(config)])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines[0].startswith("error:") and "train.epoch" in lines[0] and "Extra inputs are not permitted" in lines[0], result.output
+
+
+@pytest.mark.usefixtures("prefect_harness")  # `msata train` runs the train-msata flow: it needs an API
 def test_wrong_dataset_for_a_store_is_one_line(tmp_path: Path) -> None:
     from training_fixtures import build_tiny_store
 

@@ -64,6 +64,18 @@ def test_flow_builds_store_records_failures_and_resumes(folder_dataset: Path, tm
     clip = store.read(good.index[0])
     assert clip.logmel.shape[1] == 80 and clip.video_times[1] == pytest.approx(1 / 25)
 
+    # The summary with its failures is a Prefect artifact of the flow run.
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    with get_client(sync_client=True) as client:
+        latest = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["preprocess-folder"])), sort=ArtifactSort.CREATED_DESC, limit=1)
+    assert latest and latest[0].type == "markdown" and latest[0].flow_run_id is not None
+    text = latest[0].data
+    assert f"| {summary.done} | 0 | {summary.failed} | {summary.rejected} |" in text and str(store_path) in text
+    assert all(f["reason"].split()[0] in text for f in summary.failures) and "corrupt.mp4" in text
+
     # A second run finds everything done and touches nothing.
     again = run_preprocessing("folder", folder_dataset, store_path)
     assert again.done == 0 and again.skipped == 6

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import wave
 from pathlib import Path
 
@@ -45,9 +46,16 @@ def test_flow_trains_logs_registers_and_serves(home: Path, tmp_path: Path) -> No
     from modeling.experiment import compare_models
     from modeling.tracking import configure_tracking, register_and_promote
 
+    from flows.train import progress_hook
+
     store = tmp_path / "store"
     build_tiny_store(store, n_speakers=5, clips_per_speaker=4)
-    result = train_msata(str(store), "crema-d", train=TRAIN, splits={"n_folds": 2}, model=TINY_MODEL)
+    events = []
+    with progress_hook(events.append):  # the CLI's progress bars listen the same way; nothing is a flow parameter
+        state = train_msata(str(store), "crema-d", train=TRAIN, splits={"n_folds": 2}, model=TINY_MODEL, return_state=True)
+    result = state.result()
+    flow_run_id = str(state.state_details.flow_run_id)
+    assert {(e.fold, e.epoch) for e in events if e.kind == "epoch_end"} == {(0, 1), (0, 2), (1, 1), (1, 2)}
 
     assert len(result["folds"]) == 2 and result["selected_fold"] in (0, 1)
     assert 0.0 <= result["summary"]["uar_mean"] <= 1.0
@@ -63,6 +71,8 @@ def test_flow_trains_logs_registers_and_serves(home: Path, tmp_path: Path) -> No
     parent = client.get_run(result["parent_run_id"])
     assert parent.data.metrics["test_uar_mean"] == pytest.approx(result["summary"]["uar_mean"])
     assert parent.data.params["train.epochs"] == "2" and parent.data.params["splits.n_folds"] == "2"
+    assert parent.data.tags["prefect.flow_run_id"] == flow_run_id
+    assert_cv_artifacts(flow_run_id, result)
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert len(children) == 2
     history = client.get_metric_history(children[0].info.run_id, "val_uar")
@@ -93,6 +103,25 @@ def test_flow_trains_logs_registers_and_serves(home: Path, tmp_path: Path) -> No
     assert (worse.champion, other.champion, better.champion) == (False, False, True)
     assert "another protocol" in other.reason
     assert str(client.get_model_version_by_alias("msata-crema-d", "champion").version) == better.version
+
+
+def assert_cv_artifacts(flow_run_id: str, result: dict) -> None:
+    """The flow run published the cross-validation table (folds, then mean ± std) and a link to the MLflow run."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    by_key = {a.key: a for a in artifacts}
+    assert set(by_key) == {"cv-crema-d", "mlflow-run-crema-d"}, by_key
+    table = by_key["cv-crema-d"]
+    assert table.type == "table"
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    assert [r["fold"] for r in rows] == ["0", "1", "mean ± std"]
+    assert rows[0]["test UAR"] == pytest.approx(result["folds"][0]["test"]["uar"], abs=1e-4)
+    assert rows[-1]["test UAR"] == f"{result['summary']['uar_mean']:.4f} ± {result['summary']['uar_std']:.4f}"
+    link = by_key["mlflow-run-crema-d"]
+    assert link.type == "markdown" and result["parent_run_id"] in link.data and "mlflow ui --backend-store-uri sqlite:///" in link.description
 
 
 def test_resume_skips_finished_folds(home: Path, tmp_path: Path) -> None:

@@ -1,0 +1,69 @@
+"""Typed parameters of the ``train-msata`` flow: the Prefect UI shows them as a form.
+
+Each is a pydantic model generated from the dataclass the training code uses, field
+for field (names, types, defaults), so the two never drift apart:
+
+* ``TrainParams`` <- ``modeling.train_loop.TrainConfig`` (``.to_config()``);
+* ``SplitParams`` <- ``modeling.splits.SplitConfig`` (``.to_config()``);
+* ``ModelOverrides`` <- ``modeling.encoder.MsataConfig`` with every field optional:
+  only the fields given override the defaults (``.overrides()``), the store and the
+  labels decide the rest (n_classes, input sizes).
+
+Unknown keys are refused (``extra="forbid"``): a typo in a deployment's parameters
+fails the run at validation instead of being ignored. Dicts still work everywhere a
+config is expected (``prefect deployment run --params``, ``train_msata(train={...})``):
+Prefect validates them into these models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, create_model
+
+from modeling.encoder import MsataConfig
+from modeling.splits import SplitConfig
+from modeling.train_loop import TrainConfig
+
+
+class _ConfigParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    _config_class: typing.ClassVar[type]
+
+    def to_config(self) -> Any:
+        return self._config_class(**self.model_dump())
+
+
+class _OverrideParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    def overrides(self) -> dict[str, Any]:
+        """The fields that were set, as plain data (lists for tuples)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.model_dump(exclude_unset=True).items() if v is not None}
+
+
+def _field_default(field: dataclasses.Field) -> Any:
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    raise TypeError(f"{field.name} has no default: a flow parameter form needs one")
+
+
+def _params_model(config: type, base: type[BaseModel], optional: bool) -> type[BaseModel]:
+    hints = typing.get_type_hints(config)
+    spec: dict[str, Any] = {}
+    for field in dataclasses.fields(config):
+        kind, default = hints[field.name], _field_default(field)
+        spec[field.name] = (kind | None, None) if optional else (kind, default)
+    model = create_model(config.__name__ + ("Overrides" if optional else ""), __base__=base, __module__=__name__, **spec)
+    if not optional:
+        model._config_class = config
+    return model
+
+
+TrainParams = _params_model(TrainConfig, _ConfigParams, optional=False)
+SplitParams = _params_model(SplitConfig, _ConfigParams, optional=False)
+ModelOverrides = _params_model(MsataConfig, _OverrideParams, optional=True)
