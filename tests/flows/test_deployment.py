@@ -103,6 +103,9 @@ def test_deployment_run_on_a_process_worker(prefect_env, tmp_path: Path) -> None
     with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}), get_client(sync_client=True) as client:
         deployed = {d.name: d for d in client.read_deployments()}
     assert sorted(deployed) == ["crema-d", "crema-d-gpu", "nightly-crema-d", "ravdess"], sorted(deployed)
+    schema = deployed["crema-d"].parameter_openapi_schema  # typed configs: the UI shows a form with defaults
+    assert schema["definitions"]["TrainConfig"]["properties"]["epochs"]["default"] == 40, schema
+    assert {"n_folds", "seed"} <= set(schema["definitions"]["SplitConfig"]["properties"])
     gpu = deployed["crema-d-gpu"]
     assert "CUDA_VISIBLE_DEVICES" not in json.dumps(gpu.job_variables or {}), gpu.job_variables
     assert any("git_clone" in json.dumps(step) for step in gpu.pull_steps or []), gpu.pull_steps
