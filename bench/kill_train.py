@@ -1,12 +1,13 @@
 """Reliability trial: `kill -9` a running `msata train` at random points, resume, compare with an uninterrupted run.
 
-    .venv/bin/python bench/kill_train.py --trials 10 [--epochs 4] [--seed 0]
+    .venv/bin/python bench/kill_train.py --trials 10 [--epochs 30] [--seed 0]
 
 One real `prefect server` (free port, throw-away home) serves every run. A tiny
 feature store (tests/training_fixtures.py, 4 speakers x 3 clips, tiny model, CPU)
 is trained with `msata train --folds 2 --resume --run-dir RUN`. Each trial starts that
-command, waits for a randomly chosen point of the experiment to be reached (the
-experiment spec written, a fold's first checkpoint, a fold finished), then a random
+command, waits for a point (``kill_plan``: mostly an epoch checkpoint, some right after prepare, one fold end,
+and last the end of the final fold, before finalize) of the experiment to be reached *by this run* (the
+experiment spec written, an epoch checkpointed, a fold finished), then a random
 0-`--max-extra` seconds more, and SIGKILLs the process group. After the trials one
 more run finishes the experiment. The same command on a fresh run directory, never
 killed (and not registered), is the reference: every fold's best epoch, validation UAR and test metrics
@@ -36,8 +37,36 @@ sys.path.insert(0, str(REPO))
 
 from flow_servers import MSATA, start_prefect_server, stop_all  # noqa: E402
 
-# Points of an experiment a kill waits for (paths under the run directory), then a random extra delay.
-MILESTONES = ("experiment.json", "fold_0/last.pt", "fold_0/result.json", "fold_1/last.pt")
+# Points of *this* run a kill waits for (a file under the run directory written after the run started), then
+# a random extra delay. Files left by earlier trials do not count: an earlier version waited for paths that
+# already existed after the first trial, and its kills then all landed during start-up.
+MILESTONES = {
+    "prepared": ("experiment.json",),  # prepare_experiment rewrites it on every (resumed) run
+    "epoch": ("fold_0/last.pt", "fold_1/last.pt"),  # an epoch of the running fold was checkpointed
+    "fold": ("fold_0/result.json", "fold_1/result.json"),  # a fold finished
+}
+
+
+def kill_plan(trials: int, rng: random.Random) -> list[str]:
+    """Which milestone each trial waits for: mostly epochs, some right after prepare, one fold end among them
+    (shuffled), and last a kill right after the final fold, between training and finalize/registration."""
+    if trials < 2:
+        return ["epoch"] * trials
+    n = trials - 1
+    plan = ["prepared"] * round(n * 2 / 9) + ["fold"]
+    plan += ["epoch"] * (n - len(plan))
+    rng.shuffle(plan)
+    return plan + ["fold"]
+
+
+def reached(run_dir: Path, milestone: str, since: float) -> bool:
+    for name in MILESTONES[milestone]:
+        try:
+            if (run_dir / name).stat().st_mtime > since:
+                return True
+        except FileNotFoundError:
+            continue
+    return False
 
 
 def fold_results(run_dir: Path) -> list[dict]:
@@ -45,15 +74,21 @@ def fold_results(run_dir: Path) -> list[dict]:
     return [{k: f[k] for k in ("index", "best_epoch", "best_val_uar", "epochs_run", "test", "confusion")} for f in result["folds"]]
 
 
-def mlflow_state(home: Path) -> dict:
+def mlflow_state(home: Path, run_dir: Path) -> dict:
+    """Status of every run of ``run_dir``'s experiment (its parent and the parent's fold runs), all parents, and the versions."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("msata-crema-d")
     runs = client.search_runs([experiment.experiment_id]) if experiment else []
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    mine = [r.info.run_id for r in parents if r.data.tags.get("msata.run_dir") == str(run_dir)]
+    folds = [r for r in runs if r.data.tags.get("mlflow.parentRunId") in mine]
     versions = client.search_model_versions("name='msata-crema-d'")
     return {
-        "runs": sorted((("fold" if "mlflow.parentRunId" in r.data.tags else "parent"), r.info.status, r.data.tags.get("msata.run_dir", "")) for r in runs),
+        "parents": sorted((r.data.tags.get("msata.run_dir", ""), r.info.status) for r in parents),
+        "killed_experiment": sorted([("parent", r.info.status) for r in parents if r.info.run_id in mine] + [("fold", r.info.status) for r in folds]),
+        "all_runs": len(runs),
         "versions": sorted((v.version, v.run_id) for v in versions),
     }
 
@@ -74,7 +109,7 @@ def prefect_states(api_url: str) -> dict[str, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=10)
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=30, help="per fold (no early stop): enough work for every kill to land in training")
     parser.add_argument("--max-extra", type=float, default=3.0)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -98,12 +133,11 @@ def main() -> None:
         env = start_prefect_server(tmp, started)
         env = {k: v for k, v in env.items() if k != "PREFECT_LOGGING_LEVEL"} | {"COLUMNS": "200"}
         killed_dir = tmp / "killed"
-        for trial in range(args.trials):
-            milestone = rng.choice(MILESTONES)
+        for trial, milestone in enumerate(kill_plan(args.trials, rng)):
             extra = rng.uniform(0.0, args.max_extra)
-            start = time.monotonic()
+            start, wall_start = time.monotonic(), time.time()
             proc = subprocess.Popen(command(killed_dir), env=env, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-            while proc.poll() is None and not (killed_dir / milestone).exists():
+            while proc.poll() is None and not reached(killed_dir, milestone, wall_start):
                 time.sleep(0.1)
             time.sleep(extra)
             finished = proc.poll() is not None
@@ -123,12 +157,13 @@ def main() -> None:
                 print(f"{name} run failed (rc {run.returncode}):\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}", file=sys.stderr)
                 sys.exit(1)
         resumed, uninterrupted = fold_results(killed_dir), fold_results(tmp / "reference")
-        mlflow = mlflow_state(tmp / "home")
-        killed_runs = [r for r in mlflow["runs"] if r[2] == str(killed_dir)]
-        ok = resumed == uninterrupted and sorted(r[:2] for r in killed_runs) == [("fold", "FINISHED"), ("fold", "FINISHED"), ("parent", "FINISHED")] and len(mlflow["versions"]) == 1
+        mlflow = mlflow_state(tmp / "home", killed_dir)
+        expected = [("fold", "FINISHED"), ("fold", "FINISHED"), ("parent", "FINISHED")]
+        ok = resumed == uninterrupted and mlflow["killed_experiment"] == expected and mlflow["all_runs"] == 6 and len(mlflow["versions"]) == 1
         summary = {
             "ok": ok, "trials": len(trials), "killed": sum(not t["finished_first"] for t in trials), "folds_equal": resumed == uninterrupted,
-            "mlflow_runs": mlflow["runs"], "registered_versions": mlflow["versions"], "prefect_flow_runs": prefect_states(env["PREFECT_API_URL"]),
+            "mlflow_parents": mlflow["parents"], "killed_experiment_runs": mlflow["killed_experiment"], "mlflow_runs_total": mlflow["all_runs"],
+            "registered_versions": mlflow["versions"], "prefect_flow_runs": prefect_states(env["PREFECT_API_URL"]),
         }
         print(json.dumps(summary))
         if resumed != uninterrupted:
