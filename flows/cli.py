@@ -108,8 +108,7 @@ def train(
 ) -> None:
     """Cross-validate msata on a feature store; log to MLflow and register the model.
 
-    Runs the ``train-msata`` Prefect flow in this process (the same flow deployments
-    run): the run, its log lines and its artifacts appear in Prefect.
+    Runs the train-msata Prefect flow (the one deployments run) in this process: the run, its logs and artifacts appear in Prefect.
     """
     from flows.train import run_training
 
