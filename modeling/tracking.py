@@ -291,7 +291,10 @@ def log_artifact(run_id: str, path: str | Path, artifact_path: str | None = None
 
 
 def write_json(path: str | Path, data: Any) -> Path:
+    """Atomic: a kill mid-write leaves the old file or none, never half of one (run files mark progress)."""
     path = Path(path)
-    path.write_text(json.dumps(data, indent=1, sort_keys=True, default=str))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str))
+    os.replace(tmp, path)
     return path
 

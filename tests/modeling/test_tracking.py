@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 
@@ -175,3 +176,11 @@ def test_experiment_lineage_and_source(mlflow_db: Path, tmp_path: Path) -> None:
     assert tags["n_clips"] == "20" and tags["feature_config_hash"] == store.config.config_hash() and tags["mlflow.data.context"] == "training"
     assert str(tmp_path / "store") in dataset_input.dataset.source
     assert len(parent.data.tags["mlflow.source.git.commit"]) == 40
+
+
+def test_write_json_replaces_atomically(tmp_path) -> None:
+    from modeling.tracking import write_json
+
+    target = write_json(tmp_path / "result.json", {"a": 1})
+    write_json(target, {"a": 2})
+    assert json.loads(target.read_text()) == {"a": 2} and [p.name for p in tmp_path.iterdir()] == ["result.json"]
