@@ -111,7 +111,7 @@ def prepare_experiment(
         "feature_config": store.config.to_dict(),
         "feature_config_hash": store.config.config_hash(),
         "splits_hash": _hash([[f.index, sorted(f.assignment().items())] for f in folds]),
-        "protocol": "given-split" if len(folds) == 1 and split_config.use_given_split and sp.given_splits(manifest) is not None else f"speaker-{len(folds)}fold",
+        "protocol": _protocol_name(folds, split_config, manifest, train_config),
         "folds": fold_dicts,
         "modalities": trained_modalities(manifest),
     }
@@ -163,6 +163,14 @@ def trained_modalities(manifest: "pd.DataFrame") -> list[str]:
     if bool((manifest["has_video"] & (manifest["face_ratio"] > 0)).any()):
         out.append("video")
     return out
+
+
+def _protocol_name(folds: list[sp.Fold], split_config: sp.SplitConfig, manifest: "pd.DataFrame", train_config: TrainConfig) -> str:
+    """The evaluation protocol, as the registry compares it. Per-speaker normalisation is
+    transductive (it uses the test speakers' unlabelled clips), so it is a protocol of its own:
+    such a model is never compared with, nor promoted over, an inductive one."""
+    base = "given-split" if len(folds) == 1 and split_config.use_given_split and sp.given_splits(manifest) is not None else f"speaker-{len(folds)}fold"
+    return f"{base}+speaker-norm-transductive" if train_config.speaker_norm else base
 
 
 def load_spec(run_dir: str | Path) -> dict[str, Any]:

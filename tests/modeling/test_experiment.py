@@ -151,3 +151,18 @@ def test_stopped_runs_are_marked_and_a_resumed_experiment_registers_once(home, s
     assert [str(mv.version) for mv in client.search_model_versions("name='msata-crema-d'")] == ["1"]
     experiment_id = client.get_run(first.parent_run_id).info.experiment_id
     assert len(client.search_logged_models([experiment_id])) == 1  # the model was not logged twice either
+
+
+def test_speaker_normalised_experiments_are_a_protocol_of_their_own(tmp_path) -> None:
+    from modeling.experiment import load_spec, prepare_experiment
+    from modeling.splits import SplitConfig
+    from modeling.train_loop import TrainConfig
+    from training_fixtures import TINY_MODEL, build_tiny_store
+
+    store = build_tiny_store(tmp_path / "store")
+    specs = [
+        load_spec(prepare_experiment(store.url, "crema_d", TrainConfig(epochs=1, speaker_norm=norm), SplitConfig(n_folds=2), TINY_MODEL, run_dir=tmp_path / f"run{norm}", track=False))
+        for norm in (False, True)
+    ]
+    assert specs[0]["protocol"] == "speaker-2fold"
+    assert specs[1]["protocol"] == "speaker-2fold+speaker-norm-transductive"  # the registry never compares the two
