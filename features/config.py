@@ -96,6 +96,10 @@ class FeatureConfig:
     # container keep its clock (their start offsets survive); 1: each stream starts at 0.
     format_version: int = 2
 
+    def __post_init__(self) -> None:
+        if not self.audio_encoder.is_log_mel and self.audio.sample_rate != 16_000:
+            raise ValueError(f"audio encoder {self.audio_encoder.name!r} needs 16 kHz audio, the config decodes at {self.audio.sample_rate} Hz")
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         # Log-mel stores predate the encoder choice: leaving the default out keeps their hash.

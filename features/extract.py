@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from features.audio import log_mel
 from features.clip import ClipError, ClipFeatures
 from features.config import FeatureConfig
@@ -57,7 +59,7 @@ def extract_clip(
                 features.logmel, features.audio_times = logmel, times
         else:
             states, times = _encoder_states(wave, config)  # (Ta, L, D), (Ta,)
-            frame_ms = 20.0
+            frame_ms = 20.0  # Whisper: 10 ms mel hop, stride-2 convolution
             if len(states):
                 features.audio_states, features.audio_times = states, times
         if features.audio_times is None:
@@ -88,12 +90,10 @@ def extract_clip(
     return features
 
 
-def _encoder_states(wave, config: FeatureConfig):
+def _encoder_states(wave: np.ndarray, config: FeatureConfig) -> tuple[np.ndarray, np.ndarray]:
     """Imported here so that log-mel preprocessing never loads the encoder code or weights."""
     from features.audio_encoders.stage import encode_wave
 
-    if config.audio.sample_rate != 16_000:
-        raise ValueError(f"audio encoder {config.audio_encoder.name!r} needs 16 kHz input, the config decodes at {config.audio.sample_rate} Hz")
     return encode_wave(wave, config.audio_encoder)
 
 

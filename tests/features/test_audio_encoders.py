@@ -154,3 +154,25 @@ def test_weights_never_go_through_pickle() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2], timeout=300)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+def test_encoder_configs_need_16_khz_and_stores_refuse_the_other_representation(tmp_path: Path) -> None:
+    from features.clip import ClipFeatures
+    from features.config import AudioConfig
+    from features.manifest import ClipRecord
+    from storage import FeatureStore
+
+    with pytest.raises(ValueError, match="needs 16 kHz audio, the config decodes at 8000 Hz"):
+        FeatureConfig(audio=AudioConfig(sample_rate=8000), audio_encoder=AudioEncoderConfig(name="whisper-tiny.en"))
+    config = FeatureConfig(audio_encoder=AudioEncoderConfig(name="whisper-tiny.en", layers=(4,)))
+    store = FeatureStore.create(tmp_path / "store", config)
+    record = ClipRecord(clip_id="c1", dataset="folder", speaker="s", label="happy", audio_path="/x.wav", video_path=None)
+    logmel = ClipFeatures("c1", 1.0, logmel=np.zeros((50, 80), np.float32), audio_times=np.arange(50) * 0.02)
+    with pytest.raises(ValueError, match=r"\['logmel'\] do not belong in a store of audio encoder 'whisper-tiny.en'"):
+        store.write(record, logmel)
+    wrong_width = ClipFeatures("c1", 1.0, audio_states=np.zeros((50, 1, 512), np.float16), audio_times=np.arange(50) * 0.02)
+    with pytest.raises(ValueError, match=r"audio_states has shape \(50, 1, 512\), expected \(50, 1, 384\)"):
+        store.write(record, wrong_width)
+    assert store.clip_ids() == []  # nothing half-written
+    good = ClipFeatures("c1", 1.0, audio_states=np.ones((50, 1, 384), np.float16), audio_times=np.arange(50) * 0.02)
+    assert store.write(record, good) and FeatureStore.open(tmp_path / "store").read("c1").audio_states.shape == (50, 1, 384)
