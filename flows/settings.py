@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from storage.home import msata_home  # one definition, shared with modeling
 
-def msata_home() -> Path:
-    return Path(os.environ.get("MSATA_HOME", Path.cwd() / ".msata")).resolve()
+__all__ = ["configure_cli_logging", "configure_environment", "flush_api_logs", "msata_home"]
 
 
 def configure_cli_logging(verbose: bool = False) -> None:

@@ -284,6 +284,6 @@ def run_cross_validation(
 
 def compare_models(dataset: str | None = None):
     """Registered versions with their protocol tags and test metrics (pandas.DataFrame)."""
-    from modeling.tracking import compare_models as _compare
+    from modeling.registry import compare_models as _compare
 
     return _compare(dataset)

@@ -49,7 +49,7 @@ def log_pyfunc_model(run_id: str, checkpoint_path: str | Path, label_names: Sequ
             signature=model_signature(label_names),
             input_example=input_example(),
             # Snapshot of the code the model was trained with, so it loads outside this repo.
-            code_paths=[str(REPO_ROOT / "modeling"), str(REPO_ROOT / "features")],
+            code_paths=[str(REPO_ROOT / "modeling"), str(REPO_ROOT / "features"), str(REPO_ROOT / "storage")],  # what inference imports
             # The environment spelled out: MLflow's own conda.yaml builder warns when pip itself is
             # not installed (a uv environment), at every registration.
             conda_env={"name": "msata", "channels": ["conda-forge"], "dependencies": [f"python={platform.python_version()}", "pip", {"pip": pip_requirements()}]},

@@ -13,7 +13,7 @@ Parent runs carry MLflow's source tags (git commit, branch, dirty flag) and the
 feature store as a dataset input (path, feature config hash, clip count). Runs are
 ended explicitly: FINISHED on success, KILLED or FAILED when interrupted
 (:func:`ended_on_failure`). The registry (logged pyfunc, versions, champion rule)
-is ``modeling/registry.py``; its names are importable from here too.
+is ``modeling/registry.py`` (it imports this module, never the other way round).
 """
 
 from __future__ import annotations
@@ -27,20 +27,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-# Registry functions live in modeling/registry.py; importing them from here keeps working.
-_REGISTRY_NAMES = ("RegistrationResult", "RegistryError", "current_champion", "register_and_promote", "registration_of_run", "compare_models", "log_pyfunc_model", "pip_requirements")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _REGISTRY_NAMES:
-        from modeling import registry
-
-        return getattr(registry, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 # One definition of the project-local home (MSATA_HOME, default ./.msata) for CLI, flows and library use.
-from flows.settings import msata_home  # tiny module, no heavy imports
+from storage.home import msata_home
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHAMPION = "champion"

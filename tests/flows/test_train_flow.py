@@ -44,7 +44,8 @@ def test_flow_trains_logs_registers_and_serves(home: Path, tmp_path: Path) -> No
 
     from flows.train import train_msata
     from modeling.experiment import compare_models
-    from modeling.tracking import configure_tracking, register_and_promote
+    from modeling.registry import register_and_promote
+    from modeling.tracking import configure_tracking
 
     from flows.train import progress_hook
 

@@ -313,16 +313,16 @@ def test_mlflow_registry_round_trip(trained: dict, tmp_path: Path, monkeypatch: 
     import mlflow
     from mlflow import MlflowClient
 
-    from modeling import tracking
+    from modeling import registry, tracking
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     try:
         tracking.configure_tracking()
         experiment = MlflowClient().create_experiment("msata-test", artifact_location=(tmp_path / "artifacts").as_uri())
         run_id = tracking.create_run(experiment, "inference-test")
-        model_uri = tracking.log_pyfunc_model(run_id, trained["checkpoint"], list(LABELS))
+        model_uri = registry.log_pyfunc_model(run_id, trained["checkpoint"], list(LABELS))
         tags = {"dataset": "crema_d", "n_folds": 1, "splits_hash": "x", "feature_config_hash": FEATURES.config_hash(), "val_uar_mean": 0.5, "test_uar_mean": 0.5}
-        registered = tracking.register_and_promote(model_uri, "crema-d", tags)
+        registered = registry.register_and_promote(model_uri, "crema-d", tags)
         expected = trained["predictor"].window_probabilities(stored_features, [(0.0, stored_features.duration_s)])
         for uri in (f"models:/{registered.name}@champion", f"models:/{registered.name}/{registered.version}", f"runs:/{run_id}/model"):
             predictor = load_predictor(uri, device="cpu")

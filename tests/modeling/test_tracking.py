@@ -15,7 +15,7 @@ from training_fixtures import tiny_meta
 def mlflow_db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     import mlflow
 
-    from modeling import tracking
+    from modeling import registry, tracking
 
     db = tmp_path / "mlflow.db"
     monkeypatch.setenv("MSATA_HOME", str(tmp_path / "home"))
@@ -39,12 +39,12 @@ def tiny_checkpoint(path: Path) -> Path:
 @pytest.fixture()
 def logged_model(mlflow_db: Path, tmp_path: Path) -> tuple[str, str]:
     """(run id, model URI) of a pyfunc logged from an untrained tiny checkpoint."""
-    from modeling import tracking
+    from modeling import registry, tracking
 
     experiment = tracking.get_or_create_experiment("crema-d")
     run_id = tracking.create_run(experiment, "registry-test")
     checkpoint = tiny_checkpoint(tmp_path / "best.pt")
-    return run_id, tracking.log_pyfunc_model(run_id, checkpoint, tiny_meta()["label_names"])
+    return run_id, registry.log_pyfunc_model(run_id, checkpoint, tiny_meta()["label_names"])
 
 
 def tags(val_uar: float) -> dict:
@@ -55,7 +55,7 @@ def tags(val_uar: float) -> dict:
 def test_champion_rule_and_a_registry_it_cannot_read(mlflow_db: Path, logged_model: tuple[str, str]) -> None:
     from mlflow import MlflowClient
 
-    from modeling.tracking import RegistryError, register_and_promote
+    from modeling.registry import RegistryError, register_and_promote
 
     _, uri = logged_model
     first = register_and_promote(uri, "crema-d", tags(0.5))
@@ -86,7 +86,7 @@ def test_pyfunc_is_logged_from_code_with_metadata_and_no_warnings(mlflow_db: Pat
     from mlflow import MlflowClient
     from mlflow.pyfunc.scoring_server import predictions_to_json
 
-    from modeling import tracking
+    from modeling import registry, tracking
 
     import logging
 
@@ -96,7 +96,7 @@ def test_pyfunc_is_logged_from_code_with_metadata_and_no_warnings(mlflow_db: Pat
     handler.emit = lambda record: logged_warnings.append(record.getMessage())  # type: ignore[method-assign]
     logging.getLogger("mlflow").addHandler(handler)
     try:
-        uri = tracking.log_pyfunc_model(run_id, tiny_checkpoint(tmp_path / "best.pt"), tiny_meta()["label_names"])
+        uri = registry.log_pyfunc_model(run_id, tiny_checkpoint(tmp_path / "best.pt"), tiny_meta()["label_names"])
     finally:
         logging.getLogger("mlflow").removeHandler(handler)
     assert not [w for w in recwarn if "input example" in str(w.message).lower()]  # MLflow's warning at every registration
@@ -115,7 +115,7 @@ def test_pyfunc_is_logged_from_code_with_metadata_and_no_warnings(mlflow_db: Pat
     assert not any(isinstance(v, float) and math.isnan(v) for v in row.values())
 
     tags = {"dataset": "crema_d", "n_folds": 2, "splits_hash": "s", "feature_config_hash": "f", "val_uar_mean": 0.5, "test_uar_mean": 0.25, "parent_run_id": run_id}
-    reg = tracking.register_and_promote(uri, "crema-d", tags)
+    reg = registry.register_and_promote(uri, "crema-d", tags)
     client = MlflowClient()
     version = client.get_model_version(reg.name, reg.version)
     assert "validation UAR" in version.description and client.get_registered_model(reg.name).description
@@ -138,7 +138,7 @@ def test_the_pyfunc_refuses_a_crafted_checkpoint(mlflow_db: Path, tmp_path: Path
     import mlflow
     import torch
 
-    from modeling import tracking
+    from modeling import registry, tracking
     from modeling.checkpoint import CheckpointError
 
     marker = tmp_path / "MARKER"
@@ -150,7 +150,7 @@ def test_the_pyfunc_refuses_a_crafted_checkpoint(mlflow_db: Path, tmp_path: Path
     crafted = tmp_path / "best.pt"
     torch.save(tiny_meta() | {"state_dict": {"w": Evil()}}, crafted)
     run_id = tracking.create_run(tracking.get_or_create_experiment("crema-d"), "crafted")
-    uri = tracking.log_pyfunc_model(run_id, crafted, tiny_meta()["label_names"])
+    uri = registry.log_pyfunc_model(run_id, crafted, tiny_meta()["label_names"])
     with pytest.raises(CheckpointError, match="refusing to load checkpoint"):
         mlflow.pyfunc.load_model(uri)
     assert not marker.exists()
