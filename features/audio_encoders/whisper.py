@@ -15,7 +15,6 @@ input embedding first and the last block's output after the final LayerNorm.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 
@@ -141,7 +140,3 @@ class WhisperEncoder(nn.Module):
 def frame_times(n_frames: int) -> np.ndarray:
     """Centre time of each encoder frame, seconds: frame j sits on mel frame 2j, at 0.02 j s. (T,) float64"""
     return np.arange(n_frames, dtype=np.float64) * (SAMPLES_PER_FRAME / SAMPLE_RATE)
-
-
-def n_frames_for(n_samples: int) -> int:
-    return math.ceil((n_samples // HOP) / 2)
