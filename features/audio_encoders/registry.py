@@ -21,6 +21,7 @@ class PackagedEncoder:
     sha256: str  # of the concatenated model.bin
     n_layers: int  # transformer blocks; n_layers + 1 hidden states (input embedding first)
     width: int  # hidden size
+    n_heads: int  # attention heads per block (needed to rebuild blocks for fine-tuning)
     frames_per_second: float = 50.0  # Whisper: 10 ms mel hop, conv stride 2
     licence: str = "MIT (OpenAI Whisper weights)"
 
@@ -44,6 +45,7 @@ PACKAGED_ENCODERS: dict[str, PackagedEncoder] = {
         sha256="d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9",
         n_layers=6,
         width=512,
+        n_heads=8,
     ),
     "whisper-tiny.en": PackagedEncoder(
         name="whisper-tiny.en",
@@ -52,6 +54,7 @@ PACKAGED_ENCODERS: dict[str, PackagedEncoder] = {
         sha256="1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a",
         n_layers=4,
         width=384,
+        n_heads=6,
     ),
 }
 AUDIO_ENCODER_NAMES = (LOG_MEL, *PACKAGED_ENCODERS)
