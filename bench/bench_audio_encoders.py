@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from features.audio_encoders.stage import load_packaged_encoder  # noqa: E402
 from features.config import AudioEncoderConfig, FeatureConfig  # noqa: E402
 from features.extract import extract_clip  # noqa: E402
-from features.ravdess import prepare_ravdess  # noqa: E402
+from features.recipes.ravdess import prepare_ravdess  # noqa: E402
 
 ENCODERS = ("log-mel", "whisper-tiny.en", "whisper-base")
 

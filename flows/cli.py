@@ -14,6 +14,7 @@ from typing import Optional
 
 import typer
 
+from features.recipes import CORPORA
 from flows.cli_output import (
     compare_table,
     compare_text,
@@ -29,10 +30,8 @@ from flows.settings import configure_cli_logging, configure_environment
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Audio-visual emotion recognition with time-aligned self-attention.")
 
 
-class Dataset(str, Enum):
-    crema_d = "crema-d"
-    ravdess = "ravdess"
-    folder = "folder"
+# The --dataset choices of `msata preprocess`: the recipes of features/recipes, spelt as there.
+Dataset = Enum("Dataset", {name.replace("-", "_"): name for name in CORPORA}, type=str)
 
 
 class OutputFormat(str, Enum):
@@ -67,7 +66,8 @@ def preprocess(
     ),
 ) -> None:
     """Decode a corpus and write timestamped audio and face features to a Zarr store."""
-    from flows.preprocess import discover, run_preprocessing
+    from features.recipes import discover
+    from flows.preprocess import run_preprocessing
 
     config = feature_config_from(feature_config, {"face.detect_every": detect_every, "audio_encoder.name": audio_encoder})
     found = discover(dataset.value, str(root), csv)
@@ -98,7 +98,9 @@ def _load_overrides(path: Optional[Path]) -> dict:
 @one_line_errors
 def train(
     store: str = typer.Option(..., help="Feature store built by `msata preprocess`."),
-    dataset: str = typer.Option(..., help="crema-d, ravdess, or the name of your own dataset (registered as msata-<dataset>)."),
+    dataset: str = typer.Option(
+        ..., help=f"{', '.join(n for n in CORPORA if CORPORA[n].labels)}, or the name of your own dataset (registered as msata-<dataset>)."
+    ),
     folds: Optional[int] = typer.Option(None, min=2, help="Speaker-independent folds (default 5; RAVDESS's 24 actors also split evenly into 6 or 4)."),
     epochs: Optional[int] = typer.Option(None, min=1, help="Maximum epochs per fold (early stopping on validation UAR)."),
     config: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="TOML/JSON run config with \\[train], \\[model] and \\[splits] tables of overrides (infra/configs/)."),

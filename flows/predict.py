@@ -20,7 +20,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
-from features.folder import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS, clip_id_for
+from features.recipes.folder import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS, clip_id_for
 from modeling.inference import Predictor, load_predictor, predict_files
 from modeling.predictions import predictions_frame, read_jsonl, write_jsonl
 

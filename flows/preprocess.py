@@ -22,16 +22,12 @@ from prefect.futures import as_completed
 
 from features.clip import ClipError
 from features.config import FeatureConfig
-from features.crema_d import prepare_crema_d
-from features.folder import prepare_folder
 from features.manifest import ClipRecord, RecipeResult
-from features.ravdess import prepare_ravdess
+from features.recipes import discover
 from flows.artifacts import publish_preprocess_summary
 from flows.progress import ProgressCallback, store_progress
 from flows.runners import task_runner_for, validate_workers
 from storage import FeatureStore
-
-DATASETS = ("crema-d", "ravdess", "folder")
 
 
 @dataclass(frozen=True)
@@ -54,17 +50,6 @@ class PreprocessSummary:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def discover(dataset: str, root: str, csv_path: str | None = None) -> RecipeResult:
-    """Run the dataset's recipe; unknown names raise with the accepted ones."""
-    if dataset == "crema-d":
-        return prepare_crema_d(root)
-    if dataset == "ravdess":
-        return prepare_ravdess(root)
-    if dataset == "folder":
-        return prepare_folder(root, csv_path)
-    raise ValueError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
 
 
 @functools.lru_cache(maxsize=2)

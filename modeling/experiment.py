@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from features.config import FeatureConfig
+from features.recipes import canonical_name
 from modeling import splits as sp
 from modeling.metrics import metrics_from_confusion, summarize_folds
 from modeling.fold_run import RESULT_FILE, FoldResult, train_and_test_fold
@@ -103,7 +104,7 @@ def prepare_experiment(
     train_key = {k: v for k, v in train_config.to_dict().items() if k != "num_workers"}  # results do not depend on it
     spec = {
         "store_path": str(store_path),
-        "dataset": sp.normalize_dataset(dataset),
+        "dataset": canonical_name(dataset),
         "label_names": label_names,
         "train": train_config.to_dict(),
         "splits": asdict(split_config),

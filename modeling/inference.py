@@ -36,7 +36,7 @@ import torch
 
 from features.clip import ClipError, ClipFeatures
 from features.config import FeatureConfig
-from features.folder import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS, clip_id_for
+from features.recipes.folder import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS, clip_id_for
 from features.manifest import ClipRecord
 from modeling.batch import collate
 from modeling.data import features_to_example

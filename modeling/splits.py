@@ -28,17 +28,14 @@ import numpy as np
 import pandas as pd
 
 from features.config import FeatureConfig
-from features.crema_d import CREMA_D_LABELS
-from features.ravdess import RAVDESS_LABELS
+from features.recipes import canonical_name, fixed_labels
+from features.recipes.folder import SPLIT_ALIASES
 
 
 class ProtocolError(ValueError):
     """The data cannot support the requested evaluation protocol."""
 
 
-# Fixed class lists: the index of a label never depends on which clips a store holds.
-DATASET_LABELS: dict[str, list[str]] = {"crema-d": list(CREMA_D_LABELS), "ravdess": list(RAVDESS_LABELS)}
-SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "dev": "val", "test": "test"}
 
 
 @dataclass(frozen=True)
@@ -68,14 +65,10 @@ class Fold:
         return out
 
 
-def normalize_dataset(dataset: str) -> str:
-    key = dataset.strip().lower().replace("_", "-")
-    return "crema-d" if key in {"cremad", "crema"} else key
-
-
 def resolve_label_names(dataset: str, manifest: pd.DataFrame) -> list[str]:
-    """The fixed class list of a known corpus, else the sorted labels of the store."""
-    known = DATASET_LABELS.get(normalize_dataset(dataset))
+    """The fixed class list of a known corpus (features/recipes: the index of a label never
+    depends on which clips a store holds), else the sorted labels of the store."""
+    known = fixed_labels(dataset)
     if known is not None:
         return list(known)
     labels = manifest["label"].dropna().astype(str) if "label" in manifest else pd.Series([], dtype=str)

@@ -27,6 +27,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from features.recipes import canonical_name
+
 # One definition of the project-local home (MSATA_HOME, default ./.msata) for CLI, flows and library use.
 from storage.home import msata_home
 
@@ -57,9 +59,8 @@ def configure_tracking() -> str:
 
 
 def model_name(dataset: str) -> str:
-    from modeling.splits import normalize_dataset
-
-    return f"msata-{normalize_dataset(dataset)}"
+    """Experiment and registered model name of a dataset, in its one spelling (``msata-crema-d``)."""
+    return f"msata-{canonical_name(dataset)}"
 
 
 def get_or_create_experiment(dataset: str) -> str:

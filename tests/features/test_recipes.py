@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from features.crema_d import CREMA_D_LABELS, prepare_crema_d
-from features.folder import MAX_ID_LENGTH, clip_id_for, prepare_folder
 from features.manifest import ClipRecord, RecipeResult
-from features.ravdess import RAVDESS_LABELS, prepare_ravdess
+from features.recipes.crema_d import CREMA_D_LABELS, prepare_crema_d
+from features.recipes.folder import MAX_ID_LENGTH, clip_id_for, prepare_folder
+from features.recipes.ravdess import RAVDESS_LABELS, prepare_ravdess
 from storage.manifest_table import SAFE_ID
 
 
@@ -62,7 +62,7 @@ def test_crema_d_join_rules_and_rejections(tmp_path: Path) -> None:
     both = clips["1001_DFA_ANG_XX"]
     assert both.audio_path == str(tmp_path / "AudioWAV/1001_DFA_ANG_XX.wav")
     assert both.video_path == str(tmp_path / "VideoFlash/1001_DFA_ANG_XX.flv")
-    assert (both.dataset, both.speaker, both.label, both.sentence, both.intensity) == ("crema_d", "1001", "angry", "DFA", "unspecified")
+    assert (both.dataset, both.speaker, both.label, both.sentence, both.intensity) == ("crema-d", "1001", "angry", "DFA", "unspecified")
     assert clips["1001_IEO_HAP_HI"].audio_path == clips["1001_IEO_HAP_HI"].video_path  # no wav: audio from the flv
     assert clips["1001_IEO_HAP_HI"].intensity == "high"
     assert clips["1002_MTI_FEA_MD"].video_path is None and clips["1002_MTI_FEA_MD"].label == "fearful"

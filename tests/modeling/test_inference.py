@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from features.clip import ClipError
 from features.config import FaceConfig, FeatureConfig
 from features.extract import extract_clip
-from features.folder import prepare_folder
+from features.recipes.folder import prepare_folder
 from features.synthetic import make_synthetic_dataset, make_talking_face_clip
 from modeling.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from modeling.inference import Predictor, load_predictor, predict_files, record_for_file, sliding_windows

@@ -26,8 +26,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Literal
 
-from features.folder import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS
 from features.manifest import ClipRecord, RecipeResult, Rejection
+from features.recipes.folder import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS
 
 DATASET = "ravdess"
 RAVDESS_LABELS: tuple[str, ...] = ("neutral", "calm", "happy", "sad", "angry", "fearful", "disgust", "surprised")

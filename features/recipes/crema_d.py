@@ -23,7 +23,7 @@ from pathlib import Path
 
 from features.manifest import ClipRecord, RecipeResult, Rejection
 
-DATASET = "crema_d"
+DATASET = "crema-d"  # the spelling of features/recipes (CLI value, registry name msata-crema-d)
 
 # Emotion code -> label, in the fixed class order (codes sorted alphabetically).
 EMOTIONS: dict[str, str] = {
