@@ -11,7 +11,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from features.audio_encoders.registry import LOG_MEL, packaged_encoder
+from features.audio_encoders.registry import HF_PREFIX, LOG_MEL, is_hf_checkpoint, packaged_encoder
 
 
 @dataclass(frozen=True)
@@ -32,49 +32,100 @@ class AudioConfig:
 
 @dataclass(frozen=True)
 class AudioEncoderConfig:
-    """Which audio representation a store holds: ``"log-mel"`` (the AudioConfig spectrogram) or
-    the hidden states of a packaged pretrained encoder (``"whisper-base"``, ``"whisper-tiny.en"``).
+    """Which audio representation a store holds: ``"log-mel"`` (the AudioConfig spectrogram), the
+    hidden states of a packaged pretrained encoder (``"whisper-base"``, ``"whisper-tiny.en"``), or
+    those of a local Hugging Face checkpoint directory, ``"hf:/abs/path"`` (whisper, wav2vec2,
+    hubert, wavlm; see ``audio_encoders/hf_checkpoint.py``).
 
     ``layers`` picks the hidden states kept (0 = the input embedding, k = block k's output);
-    empty keeps all of them. ``weights_sha256`` is the identity of the weights: it is filled in
-    from the registry, so it enters the config hash and stores of two encoders never mix.
+    empty keeps all of them. ``weights_sha256`` is the identity of the weights: filled in from the
+    registry, or for a checkpoint from its model.safetensors when the config is first made, so it
+    enters the config hash and stores of two encoders never mix. A checkpoint's ``model_type``,
+    ``n_layers`` and ``width`` are recorded beside it, so that a recorded config (a store, a
+    model) says its shape without the checkpoint: training needs only the stored states.
     """
 
     name: str = LOG_MEL
     layers: tuple[int, ...] = ()
     weights_sha256: str = ""
     window_s: float = 30.0  # long files are encoded in windows of this length (Whisper: at most 30 s)
+    model_type: str = ""  # Hugging Face checkpoints only (the packaged encoders' shapes are in the registry)
+    n_layers: int = 0
+    width: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
         if self.name == LOG_MEL:
-            if self.layers or self.weights_sha256:
+            if self.layers or self.weights_sha256 or self.model_type or self.n_layers or self.width:
                 raise ValueError(f"audio encoder {LOG_MEL!r} takes no layers or weights, got {self}")
             return
+        if is_hf_checkpoint(self.name):
+            self._identify_checkpoint()
+        else:
+            self._identify_packaged()
+        n_layers = self.n_layers or packaged_encoder(self.name).n_layers
+        bad = [i for i in self.layers if not 0 <= i <= n_layers]
+        if bad or len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"layers {list(self.layers)} of {self.name!r}: each must be unique and in 0..{n_layers}")
+        if not 0 < self.window_s <= 30.0:
+            raise ValueError(f"window_s={self.window_s}: must be in (0, 30] seconds (Whisper has 30 s of positions)")
+
+    def _identify_packaged(self) -> None:
         spec = packaged_encoder(self.name)  # ValueError naming the known encoders
+        if self.model_type or self.n_layers or self.width:
+            raise ValueError(f"audio encoder {self.name!r}: model_type, n_layers and width are for hf: checkpoints only")
         if self.weights_sha256 and self.weights_sha256 != spec.sha256:
             raise ValueError(
                 f"audio encoder {self.name!r} is recorded with weights {self.weights_sha256[:12]}..., "
                 f"the installed registry pins {spec.sha256[:12]}...: features from other weights cannot be mixed"
             )
         object.__setattr__(self, "weights_sha256", spec.sha256)
-        bad = [i for i in self.layers if not 0 <= i <= spec.n_layers]
-        if bad or len(set(self.layers)) != len(self.layers):
-            raise ValueError(f"layers {list(self.layers)} of {self.name!r}: each must be unique and in 0..{spec.n_layers}")
-        if not 0 < self.window_s <= 30.0:
-            raise ValueError(f"window_s={self.window_s}: must be in (0, 30] seconds (Whisper has 30 s of positions)")
+
+    def _identify_checkpoint(self) -> None:
+        """A new config reads its identity from the directory; a recorded one (sha256 given) is
+        taken as recorded and touches no file, so a training worker needs no checkpoint. Whether
+        the file is still the recorded one is checked whenever the encoder is loaded."""
+        from features.audio_encoders import hf_checkpoint
+
+        directory = self.name[len(HF_PREFIX) :]
+        if not directory:
+            raise ValueError(f"audio encoder {self.name!r}: name the checkpoint directory, e.g. hf:/models/wav2vec2-base")
+        object.__setattr__(self, "name", HF_PREFIX + hf_checkpoint.absolute_directory(directory))
+        recorded = (self.model_type, self.n_layers, self.width)
+        if self.weights_sha256:
+            if not all(recorded):
+                raise ValueError(f"audio encoder {self.name!r}: a recorded config needs model_type, n_layers and width, got {recorded}")
+            return
+        info = hf_checkpoint.read_checkpoint(self.name[len(HF_PREFIX) :])  # CheckpointError (a ValueError) when unusable
+        if any(recorded) and recorded != (info.model_type, info.n_layers, info.width):
+            raise ValueError(f"audio encoder {self.name!r} is a {info.model_type} of {info.n_layers} x {info.width}, not {recorded}")
+        for key, value in (("weights_sha256", info.sha256), ("model_type", info.model_type), ("n_layers", info.n_layers), ("width", info.width)):
+            object.__setattr__(self, key, value)
 
     @property
     def is_log_mel(self) -> bool:
         return self.name == LOG_MEL
 
+    @property
+    def is_hf_checkpoint(self) -> bool:
+        return is_hf_checkpoint(self.name)
+
     def state_indices(self) -> tuple[int, ...]:
         """Hidden states stored, in order (encoders only)."""
-        return self.layers or tuple(range(packaged_encoder(self.name).n_states))
+        n_layers = self.n_layers or packaged_encoder(self.name).n_layers
+        return self.layers or tuple(range(n_layers + 1))
 
     def state_shape(self) -> tuple[int, int]:
         """(L, D) of one stored frame (encoders only)."""
-        return len(self.state_indices()), packaged_encoder(self.name).width
+        return len(self.state_indices()), self.width or packaged_encoder(self.name).width
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["layers"] = list(self.layers)
+        if not self.is_hf_checkpoint:  # packaged encoders' stores predate these keys: leaving them out keeps their hash
+            for key in ("model_type", "n_layers", "width"):
+                del data[key]
+        return data
 
 
 @dataclass(frozen=True)
@@ -106,7 +157,7 @@ class FeatureConfig:
         if self.audio_encoder.is_log_mel:
             del data["audio_encoder"]
         else:
-            data["audio_encoder"]["layers"] = list(self.audio_encoder.layers)
+            data["audio_encoder"] = self.audio_encoder.to_dict()
         return data
 
     @classmethod

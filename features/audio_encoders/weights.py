@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from features.audio_encoders.ct2_format import read_ct2_variables
-from features.audio_encoders.registry import PackagedEncoder
+from features.audio_encoders.registry import CheckpointEncoder, PackagedEncoder
 
 _CHUNK = 1 << 22
 
@@ -24,8 +24,15 @@ class WeightsError(RuntimeError):
     """Encoder weights that cannot be used: not installed, or not the file msata pinned."""
 
 
-def weight_files(encoder: PackagedEncoder) -> list[Path]:
-    """The installed files of ``encoder`` in concatenation order; WeightsError naming the fix when absent."""
+def weight_files(encoder: PackagedEncoder | CheckpointEncoder) -> list[Path]:
+    """The installed files of ``encoder`` in concatenation order; WeightsError naming the fix when absent.
+
+    For a Hugging Face checkpoint: its model.safetensors (CheckpointError when the directory is
+    missing or holds pickle only); whether it is still the recorded file is checked on load."""
+    if isinstance(encoder, CheckpointEncoder):
+        from features.audio_encoders.hf_checkpoint import checkpoint_weights  # imports this module
+
+        return [checkpoint_weights(encoder.directory)]
     files = []
     for package, relative in encoder.parts:
         spec = importlib.util.find_spec(package)
