@@ -62,7 +62,7 @@ def preprocess(
     ),
     detect_every: Optional[int] = typer.Option(None, min=1, help="Run face detection on every N-th frame (face.detect_every; default 1)."),
     audio_encoder: Optional[str] = typer.Option(
-        None, help="Audio representation (audio_encoder.name): log-mel (default), or the hidden states of a packaged pretrained encoder: whisper-base, whisper-tiny.en."
+        None, help="Audio representation (audio_encoder.name): log-mel (default), or the hidden states of a packaged pretrained encoder: whisper-base, whisper-tiny.en, or of a local Hugging Face checkpoint directory (Whisper, wav2vec2, HuBERT, WavLM; model.safetensors): hf:/path/to/dir."
     ),
 ) -> None:
     """Decode a corpus and write timestamped audio and face features to a Zarr store."""

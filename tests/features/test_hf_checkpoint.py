@@ -261,3 +261,21 @@ def test_cli_preprocess_with_a_checkpoint(tmp_path: Path, checkpoints: dict[str,
     assert store.read(store.clip_ids()[0]).audio_states.shape[1:] == (3, 32)
     bad = subprocess.run([MSATA, *args[:-1], f"hf:{tmp_path / 'nowhere'}"], env=clean_env(tmp_path), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "does not exist" in bad.stdout + bad.stderr and "Traceback" not in bad.stdout + bad.stderr
+
+
+def test_checkpoints_with_a_head_give_their_base_models_states(tmp_path: Path) -> None:
+    """A fine-tuned ...ForCTC or WhisperForConditionalGeneration directory: AutoModel takes its base model."""
+    torch.manual_seed(0)
+    ctc = transformers.Wav2Vec2ForCTC(transformers.Wav2Vec2Config(**TINY, **STANDARD_STACK, vocab_size=8))
+    _save(ctc, tmp_path / "ctc")
+    states, _ = encode_wave(_wave(4_000), AudioEncoderConfig(name=f"hf:{tmp_path / 'ctc'}"), "cpu")
+    _save(ctc.wav2vec2, tmp_path / "base")
+    assert np.array_equal(states, encode_wave(_wave(4_000), AudioEncoderConfig(name=f"hf:{tmp_path / 'base'}"), "cpu")[0])
+    whisper = transformers.WhisperForConditionalGeneration(transformers.WhisperConfig(
+        d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=128, decoder_layers=1, decoder_attention_heads=2,
+        decoder_ffn_dim=64, vocab_size=64, max_target_positions=16, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+    ))  # fmt: skip
+    _save(whisper, tmp_path / "asr")
+    states, _ = encode_wave(_wave(4_000), AudioEncoderConfig(name=f"hf:{tmp_path / 'asr'}"), "cpu")
+    _save(whisper.model, tmp_path / "asr-base")
+    assert np.array_equal(states, encode_wave(_wave(4_000), AudioEncoderConfig(name=f"hf:{tmp_path / 'asr-base'}"), "cpu")[0])
