@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from features.recipes import CORPORA
 from flows.cli_output import (
@@ -68,7 +69,9 @@ def preprocess(
     """Decode a corpus and write timestamped audio and face features to a Zarr store."""
     from features.recipes import discover
     from flows.preprocess import run_preprocessing
+    from flows.runners import validate_workers
 
+    validate_workers(workers, dask_address)  # a bad --dask-address fails here, before the recipe scans the corpus
     config = feature_config_from(feature_config, {"face.detect_every": detect_every, "audio_encoder.name": audio_encoder})
     found = discover(dataset.value, str(root), csv)
     if not found.records:
@@ -173,7 +176,7 @@ def predict(
     try:
         predictor = load_predictor(model)
     except (FileNotFoundError, ValueError) as err:
-        console.print(f"[bold red]cannot load model:[/] {err}")
+        console.print(f"[bold red]cannot load model:[/] {escape(str(err))}", soft_wrap=True)  # one line, however long the path
         raise typer.Exit(code=2)
     predictions = predict_files(predictor, [str(f) for f in files], window, hop)
     for prediction in predictions:
