@@ -34,7 +34,7 @@ class Detections:
     found: np.ndarray  # (N,) bool
 
     @classmethod
-    def empty(cls, n: int) -> "Detections":
+    def empty(cls, n: int) -> Detections:
         return cls(
             boxes=np.zeros((n, 4), np.float32),
             landmarks=np.zeros((n, 5, 2), np.float32),
@@ -45,7 +45,7 @@ class Detections:
     def __len__(self) -> int:
         return len(self.found)
 
-    def take(self, idx: np.ndarray | list[int] | slice) -> "Detections":
+    def take(self, idx: np.ndarray | list[int] | slice) -> Detections:
         return Detections(self.boxes[idx], self.landmarks[idx], self.probs[idx], self.found[idx])
 
 
@@ -276,7 +276,7 @@ class FaceDetector:
         frames: list[np.ndarray],
         times: list[float],
         current: tuple[float, Detections],
-        acc: "_Accumulator",
+        acc: _Accumulator,
     ) -> None:
         """Fill in the frames held back between ``anchor`` and ``current``."""
         if not frames:

@@ -8,9 +8,8 @@ place before any of those libraries read their settings. Printing lives in
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import Enum, StrEnum
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.markup import escape
@@ -35,7 +34,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Audio-visual
 Dataset = Enum("Dataset", {name.replace("-", "_"): name for name in CORPORA}, type=str)
 
 
-class OutputFormat(str, Enum):
+class OutputFormat(StrEnum):
     table = "table"
     json = "json"
     csv = "csv"
@@ -54,15 +53,15 @@ def preprocess(
     dataset: Dataset = typer.Option(..., help="Corpus recipe to use."),
     root: Path = typer.Option(..., exists=True, file_okay=False, help="Corpus root folder."),
     store: str = typer.Option(..., help="Feature store folder or fsspec URL."),
-    csv: Optional[str] = typer.Option(None, help="Labels CSV for --dataset folder (default ROOT/labels.csv)."),
+    csv: str | None = typer.Option(None, help="Labels CSV for --dataset folder (default ROOT/labels.csv)."),
     workers: int = typer.Option(1, min=1, help="Clips extracted at once: local Dask worker processes when > 1."),
-    dask_address: Optional[str] = typer.Option(None, help="Run the clip tasks on this running Dask scheduler (tcp://host:8786)."),
-    limit: Optional[int] = typer.Option(None, min=1, help="Process only the first N clips."),
-    feature_config: Optional[Path] = typer.Option(
+    dask_address: str | None = typer.Option(None, help="Run the clip tasks on this running Dask scheduler (tcp://host:8786)."),
+    limit: int | None = typer.Option(None, min=1, help="Process only the first N clips."),
+    feature_config: Path | None = typer.Option(
         None, exists=True, dir_okay=False, help="TOML/JSON feature settings, keys as FeatureConfig.to_dict() nests them (\\[audio], \\[face], ...)."
     ),
-    detect_every: Optional[int] = typer.Option(None, min=1, help="Run face detection on every N-th frame (face.detect_every; default 1)."),
-    audio_encoder: Optional[str] = typer.Option(
+    detect_every: int | None = typer.Option(None, min=1, help="Run face detection on every N-th frame (face.detect_every; default 1)."),
+    audio_encoder: str | None = typer.Option(
         None, help="Audio representation (audio_encoder.name): log-mel (default), or the hidden states of a packaged pretrained encoder: whisper-base, whisper-tiny.en, or of a local Hugging Face checkpoint directory (Whisper, wav2vec2, HuBERT, WavLM; model.safetensors): hf:/path/to/dir."
     ),
 ) -> None:
@@ -86,7 +85,7 @@ def preprocess(
         raise typer.Exit(code=1)
 
 
-def _load_overrides(path: Optional[Path]) -> dict:
+def _load_overrides(path: Path | None) -> dict:
     """A run config file (.toml or .json) with optional [train], [model] and [splits] tables."""
     if path is None:
         return {}
@@ -104,10 +103,10 @@ def train(
     dataset: str = typer.Option(
         ..., help=f"{', '.join(n for n in CORPORA if CORPORA[n].labels)}, or the name of your own dataset (registered as msata-<dataset>)."
     ),
-    folds: Optional[int] = typer.Option(None, min=2, help="Speaker-independent folds (default 5; RAVDESS's 24 actors also split evenly into 6 or 4)."),
-    epochs: Optional[int] = typer.Option(None, min=1, help="Maximum epochs per fold (early stopping on validation UAR)."),
-    config: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="TOML/JSON run config with \\[train], \\[model] and \\[splits] tables of overrides (infra/configs/)."),
-    run_dir: Optional[Path] = typer.Option(None, help="Where checkpoints and split files go (default under MSATA_HOME/runs)."),
+    folds: int | None = typer.Option(None, min=2, help="Speaker-independent folds (default 5; RAVDESS's 24 actors also split evenly into 6 or 4)."),
+    epochs: int | None = typer.Option(None, min=1, help="Maximum epochs per fold (early stopping on validation UAR)."),
+    config: Path | None = typer.Option(None, exists=True, dir_okay=False, help="TOML/JSON run config with \\[train], \\[model] and \\[splits] tables of overrides (infra/configs/)."),
+    run_dir: Path | None = typer.Option(None, help="Where checkpoints and split files go (default under MSATA_HOME/runs)."),
     resume: bool = typer.Option(False, help="Continue an interrupted experiment (the default run directory is keyed by store, configs and folds)."),
     register: bool = typer.Option(True, help="Register the selected model in the MLflow registry."),
 ) -> None:
@@ -135,7 +134,7 @@ def train(
 @app.command()
 @one_line_errors
 def compare(
-    dataset: Optional[str] = typer.Option(None, help="Only models of this dataset."),
+    dataset: str | None = typer.Option(None, help="Only models of this dataset."),
     format: OutputFormat = typer.Option(OutputFormat.table, "--format", help="table: the main columns; json / csv: every column, to stdout."),
 ) -> None:
     """Registered model versions and their cross-validation metrics, side by side."""
@@ -156,8 +155,8 @@ def compare(
 def predict(
     files: list[Path] = typer.Argument(..., help="Video or audio files (a folder runs the predict-folder flow)."),
     model: str = typer.Option("models:/msata-demo@champion", help="MLflow model URI or checkpoint path."),
-    out: Optional[Path] = typer.Option(None, help="Write the predictions as JSON lines (or Parquet for a folder: a directory)."),
-    plot: Optional[Path] = typer.Option(None, help="Timeline PNG; with several files, one PNG per file with the file's stem appended."),
+    out: Path | None = typer.Option(None, help="Write the predictions as JSON lines (or Parquet for a folder: a directory)."),
+    plot: Path | None = typer.Option(None, help="Timeline PNG; with several files, one PNG per file with the file's stem appended."),
     window: float = typer.Option(2.0, min=0.1, help="Timeline window length in seconds."),
     hop: float = typer.Option(0.5, min=0.05, help="Timeline hop in seconds."),
 ) -> None:
@@ -177,7 +176,7 @@ def predict(
         predictor = load_predictor(model)
     except (FileNotFoundError, ValueError) as err:
         console.print(f"[bold red]cannot load model:[/] {escape(str(err))}", soft_wrap=True)  # one line, however long the path
-        raise typer.Exit(code=2)
+        raise typer.Exit(code=2) from None
     predictions = predict_files(predictor, [str(f) for f in files], window, hop)
     for prediction in predictions:
         print_prediction(prediction)

@@ -9,9 +9,9 @@ Tasks never pass arrays: each one decodes, extracts and writes its clip itself.
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any

@@ -151,7 +151,7 @@ def train_msata(
     return result
 
 
-def cv_result_from_dict(data: dict[str, Any]) -> "CVResult":
+def cv_result_from_dict(data: dict[str, Any]) -> CVResult:
     from modeling.experiment import CVResult
     from modeling.fold_run import FoldResult
 
@@ -168,7 +168,7 @@ def run_training(
     resume: bool = False,
     register: bool = True,
     progress: Callable[[Any], None] | None = None,
-) -> "CVResult":
+) -> CVResult:
     """Run ``train-msata`` in this process against PREFECT_API_URL or a temporary API (``msata train``).
 
     ``progress`` receives every training event of the fold tasks through

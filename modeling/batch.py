@@ -34,14 +34,14 @@ class Batch:
     labels: torch.Tensor  # (B,) int64
     clip_ids: list[str]
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         moved = {}
         for f in fields(self):
             value = getattr(self, f.name)
             moved[f.name] = value.to(device, non_blocking=non_blocking) if torch.is_tensor(value) else value
         return Batch(**moved)
 
-    def pin_memory(self) -> "Batch":
+    def pin_memory(self) -> Batch:
         # Called by DataLoader(pin_memory=True) on custom batch types.
         pinned = {f.name: getattr(self, f.name) for f in fields(self)}
         for name, value in pinned.items():

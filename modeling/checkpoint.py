@@ -178,7 +178,7 @@ def upgrade_checkpoint(src: str | Path, dst: str | Path, *, trust_source: bool) 
     return save_checkpoint(dst, payload)
 
 
-def load_trained_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, "FeatureConfig", list[str]]:
+def load_trained_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, FeatureConfig, list[str]]:
     """(model in eval mode on ``device``, its feature config, label names) from a checkpoint."""
     from features.config import FeatureConfig
     from modeling.encoder import MsataConfig, MsataModel

@@ -26,18 +26,18 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from features.clip import ClipError, ClipFeatures
 from features.config import FeatureConfig
-from features.recipes.folder import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS, clip_id_for
 from features.manifest import ClipRecord
+from features.recipes.folder import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS, clip_id_for
 from modeling.batch import collate
 from modeling.data import features_to_example
 from modeling.encoder import MsataConfig, MsataModel
@@ -197,7 +197,7 @@ class Predictor:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_checkpoint(cls, payload: dict[str, Any], device: str | torch.device = "auto", source: str = "", **kwargs: Any) -> "Predictor":
+    def from_checkpoint(cls, payload: dict[str, Any], device: str | torch.device = "auto", source: str = "", **kwargs: Any) -> Predictor:
         """Build from a loaded checkpoint dict (``modeling.checkpoint.load_checkpoint``)."""
         from modeling.train_loop import resolve_device
 

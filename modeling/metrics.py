@@ -16,8 +16,8 @@ Conventions (the ones SER papers use, spelled out because they differ in edge ca
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 

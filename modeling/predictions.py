@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -73,7 +74,7 @@ class FilePrediction:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "FilePrediction":
+    def from_dict(cls, data: dict[str, Any]) -> FilePrediction:
         data = dict(data)
         data["timeline"] = [WindowPrediction(**w) for w in data.get("timeline", [])]
         return cls(**data)
@@ -109,7 +110,7 @@ def read_jsonl(path: str | Path) -> list[FilePrediction]:
         return [FilePrediction.from_dict(json.loads(line)) for line in handle if line.strip()]
 
 
-def predictions_frame(predictions: Sequence[FilePrediction], label_names: Sequence[str] | None = None) -> "pd.DataFrame":
+def predictions_frame(predictions: Sequence[FilePrediction], label_names: Sequence[str] | None = None) -> pd.DataFrame:
     """One row per file: path, label, prob_<class>..., n_windows, modalities, duration_s, warnings, error.
 
     ``label_names`` fixes the probability columns (needed when every file failed);

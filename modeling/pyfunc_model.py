@@ -18,8 +18,9 @@ Params (optional, per call): ``window_s`` and ``hop_s`` of the timeline windows.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import mlflow.pyfunc
 import pandas as pd
@@ -39,7 +40,7 @@ def json_safe(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.astype(object).where(frame.notna(), None)
 
 
-def model_signature(label_names: Sequence[str]) -> "mlflow.models.ModelSignature":
+def model_signature(label_names: Sequence[str]) -> mlflow.models.ModelSignature:
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 

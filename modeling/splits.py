@@ -20,15 +20,15 @@ before any training starts.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import pandas as pd
 
 from features.config import FeatureConfig
-from features.recipes import canonical_name, fixed_labels
+from features.recipes import fixed_labels
 from features.recipes.folder import SPLIT_ALIASES
 
 

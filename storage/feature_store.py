@@ -116,7 +116,7 @@ class FeatureStore:
         config: FeatureConfig,
         storage_options: dict[str, Any] | None = None,
         stale_after_s: float = STALE_AFTER_S,
-    ) -> "FeatureStore":
+    ) -> FeatureStore:
         """Create the store, or open it for writing when it exists with the same config hash."""
         fs, root, url = cls._resolve(path, storage_options)
         store = cls(fs, root, url, config, read_only=False)
@@ -135,7 +135,7 @@ class FeatureStore:
         return store
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> "FeatureStore":
+    def open(cls, path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> FeatureStore:
         """Open an existing store read-only; StoreError naming the path otherwise."""
         fs, root, url = cls._resolve(path, storage_options)
         stored = _root_attrs(fs, root, url)

@@ -6,9 +6,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from flow_servers import MSATA, REPO, clean_env, start_dask_cluster, start_prefect_server, stop_all
 
 from features.synthetic import make_synthetic_dataset
-from flow_servers import MSATA, REPO, clean_env, start_dask_cluster, start_prefect_server, stop_all
 from storage import FeatureStore
 
 pytestmark = pytest.mark.slow

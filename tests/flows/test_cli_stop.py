@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
+from flow_servers import MSATA, REPO, start_prefect_server, stop_all
 
 from features.synthetic import make_synthetic_dataset
-from flow_servers import MSATA, REPO, start_prefect_server, stop_all
 from storage import FeatureStore
 
 pytestmark = pytest.mark.slow

@@ -12,7 +12,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from flow_servers import MSATA, start_prefect_server, stop_all
 from training_fixtures import TINY_MODEL, build_tiny_store
 
@@ -23,7 +22,14 @@ TRAIN = {"epochs": 1, "batch_size": 4, "lr": 3e-3, "warmup_epochs": 0.5, "num_wo
 def test_cli_train_is_a_flow_run_with_logs_artifacts_and_a_tagged_mlflow_run(tmp_path: Path) -> None:
     from mlflow import MlflowClient
     from prefect import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowFilter, FlowFilterName, LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        FlowFilter,
+        FlowFilterName,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     started: list[subprocess.Popen] = []

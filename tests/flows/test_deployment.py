@@ -19,7 +19,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from training_fixtures import TINY_MODEL, build_tiny_store
 
 pytestmark = pytest.mark.slow

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flow_servers import MSATA, REPO, clean_env
 
 from features.config import AudioEncoderConfig
 from features.synthetic import make_synthetic_dataset
-from flow_servers import MSATA, REPO, clean_env
 from storage import FeatureStore
 
 pytestmark = pytest.mark.slow

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import csv
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from features.synthetic import make_talking_face_clip, make_synthetic_dataset
+from features.config import AudioConfig, FeatureConfig
+from features.synthetic import make_synthetic_dataset, make_talking_face_clip
 from flows.preprocess import run_preprocessing
 from storage import ConfigMismatchError, FeatureStore
-from features.config import AudioConfig, FeatureConfig
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 
@@ -119,9 +119,10 @@ def test_flow_called_as_a_deployment_runs_a_bounded_number_of_clips(folder_datas
     """A deployment calls the flow itself (no run_preprocessing): its default runner must be bounded."""
     from prefect import get_client
     from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName, TaskRunFilterStartTime
+
     from flows.preprocess import preprocess_dataset
 
-    before = datetime.now(timezone.utc)
+    before = datetime.now(UTC)
     summary = preprocess_dataset("folder", str(folder_dataset), str(tmp_path / "store"))
     assert summary.done == 6
     with get_client(sync_client=True) as client:

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from training_fixtures import TINY_MODEL, build_tiny_store
 
 from features.config import FeatureConfig
 from modeling.splits import ProtocolError, SplitConfig
 from modeling.train_loop import TrainConfig
-from training_fixtures import TINY_MODEL, build_tiny_store
 
 pytestmark = [pytest.mark.slow]
 TRAIN = {"epochs": 2, "batch_size": 4, "lr": 3e-3, "warmup_epochs": 0.5, "num_workers": 0, "max_duration_s": 1.5, "patience": 5}
@@ -42,12 +42,10 @@ def test_flow_trains_logs_registers_and_serves(home: Path, tmp_path: Path) -> No
     import mlflow
     from mlflow import MlflowClient
 
-    from flows.train import train_msata
+    from flows.train import progress_hook, train_msata
     from modeling.experiment import compare_models
     from modeling.registry import register_and_promote
     from modeling.tracking import configure_tracking
-
-    from flows.train import progress_hook
 
     store = tmp_path / "store"
     build_tiny_store(store, n_speakers=5, clips_per_speaker=4)

@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from training_fixtures import LABELS, TINY_FEATURES, build_tiny_store, tiny_clip
 
 from modeling.data import ClipDataset, DataConfig, crop_window, features_to_example, make_loader, spec_mask
-from training_fixtures import LABELS, TINY_FEATURES, build_tiny_store, tiny_clip
 
 
 @pytest.fixture(scope="module")

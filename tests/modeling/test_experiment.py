@@ -22,10 +22,10 @@ def test_trained_modalities_follow_the_store():
 # ----------------------------------------------------------------------------- the run directory
 
 import pytest  # noqa: E402
+from training_fixtures import TINY_MODEL, build_tiny_store  # noqa: E402
 
 from modeling.splits import SplitConfig  # noqa: E402
 from modeling.train_loop import TrainConfig  # noqa: E402
-from training_fixtures import TINY_MODEL, build_tiny_store  # noqa: E402
 
 
 @pytest.fixture()
@@ -154,10 +154,11 @@ def test_stopped_runs_are_marked_and_a_resumed_experiment_registers_once(home, s
 
 
 def test_speaker_normalised_experiments_are_a_protocol_of_their_own(tmp_path) -> None:
+    from training_fixtures import TINY_MODEL, build_tiny_store
+
     from modeling.experiment import load_spec, prepare_experiment
     from modeling.splits import SplitConfig
     from modeling.train_loop import TrainConfig
-    from training_fixtures import TINY_MODEL, build_tiny_store
 
     store = build_tiny_store(tmp_path / "store")
     specs = [

@@ -7,7 +7,6 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-
 from training_fixtures import tiny_meta
 
 
@@ -15,7 +14,7 @@ from training_fixtures import tiny_meta
 def mlflow_db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     import mlflow
 
-    from modeling import registry, tracking
+    from modeling import tracking
 
     db = tmp_path / "mlflow.db"
     monkeypatch.setenv("MSATA_HOME", str(tmp_path / "home"))
@@ -78,6 +77,7 @@ def test_champion_rule_and_a_registry_it_cannot_read(mlflow_db: Path, logged_mod
 @pytest.mark.slow
 def test_pyfunc_is_logged_from_code_with_metadata_and_no_warnings(mlflow_db: Path, tmp_path: Path, recwarn: pytest.WarningsRecorder) -> None:
     import json
+    import logging
     import math
 
     import mlflow
@@ -87,8 +87,6 @@ def test_pyfunc_is_logged_from_code_with_metadata_and_no_warnings(mlflow_db: Pat
     from mlflow.pyfunc.scoring_server import predictions_to_json
 
     from modeling import registry, tracking
-
-    import logging
 
     run_id = tracking.create_run(tracking.get_or_create_experiment("crema-d"), "pyfunc-test")
     logged_warnings: list[str] = []
@@ -159,11 +157,11 @@ def test_the_pyfunc_refuses_a_crafted_checkpoint(mlflow_db: Path, tmp_path: Path
 @pytest.mark.slow
 def test_experiment_lineage_and_source(mlflow_db: Path, tmp_path: Path) -> None:
     from mlflow import MlflowClient
+    from training_fixtures import TINY_MODEL, build_tiny_store
 
     from modeling.experiment import prepare_experiment
     from modeling.splits import SplitConfig
     from modeling.train_loop import TrainConfig
-    from training_fixtures import TINY_MODEL, build_tiny_store
 
     store = build_tiny_store(tmp_path / "store", n_speakers=5, clips_per_speaker=4)
     run_dir = prepare_experiment(str(tmp_path / "store"), "crema-d", TrainConfig(epochs=1), SplitConfig(n_folds=2), TINY_MODEL, run_dir=tmp_path / "run")

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from training_fixtures import build_tiny_store, tiny_loaders, tiny_meta
 
 from modeling.checkpoint import load_checkpoint
 from modeling.encoder import MsataConfig, MsataModel
 from modeling.train_loop import TrainConfig, train_model, warmup_cosine
-from training_fixtures import build_tiny_store, tiny_loaders, tiny_meta
 
 TESTS_DIR = Path(__file__).resolve().parents[1]
 REPO = TESTS_DIR.parent
