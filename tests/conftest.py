@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -32,3 +33,21 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=None):
         yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _log_mel_compiled() -> None:
+    """librosa's numba kernels compile on the first ``log_mel`` call of a process (about 25 s
+    with a cold numba cache, 7 s with a warm one): paid here, once, in the setup of the
+    session's first test, instead of inside whichever fast test happens to run first
+    (it was tests/features/test_audio.py::test_frame_count_and_times). Sessions whose test
+    modules never import features.audio (the CLI tests alone, say) skip it."""
+    if "features.audio" not in sys.modules:
+        return
+    import numpy as np
+
+    from features.audio import log_mel
+    from features.config import AudioConfig
+
+    config = AudioConfig()
+    log_mel(np.zeros(config.sample_rate, np.float32), config)  # log_mel casts to float32: one signature to compile
