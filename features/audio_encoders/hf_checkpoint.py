@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from features.audio_encoders.weights import WeightsError, sha256_of
+from features.audio_encoders.checksums import WeightsError, sha256_of
 
 SUPPORTED_TYPES = ("whisper", "wav2vec2", "hubert", "wavlm")
 WAV2VEC2_FAMILY = ("wav2vec2", "hubert", "wavlm")

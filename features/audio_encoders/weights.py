@@ -7,21 +7,16 @@ unpickled. A missing package or a hash mismatch is a ``WeightsError`` saying wha
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import io
 from pathlib import Path
 
 import numpy as np
 
+from features.audio_encoders.checksums import WeightsError, sha256_of
 from features.audio_encoders.ct2_format import read_ct2_variables
 from features.audio_encoders.registry import CheckpointEncoder, PackagedEncoder
 
-_CHUNK = 1 << 22
-
-
-class WeightsError(RuntimeError):
-    """Encoder weights that cannot be used: not installed, or not the file msata pinned."""
 
 
 def weight_files(encoder: PackagedEncoder | CheckpointEncoder) -> list[Path]:
@@ -30,7 +25,7 @@ def weight_files(encoder: PackagedEncoder | CheckpointEncoder) -> list[Path]:
     For a Hugging Face checkpoint: its model.safetensors (CheckpointError when the directory is
     missing or holds pickle only); whether it is still the recorded file is checked on load."""
     if isinstance(encoder, CheckpointEncoder):
-        from features.audio_encoders.hf_checkpoint import checkpoint_weights  # imports this module
+        from features.audio_encoders.hf_checkpoint import checkpoint_weights  # lazy: transformers only when used
 
         return [checkpoint_weights(encoder.directory)]
     files = []
@@ -46,15 +41,6 @@ def weight_files(encoder: PackagedEncoder | CheckpointEncoder) -> list[Path]:
             raise WeightsError(f"audio encoder {encoder.name!r}: {path} is missing from package {package!r}; reinstall it: `{encoder.install_hint}`")
         files.append(path)
     return files
-
-
-def sha256_of(paths: list[Path]) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as handle:
-            while block := handle.read(_CHUNK):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 class _Concatenated(io.RawIOBase):
