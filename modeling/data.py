@@ -111,9 +111,19 @@ def audio_frame_shape(feature_config: FeatureConfig) -> tuple[tuple[int, ...], n
 
 def model_input_settings(feature_config: FeatureConfig) -> dict[str, int]:
     """The model settings a store dictates (its audio input and crop size); one place for the rule."""
+    from features.audio_encoders.registry import PACKAGED_ENCODERS
+
     encoder = feature_config.audio_encoder
     layers, width = (0, 0) if encoder.is_log_mel else encoder.state_shape()
-    return {"n_mels": feature_config.audio.n_mels, "crop_size": feature_config.face.crop_size, "audio_layers": layers, "audio_width": width}
+    packaged = PACKAGED_ENCODERS.get(encoder.name)
+    heads = packaged.n_heads if packaged is not None else 0  # only packaged encoders can be fine-tuned
+    return {
+        "n_mels": feature_config.audio.n_mels,
+        "crop_size": feature_config.face.crop_size,
+        "audio_layers": layers,
+        "audio_width": width,
+        "audio_heads": heads,
+    }
 
 
 AudioStats = tuple[np.ndarray, np.ndarray]  # (mean, std), each of one frame's shape, float32

@@ -41,6 +41,8 @@ class MsataConfig:
     audio_downsample: int = 1  # 1 keeps 50 tokens/s; k merges k frames per token
     audio_layers: int = 0  # > 0: the audio input is a pretrained encoder's states (L layers of audio_width)
     audio_width: int = 0
+    audio_heads: int = 0  # the encoder's attention heads (set from the store; used when fine-tuning)
+    audio_finetune_blocks: int = 0  # > 0: the encoder's top k blocks re-run on the stored states and train
     pooling: str = "mean"  # "mean" | "attention" | "stats" (mean and std, 2D wide): how tokens become one clip vector
     crop_size: int = 96  # face crop side, must match the feature store's FaceConfig.crop_size
     video_channels: tuple[int, ...] = (32, 64, 128, 128)  # one stride-2 CNN stage each
@@ -64,6 +66,11 @@ class MsataConfig:
             raise ValueError(f"pooling={self.pooling!r}; expected one of {POOLING_KINDS}")
         if (self.audio_layers > 0) != (self.audio_width > 0):
             raise ValueError(f"audio_layers={self.audio_layers} and audio_width={self.audio_width}: set both (encoder states) or neither (log-mel)")
+        if self.audio_finetune_blocks and not 0 < self.audio_finetune_blocks < self.audio_layers:
+            raise ValueError(
+                f"audio_finetune_blocks={self.audio_finetune_blocks} needs a store of every hidden state of a packaged "
+                f"encoder and fewer blocks than it has; this store holds {self.audio_layers} states"
+            )
         if self.audio_downsample < 1:
             raise ValueError(f"audio_downsample must be >= 1, got {self.audio_downsample}")
         if self.n_classes < 1 or self.n_layers < 1 or not self.video_channels:
@@ -207,7 +214,9 @@ class MsataModel(nn.Module):
         self.config = config
         d = config.d_model
         if config.audio_layers > 0:
-            self.audio_frontend: nn.Module = EncoderStatesFrontend(config.audio_layers, config.audio_width, d, config.audio_downsample, config.dropout)
+            self.audio_frontend: nn.Module = EncoderStatesFrontend(
+                config.audio_layers, config.audio_width, d, config.audio_downsample, config.dropout, config.audio_finetune_blocks, config.audio_heads
+            )
         else:
             self.audio_frontend = AudioFrontend(config.n_mels, d, config.audio_downsample, config.dropout)
         self.video_frontend = VideoFrontend(config.crop_size, config.video_channels, d, config.dropout)
@@ -220,6 +229,11 @@ class MsataModel(nn.Module):
         self.head_drop = nn.Dropout(config.dropout)
         self.classifier = nn.Linear(pooled_dim, config.n_classes)
         self.ctm_head = nn.Linear(d, config.ctm_dim)  # used by losses.ctm_loss only
+
+    def pretrained_parameters(self) -> list[nn.Parameter]:
+        """Parameters started from pretrained weights (the training loop gives them a lower lr)."""
+        frontend = self.audio_frontend
+        return frontend.pretrained_parameters() if isinstance(frontend, EncoderStatesFrontend) else []
 
     def forward(self, batch: Batch) -> ModelOutput:
         a = self.audio_frontend(batch.audio, batch.audio_times, batch.audio_mask)  # (B, Ta', D)

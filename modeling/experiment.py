@@ -100,6 +100,8 @@ def prepare_experiment(
     sp.validate_manifest(manifest, label_names, split_config)
     folds = sp.make_folds(manifest, split_config)
     model_config = build_model_config(model_overrides, store.config, len(label_names))
+    if model_config["audio_finetune_blocks"] and train_config.speaker_norm:
+        raise sp.ProtocolError("audio_finetune_blocks with train.speaker_norm: the fine-tuned blocks expect the encoder's own states, not standardised ones; choose one")
     fold_dicts = [sp.fold_to_dict(f) for f in folds]
     train_key = {k: v for k, v in train_config.to_dict().items() if k != "num_workers"}  # results do not depend on it
     spec = {

@@ -11,11 +11,14 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from modeling import splits as sp
 from modeling.metrics import compute_metrics
 from modeling.train_loop import ProgressCallback, ProgressEvent, TrainConfig, predict, resolve_device, seed_everything, train_model
+
+if TYPE_CHECKING:
+    from modeling.encoder import MsataModel
 
 RESULT_FILE = "result.json"
 
@@ -53,6 +56,18 @@ def loaders(spec: dict[str, Any], fold: sp.Fold, config: TrainConfig):
     return loader(fold.train_ids, True, config.num_workers), loader(fold.val_ids, False, config.num_workers), loader(fold.test_ids, False, 0)
 
 
+def start_pretrained_blocks(model: "MsataModel", feature_config: dict[str, Any]) -> None:
+    """Fine-tuned encoder blocks start from the packaged weights (sha256-checked on load); a
+    resumed fold then overwrites them from its checkpoint."""
+    if not model.config.audio_finetune_blocks:
+        return
+    from features.audio_encoders.stage import load_packaged_encoder
+    from features.config import FeatureConfig
+
+    name = FeatureConfig.from_dict(feature_config).audio_encoder.name
+    model.audio_frontend.load_top_blocks(load_packaged_encoder(name, "cpu"))
+
+
 def train_and_test_fold(spec: dict[str, Any], fold: sp.Fold, fold_dir: Path, run_id: str | None, progress: ProgressCallback | None) -> FoldResult:
     from modeling import tracking
     from modeling.checkpoint import load_trained_model
@@ -81,6 +96,7 @@ def train_and_test_fold(spec: dict[str, Any], fold: sp.Fold, fold_dir: Path, run
 
     seed_everything(config.seed)  # the initial weights too: a rerun of a fold starts from the same model
     model = MsataModel(MsataConfig.from_dict(spec["model"]))
+    start_pretrained_blocks(model, spec["feature_config"])
     result = train_model(model, train_loader, val_loader, config, fold_dir, meta, resume=True, progress=on_progress)
     if result.best_path is None:
         raise RuntimeError(f"fold {fold_index} finished without a best checkpoint in {fold_dir}")

@@ -107,18 +107,68 @@ class EncoderStatesFrontend(nn.Module):
     learned softmax weighting, then projected to d_model. With downsample k > 1, k
     consecutive frames are averaged into one token (time = mean of theirs), which keeps the
     joint encoder's cost down; the pretrained encoder already gives each frame wide context.
+
+    Fine-tuning (``finetune_blocks`` = k > 0): the encoder's top k blocks (and its final
+    LayerNorm) live here as trainable copies, started from the pretrained weights by
+    :meth:`load_top_blocks`. They re-run on the stored state that feeds block n - k, so the
+    store is still read, never recomputed, and only the top of the encoder trains. This needs
+    a store holding every hidden state (L = n_layers + 1, embedding first).
     """
 
-    def __init__(self, n_layers: int, width: int, d_model: int, downsample: int, dropout: float) -> None:
+    def __init__(
+        self, n_layers: int, width: int, d_model: int, downsample: int, dropout: float, finetune_blocks: int = 0, encoder_heads: int = 0
+    ) -> None:
         super().__init__()
         self.n_layers, self.width, self.downsample = n_layers, width, downsample
         self.layer_logits = nn.Parameter(torch.zeros(n_layers))  # uniform mix at init
         self.proj = nn.Sequential(nn.Linear(width, d_model), nn.GELU(), nn.Linear(d_model, d_model))
         self.drop = nn.Dropout(dropout)
         self.d_model = d_model
+        self.finetune_blocks = finetune_blocks
+        if finetune_blocks:
+            if not 0 < finetune_blocks < n_layers:
+                raise ValueError(f"audio_finetune_blocks={finetune_blocks}: the store holds {n_layers} hidden states, so at most {n_layers - 1} blocks")
+            if encoder_heads < 1 or width % encoder_heads:
+                raise ValueError(f"audio_heads={encoder_heads} cannot split width {width}: fine-tuning needs the encoder's head count")
+            from features.audio_encoders.whisper import WhisperBlock
+
+            self.top_blocks = nn.ModuleList(WhisperBlock(width, encoder_heads) for _ in range(finetune_blocks))
+            self.top_norm = nn.LayerNorm(width)
 
     def layer_weights(self) -> torch.Tensor:
         return torch.softmax(self.layer_logits, dim=0)  # (L,)
+
+    @torch.no_grad()
+    def load_top_blocks(self, encoder: nn.Module) -> None:
+        """Start the trainable top blocks from a pretrained WhisperEncoder's last blocks."""
+        blocks = list(encoder.blocks)
+        if len(blocks) + 1 != self.n_layers or encoder.shape.width != self.width:
+            raise ValueError(
+                f"encoder with {len(blocks)} blocks of width {encoder.shape.width} does not match a store of "
+                f"{self.n_layers} hidden states of width {self.width}"
+            )
+        for mine, theirs in zip(self.top_blocks, blocks[-self.finetune_blocks :]):
+            if mine.n_heads != theirs.n_heads:
+                raise ValueError(f"encoder blocks have {theirs.n_heads} heads, the model was built with {mine.n_heads}")
+            mine.load_state_dict(theirs.state_dict())
+        self.top_norm.load_state_dict(encoder.final_norm.state_dict())
+
+    def pretrained_parameters(self) -> list[nn.Parameter]:
+        """The parameters that start from pretrained weights (trained at a reduced learning rate)."""
+        if not self.finetune_blocks:
+            return []
+        return [*self.top_blocks.parameters(), *self.top_norm.parameters()]
+
+    def _rerun_top(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Replace the top k stored states by the trainable blocks' outputs. (B, Ta, L, D) float32"""
+        k = self.finetune_blocks
+        x = states[:, :, -k - 1]  # (B, Ta, D) the residual stream entering block n - k
+        outputs = []
+        for block in self.top_blocks:
+            x = block(x, key_mask=mask)
+            outputs.append(x)
+        outputs[-1] = self.top_norm(x)  # the last hidden state is after the final LayerNorm
+        return torch.cat([states[:, :, : -k], torch.stack(outputs, dim=2)], dim=2)
 
     def forward(self, states: torch.Tensor, times: torch.Tensor, mask: torch.Tensor) -> Tokens:
         b, t = states.shape[:2]
@@ -127,7 +177,10 @@ class EncoderStatesFrontend(nn.Module):
             return Tokens(empty, times.new_zeros(b, 0), mask.new_zeros(b, 0), times.new_zeros(b, 0))
         if tuple(states.shape[2:]) != (self.n_layers, self.width):
             raise ValueError(f"audio encoder states have shape {tuple(states.shape[2:])} per frame, the model expects ({self.n_layers}, {self.width})")
-        x = F.layer_norm(states.to(torch.float32), (self.width,))  # (B, Ta, L, D_in)
+        x = states.to(torch.float32)  # (B, Ta, L, D_in)
+        if self.finetune_blocks:
+            x = self._rerun_top(x, mask)
+        x = F.layer_norm(x, (self.width,))
         x = torch.einsum("btld,l->btd", x, self.layer_weights())  # (B, Ta, D_in)
         x = x * mask.unsqueeze(-1)
         if self.downsample > 1:

@@ -35,6 +35,7 @@ class TrainConfig:
     lr: float = 3e-4
     weight_decay: float = 0.05
     warmup_epochs: float = 2.0  # linear warm-up length; cosine decay to 0 afterwards
+    encoder_lr_scale: float = 0.1  # fine-tuned pretrained blocks train at lr * this (they start near a good solution)
     lambda_ctm: float = 0.1  # weight of the cross-temporal matching loss
     grad_clip: float = 1.0  # max global grad norm; <= 0 disables clipping
     patience: int = 8  # epochs without a validation-UAR improvement before stopping
@@ -112,6 +113,19 @@ class TrainResult:
     history: list[EpochRecord] = field(default_factory=list)
     best_path: Path | None = None
     last_path: Path | None = None
+
+
+def parameter_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
+    """One AdamW group, plus one at ``lr * encoder_lr_scale`` for parameters that start from
+    pretrained weights (a model's ``pretrained_parameters()``, e.g. fine-tuned encoder blocks).
+    The warm-up cosine schedule scales both groups alike."""
+    pretrained = list(getattr(model, "pretrained_parameters", lambda: [])())
+    chosen = {id(p) for p in pretrained}
+    rest = [p for p in model.parameters() if id(p) not in chosen]
+    groups: list[dict[str, Any]] = [{"params": rest, "lr": config.lr}]
+    if pretrained:
+        groups.append({"params": pretrained, "lr": config.lr * config.encoder_lr_scale})
+    return groups
 
 
 def resolve_device(device: str) -> torch.device:
@@ -205,7 +219,7 @@ def train_model(
     n_classes = len(checkpoint_meta["label_names"])
     seed_everything(config.seed)
     model.to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(parameter_groups(model, config), lr=config.lr, weight_decay=config.weight_decay)
     n_steps = len(train_loader)
     schedule = warmup_cosine(config.epochs * n_steps, int(round(config.warmup_epochs * n_steps)))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

@@ -59,7 +59,7 @@ class WhisperEncoderShape:
     n_layers: int
 
 
-class _Block(nn.Module):
+class WhisperBlock(nn.Module):
     def __init__(self, width: int, n_heads: int) -> None:
         super().__init__()
         self.n_heads = n_heads
@@ -70,10 +70,14 @@ class _Block(nn.Module):
         self.ffn_in = nn.Linear(width, 4 * width)
         self.ffn_out = nn.Linear(4 * width, width)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, D); key_mask (B, T) bool, True = a real frame. Without a mask every frame is
+        attended to (Whisper's own encoder); with one, padded frames are never looked at, so a
+        padded batch gives each clip the states it gets alone (fine-tuning on stored states)."""
         b, t, d = x.shape
         q, k, v = self.qkv(self.attn_norm(x)).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)  # (B, H, T, Dh)
-        y = F.scaled_dot_product_attention(q, k, v)  # Whisper's encoder attends to all frames
+        attn_mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, T)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         x = x + self.out(y.transpose(1, 2).reshape(b, t, d))
         return x + self.ffn_out(F.gelu(self.ffn_in(self.ffn_norm(x))))
 
@@ -85,7 +89,7 @@ class WhisperEncoder(nn.Module):
         self.conv1 = nn.Conv1d(shape.n_mels, shape.width, kernel_size=3, padding=1)
         self.conv2 = nn.Conv1d(shape.width, shape.width, kernel_size=3, stride=2, padding=1)
         self.register_buffer("positions", torch.zeros(MAX_FRAMES, shape.width))
-        self.blocks = nn.ModuleList(_Block(shape.width, shape.n_heads) for _ in range(shape.n_layers))
+        self.blocks = nn.ModuleList(WhisperBlock(shape.width, shape.n_heads) for _ in range(shape.n_layers))
         self.final_norm = nn.LayerNorm(shape.width)
 
     def forward(self, mel: torch.Tensor) -> list[torch.Tensor]:

@@ -197,3 +197,63 @@ def test_encoder_states_of_the_wrong_shape_are_refused() -> None:
         model(collate([states_clip(10, 1, layers=2)]))
     with pytest.raises(ValueError, match="set both"):
         tiny_config(audio_layers=3)
+
+
+def small_whisper(n_layers: int = 3, width: int = 16, heads: int = 2) -> "WhisperEncoder":
+    from features.audio_encoders.whisper import WhisperEncoder, WhisperEncoderShape
+
+    torch.manual_seed(3)
+    encoder = WhisperEncoder(WhisperEncoderShape(n_mels=8, width=width, n_heads=heads, n_layers=n_layers))
+    with torch.no_grad():
+        encoder.positions.normal_()
+    return encoder.eval()
+
+
+def whisper_states_clip(encoder: "WhisperEncoder", n_mel: int, seed: int) -> ClipExample:
+    mel = torch.randn(1, 8, n_mel, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        states = torch.stack([s[0] for s in encoder(mel)], dim=1)  # (T, L, D), as the store keeps them
+    example = states_clip(states.shape[0], seed, layers=states.shape[1], width=states.shape[2])
+    example.audio = states.to(torch.float16)
+    return example
+
+
+def test_finetuned_top_blocks_start_as_the_pretrained_encoder_and_ignore_padding() -> None:
+    encoder = small_whisper()
+    model = model_for(audio_layers=4, audio_width=16, audio_heads=2, audio_finetune_blocks=2)
+    model.audio_frontend.load_top_blocks(encoder)
+    frontend = model.audio_frontend
+    short, long = whisper_states_clip(encoder, 30, 1), whisper_states_clip(encoder, 70, 2)
+    batch = collate([short, long])
+    rerun = frontend._rerun_top(batch.audio.to(torch.float32), batch.audio_mask)  # (B, T, L, D)
+    for i, clip in enumerate([short, long]):
+        t = clip.audio.shape[0]
+        # the re-run top states equal the encoder's own (up to the float16 store), padding never looked at
+        assert torch.allclose(rerun[i, :t], clip.audio.to(torch.float32), atol=2e-2), (rerun[i, :t] - clip.audio.float()).abs().max()
+    alone = model(collate([short])).logits
+    assert torch.allclose(alone, model(batch).logits[:1], atol=1e-5)
+
+
+def test_finetuned_blocks_train_at_the_scaled_learning_rate() -> None:
+    from modeling.train_loop import TrainConfig, parameter_groups
+
+    model = model_for(audio_layers=4, audio_width=16, audio_heads=2, audio_finetune_blocks=1)
+    groups = parameter_groups(model, TrainConfig(lr=1e-3, encoder_lr_scale=0.1))
+    assert [g["lr"] for g in groups] == [1e-3, pytest.approx(1e-4)]
+    assert sum(p.numel() for g in groups for p in g["params"]) == sum(p.numel() for p in model.parameters())
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in model.audio_frontend.pretrained_parameters()}
+    model.train()
+    batch = collate([states_clip(20, 1, layers=4, width=16), states_clip(30, 2, layers=4, width=16)])
+    torch.nn.functional.cross_entropy(model(batch).logits, torch.tensor([1, 2])).backward()
+    assert model.audio_frontend.top_blocks[0].qkv.weight.grad.abs().sum() > 0
+    assert len(parameter_groups(model_for(audio_layers=4, audio_width=16), TrainConfig())) == 1  # frozen: one group
+
+
+def test_finetuning_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="audio_finetune_blocks=4 needs"):
+        tiny_config(audio_layers=4, audio_width=16, audio_heads=2, audio_finetune_blocks=4)
+    with pytest.raises(ValueError, match="audio_heads=0"):
+        MsataModel(tiny_config(audio_layers=4, audio_width=16, audio_finetune_blocks=1))
+    model = model_for(audio_layers=4, audio_width=16, audio_heads=2, audio_finetune_blocks=1)
+    with pytest.raises(ValueError, match="does not match a store of 4 hidden states"):
+        model.audio_frontend.load_top_blocks(small_whisper(n_layers=2))
