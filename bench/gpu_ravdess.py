@@ -1,0 +1,348 @@
+"""RAVDESS speech recipes side by side on one GPU machine: encoder extraction speed, then
+5-fold speaker-independent cross-validation of each run config, all folds in parallel.
+
+It runs msata's own code (the Whisper port, log-mel, ``ClipDataset``, ``train_model``, the
+fold splitter, the metrics) on features held in memory-mapped ``.npy`` files instead of a
+Zarr store, because a lent GPU machine is bare (no zarr, prefect, mlflow or ffmpeg) and
+reaches nothing: the audio (FLAC, read with soundfile) and the encoder weights travel with
+the command. Folds, model choice on validation actors and test scoring are those of
+``msata train`` (``modeling.splits.make_folds``, best validation UAR, one test pass).
+
+Two steps:
+
+    # here, where the weight packages are installed (sha256 checked on load):
+    python bench/gpu_ravdess.py export-weights --out .devw
+    # on the GPU machine (prints and saves the per-config table):
+    python bench/gpu_ravdess.py run --audio DIR --weights .devw --sha256 whisper-base=HEX ... \\
+        --configs whisper-base:infra/configs/ravdess-whisper-base.toml ... --out OUT
+
+``export-weights`` writes each packaged encoder's ``encoder/*`` tensors to ``NAME.npz``
+(numpy, ``allow_pickle=False`` on read) and prints its sha256; ``run`` refuses a file
+whose sha256 differs from the one given on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+import tomllib
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+LOG_MEL = "log-mel"
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def export_weights(out: Path) -> None:
+    from features.audio_encoders.registry import PACKAGED_ENCODERS
+    from features.audio_encoders.weights import load_encoder_tensors
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name, spec in PACKAGED_ENCODERS.items():
+        tensors = {k: v for k, v in load_encoder_tensors(spec).items() if k.startswith("encoder/")}
+        path = out / f"{name}.npz"
+        np.savez(path, **{k.replace("/", "|"): np.asarray(v) for k, v in tensors.items()})
+        print(f"{name}={sha256_of(path)}  {path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
+def load_encoder(weights_dir: Path, name: str, expected_sha256: str):
+    from features.audio_encoders.whisper import WhisperEncoder
+
+    path = weights_dir / f"{name}.npz"
+    actual = sha256_of(path)
+    if actual != expected_sha256:
+        raise SystemExit(f"{path}: sha256 {actual} is not the expected {expected_sha256}")
+    with np.load(path, allow_pickle=False) as archive:
+        tensors = {k.replace("|", "/"): archive[k] for k in archive.files}
+    return WhisperEncoder.from_ct2(tensors)
+
+
+# ---------------------------------------------------------------- features, once per representation
+
+
+@dataclass(frozen=True)
+class Clip:
+    clip_id: str
+    speaker: str
+    label: str
+    path: str
+
+
+def ravdess_clips(root: Path) -> list[Clip]:
+    from features.recipes.ravdess import prepare_ravdess
+
+    result = prepare_ravdess(root)
+    if result.rejected:
+        print(f"{len(result.rejected)} files rejected by the RAVDESS recipe, e.g. {result.rejected[0]}")
+    return [Clip(r.clip_id, r.speaker, r.label, str(r.audio_path)) for r in result.records]
+
+
+def read_waves(clips: list[Clip]) -> list[np.ndarray]:
+    import soundfile
+
+    waves = []
+    for clip in clips:
+        wave, rate = soundfile.read(clip.path, dtype="float32", always_2d=True)
+        if rate != 16_000:
+            raise SystemExit(f"{clip.path}: {rate} Hz; this bench reads the 16 kHz development copy")
+        waves.append(wave.mean(axis=1))
+    return waves
+
+
+def save_representation(directory: Path, arrays: list[np.ndarray], times: list[np.ndarray], clips: list[Clip]) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    lengths = np.array([len(a) for a in arrays])
+    np.save(directory / "frames.npy", np.concatenate(arrays))
+    np.save(directory / "times.npy", np.concatenate(times))
+    np.save(directory / "offsets.npy", np.concatenate([[0], np.cumsum(lengths)]))
+    (directory / "clips.json").write_text(json.dumps([c.clip_id for c in clips]))
+
+
+def extract_encoder(encoder, waves: list[np.ndarray], layers: list[int], device: str) -> tuple[list[np.ndarray], dict, list[np.ndarray]]:
+    """States of every clip (one window: RAVDESS clips are < 30 s), fp32 as msata preprocess
+    computes them; bf16 autocast timed on the same clips and compared with fp32."""
+    import torch
+
+    from features.audio_encoders.whisper import frame_times, whisper_log_mel
+
+    encoder = encoder.to(device).eval()
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def run(wave: np.ndarray, bf16: bool) -> torch.Tensor:
+        with torch.inference_mode(), torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=bf16):
+            mel = whisper_log_mel(torch.from_numpy(wave).to(device))
+            states = encoder(mel[None])
+            return torch.stack([states[i][0] for i in layers], dim=1).float()  # (T, L, D)
+
+    cuda = device.startswith("cuda")
+    for wave in waves[:8]:  # warm-up (kernels, allocator)
+        run(wave, False), cuda and run(wave, True)
+    sync()
+    out, t0 = [], time.perf_counter()
+    for wave in waves:
+        out.append(run(wave, False).to(torch.float16).cpu().numpy())
+    sync()
+    fp32_s = time.perf_counter() - t0
+    audio_s = sum(len(w) for w in waves) / 16_000
+    stats = {"clips": len(waves), "audio_s": audio_s, "fp32_s": fp32_s, "fp32_x_realtime": audio_s / fp32_s}
+    if not cuda:  # bf16 only pays on a GPU
+        return out, stats, [frame_times(len(s)) for s in out]
+    t0, worst = time.perf_counter(), 0.0
+    for i, wave in enumerate(waves):
+        states = run(wave, True)
+        if i % 50 == 0:  # accuracy of bf16 against fp32, on a sample of clips
+            reference = torch.from_numpy(out[i]).to(device).float()
+            worst = max(worst, float(((states - reference).abs().max() / reference.abs().max()).item()))
+    sync()
+    bf16_s = time.perf_counter() - t0
+    stats |= {"bf16_s": bf16_s, "bf16_x_realtime": audio_s / bf16_s, "bf16_max_rel_err": worst}
+    return out, stats, [frame_times(len(s)) for s in out]
+
+
+# ---------------------------------------------------------------- one fold of one config (a worker process)
+
+
+class MemoryStore:
+    """What ClipDataset reads from a FeatureStore (``read(clip_id)``), over the .npy files."""
+
+    def __init__(self, directory: Path, is_log_mel: bool) -> None:
+        self.frames = np.load(directory / "frames.npy", mmap_mode="r")
+        self.times = np.load(directory / "times.npy", mmap_mode="r")
+        offsets = np.load(directory / "offsets.npy")
+        ids = json.loads((directory / "clips.json").read_text())
+        self.span = {cid: (int(offsets[i]), int(offsets[i + 1])) for i, cid in enumerate(ids)}
+        self.is_log_mel = is_log_mel
+
+    def read(self, clip_id: str):
+        from features.clip import ClipFeatures
+
+        a, b = self.span[clip_id]
+        frames, times = np.asarray(self.frames[a:b]), np.asarray(self.times[a:b])
+        duration = float(times[-1] + 0.02) if len(times) else 0.0
+        if self.is_log_mel:
+            return ClipFeatures(clip_id, duration, logmel=frames, audio_times=times)
+        return ClipFeatures(clip_id, duration, audio_states=frames, audio_times=times)
+
+
+def run_fold(job: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(1)
+    from features.config import AudioEncoderConfig, FeatureConfig
+    from modeling.checkpoint import load_trained_model
+    from modeling.data import ClipDataset, make_loader
+    from modeling.encoder import MsataConfig, MsataModel
+    from modeling.experiment import build_model_config
+    from modeling.metrics import compute_metrics
+    from modeling.splits import fold_from_dict
+    from modeling.train_loop import TrainConfig, predict, seed_everything, train_model
+
+    encoder = job["encoder"]
+    feature_config = FeatureConfig() if encoder == LOG_MEL else FeatureConfig(audio_encoder=AudioEncoderConfig(name=encoder))
+    config = TrainConfig.from_dict({**job["train"], "device": job["device"], "num_workers": 0})
+    fold = fold_from_dict(job["fold"])
+    labels = job["labels"]
+    store = MemoryStore(Path(job["features"]), encoder == LOG_MEL)
+
+    def loader(ids, train):
+        ds = ClipDataset("memory", ids, [labels.index(job["label_of"][c]) for c in ids], feature_config, config.data_config(), train, [job["speaker_of"][c] for c in ids])
+        ds._store = store  # read from the memory-mapped features instead of opening a Zarr store
+        return make_loader(ds, config.batch_size, 0, config.seed, pin_memory=job["device"] == "cuda")
+
+    model_config = build_model_config(job["model"], feature_config, len(labels))
+    seed_everything(config.seed)
+    model = MsataModel(MsataConfig.from_dict(model_config))
+    if model.config.audio_finetune_blocks:
+        model.audio_frontend.load_top_blocks(load_encoder(Path(job["weights"]), encoder, job["sha256"][encoder]))
+    meta = {"model_config": model_config, "feature_config": feature_config.to_dict(), "label_names": labels, "dataset": "ravdess", "modalities": ["audio"]}
+    t0 = time.perf_counter()
+    result = train_model(model, loader(fold.train_ids, True), loader(fold.val_ids, False), config, Path(job["run_dir"]), meta, resume=False)
+    train_s = time.perf_counter() - t0
+    best, _, _ = load_trained_model(result.best_path, job["device"])
+    y, probs, _, _ = predict(best, loader(fold.test_ids, False), torch.device(job["device"]))
+    metrics = compute_metrics(y, probs.argmax(axis=1), len(labels))
+    return {"config": job["config"], "fold": fold.index, "test": metrics.scalars(), "best_val_uar": result.best_val_uar,
+            "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "train_s": train_s,
+            "train_clips_per_s": float(np.mean([h.train_clips_per_s for h in result.history])),
+            "data_wait_share": float(np.mean([h.data_wait_share for h in result.history])),
+            "test_speakers": list(fold.test_speakers), "val_speakers": list(fold.val_speakers)}
+
+
+# ---------------------------------------------------------------- driver
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    table = []
+    for name in dict.fromkeys(r["config"] for r in rows):
+        mine = sorted((r for r in rows if r["config"] == name), key=lambda r: r["fold"])
+        entry = {"config": name, "folds": len(mine), "val_uar": float(np.mean([r["best_val_uar"] for r in mine])),
+                 "train_s_per_fold": float(np.mean([r["train_s"] for r in mine])),
+                 "train_clips_per_s": float(np.mean([r["train_clips_per_s"] for r in mine])),
+                 "data_wait_share": float(np.mean([r["data_wait_share"] for r in mine]))}
+        for metric in ("wa", "uar", "macro_f1"):
+            values = [r["test"][metric] for r in mine]
+            entry[metric] = (float(np.mean(values)), float(np.std(values)))
+        table.append(entry)
+    return table
+
+
+def run(args: argparse.Namespace) -> None:
+    import torch
+
+    from modeling.splits import SplitConfig, fold_to_dict, make_folds
+    from features.recipes.ravdess import RAVDESS_LABELS
+
+    out, work = Path(args.out), Path(args.work)
+    out.mkdir(parents=True, exist_ok=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    expected = dict(item.split("=", 1) for item in args.sha256)
+    configs, encoder_of = {}, {}
+    for item in args.configs:
+        encoder, _, path = item.rpartition(":")
+        configs[Path(path).stem] = tomllib.loads(Path(path).read_text())
+        encoder_of[Path(path).stem] = encoder or LOG_MEL
+    clips = ravdess_clips(Path(args.audio))
+    if args.actors:
+        clips = [c for c in clips if c.speaker in set(args.actors.split(","))]
+    t0 = time.perf_counter()
+    waves = read_waves(clips)
+    print(f"{len(clips)} clips read in {time.perf_counter() - t0:.1f} s on {device} "
+          f"({torch.cuda.get_device_name() if device == 'cuda' else 'no GPU'})", flush=True)
+
+    encoders = set(encoder_of.values())
+    extraction = {}
+    for encoder in sorted(encoders):
+        t0 = time.perf_counter()
+        if encoder == LOG_MEL:
+            from features.audio import log_mel
+            from features.config import AudioConfig
+
+            pairs = [log_mel(w, AudioConfig()) for w in waves]
+            arrays, times = [p[0] for p in pairs], [p[1] for p in pairs]
+            extraction[encoder] = {"cpu_s": time.perf_counter() - t0}
+        else:
+            model = load_encoder(Path(args.weights), encoder, expected[encoder])
+            arrays, extraction[encoder], times = extract_encoder(model, waves, list(range(model.shape.n_layers + 1)), device)
+        save_representation(work / encoder, arrays, times, clips)
+        print(f"features {encoder}: {json.dumps(extraction[encoder])}", flush=True)
+    (out / "extraction.json").write_text(json.dumps(extraction, indent=1))
+
+    import pandas as pd
+
+    manifest = pd.DataFrame([{"clip_id": c.clip_id, "speaker": c.speaker, "label": c.label} for c in clips])
+    jobs = []
+    for name, cfg in configs.items():
+        train = dict(cfg.get("train", {}))
+        if args.epochs:
+            train["epochs"] = args.epochs
+        folds = make_folds(manifest, SplitConfig(**{"n_folds": args.folds, **cfg.get("splits", {})}))
+        encoder = encoder_of[name]
+        for fold in folds:
+            jobs.append({"config": name, "encoder": encoder, "train": train, "model": cfg.get("model", {}), "fold": fold_to_dict(fold),
+                         "labels": list(RAVDESS_LABELS), "label_of": dict(zip(manifest.clip_id, manifest.label)),
+                         "speaker_of": dict(zip(manifest.clip_id, manifest.speaker)), "features": str(work / encoder),
+                         "weights": args.weights, "sha256": expected, "device": device, "run_dir": str(work / "runs" / name / f"fold_{fold.index}")})
+    rows: list[dict] = []
+    t0 = time.perf_counter()
+    import multiprocessing
+
+    with ProcessPoolExecutor(max_workers=min(args.jobs, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as pool:
+        for done in as_completed([pool.submit(run_fold, job) for job in jobs]):  # saved as each fold ends
+            row = done.result()
+            rows.append(row)
+            with open(out / "folds.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"{row['config']} fold {row['fold']}: val UAR {row['best_val_uar']:.3f} test UAR {row['test']['uar']:.3f} "
+                  f"({row['train_s']:.0f} s, {row['epochs_run']} epochs)", flush=True)
+    rows.sort(key=lambda r: (list(configs).index(r["config"]), r["fold"]))
+    table = summarise(rows)
+    (out / "summary.json").write_text(json.dumps({"device": device, "wall_s": time.perf_counter() - t0, "table": table}, indent=1))
+    print(f"\n{len(jobs)} fold runs in {time.perf_counter() - t0:.0f} s on {device}")
+    print(f"{'config':36s} {'val UAR':>8s} {'WA':>13s} {'UAR':>13s} {'macro-F1':>13s} {'s/fold':>7s} {'clips/s':>8s} {'wait':>5s}")
+    for e in table:
+        cells = " ".join(f"{e[m][0]:.3f} ± {e[m][1]:.3f}" for m in ("wa", "uar", "macro_f1"))
+        print(f"{e['config']:36s} {e['val_uar']:8.3f} {cells} {e['train_s_per_fold']:7.0f} {e['train_clips_per_s']:8.0f} {e['data_wait_share']:5.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    export = sub.add_parser("export-weights", help="write the packaged encoders' tensors to NAME.npz and print their sha256")
+    export.add_argument("--out", required=True)
+    go = sub.add_parser("run", help="extract features and cross-validate each config")
+    go.add_argument("--audio", required=True, help="RAVDESS root (Actor_XX/ folders of 16 kHz audio)")
+    go.add_argument("--weights", default="", help="folder of NAME.npz written by export-weights")
+    go.add_argument("--sha256", nargs="*", default=[], help="NAME=HEX for every encoder a config uses")
+    go.add_argument("--configs", nargs="+", required=True, help="ENCODER:CONFIG.toml (a run config as for msata train, on the features of that audio encoder); CONFIG.toml alone = log-mel")
+    go.add_argument("--out", required=True)
+    go.add_argument("--work", default=os.environ.get("TMPDIR", "/tmp") + "/msata-gpu-ravdess")
+    go.add_argument("--folds", type=int, default=5)
+    go.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2) - 2), help="fold runs in parallel")
+    go.add_argument("--actors", default="", help="comma-separated subset of actors (smoke runs)")
+    go.add_argument("--epochs", type=int, default=0, help="override every config's epochs (smoke runs)")
+    args = parser.parse_args()
+    if args.command == "export-weights":
+        export_weights(Path(args.out))
+    else:
+        run(args)
+
+
+if __name__ == "__main__":
+    main()
