@@ -37,17 +37,36 @@ docs/benchmarks.md for those figures.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from modeling.batch import Batch
 from modeling.encoder import MsataConfig, MsataModel
-from modeling.losses import training_objective
+from modeling.losses import ObjectiveParts, training_objective
 
 N_CLASSES = 2
+TASK_KINDS = ("synchrony", "correspondence")
+
+# Fixed before any variant was run on it (the synchrony task above is unchanged).
+CORRESPONDENCE_DESIGN = """
+Second task, "correspondence": every clip is synchronous, so CTM's assumption (what is close in
+time belongs together) holds in every clip, and the label lies in WHICH audio event goes with
+WHICH visual event. There are n_types = 4 audio event patterns A_0..A_3 and 4 visual patterns
+V_0..V_3 (fixed for the task, drawn from pattern_seed + 1). A clip has 4 event times (the same
+process as the synchrony task), shared by both streams. The audio shows the 4 types once each,
+in a random order a_1..a_4 (a uniform permutation). Label 1 ("matched", like a phoneme and its
+viseme): the visual event at time k is V_{a_k}. Label 0 ("dubbed"): it is V_{a_d(k)} for a
+uniformly random derangement d of the 4 positions, so every visual event is wrong for its audio.
+Each stream alone is a uniform permutation of its 4 types at the same kind of times in both
+classes, and both streams hold the same set of types, so single-modality and counting models are
+at chance by construction. Noise, gains, widths, clip length, frame rates and the training budget
+are the synchrony task's. Chance 1/2. Same variants, seeds and budget as the synchrony task.
+"""
 
 
 @dataclass(frozen=True)
@@ -66,6 +85,14 @@ class TaskConfig:
     video_noise: float = 30.0  # pixel noise std around mid-grey
     video_event_gain: float = 50.0  # pixel amplitude of the visual event pattern
     pattern_seed: int = 1234  # the event patterns are fixed for the task, not per clip
+    kind: str = "synchrony"  # "synchrony" (above) | "correspondence" (CORRESPONDENCE_DESIGN)
+    n_types: int = 4  # correspondence: event types per modality (= n_events: each clip shows every type once)
+
+    def __post_init__(self) -> None:
+        if self.kind not in TASK_KINDS:
+            raise ValueError(f"task kind {self.kind!r}; expected one of {TASK_KINDS}")
+        if self.kind == "correspondence" and self.n_types != self.n_events:
+            raise ValueError(f"correspondence needs n_types == n_events, got {self.n_types} and {self.n_events}")
 
 
 @dataclass
@@ -112,6 +139,52 @@ def _patterns(cfg: TaskConfig) -> tuple[torch.Tensor, torch.Tensor]:
     return pa, pv
 
 
+def _type_patterns(cfg: TaskConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n_types, n_mels) audio and (n_types, S, S, 3) visual patterns of the correspondence task."""
+    g = torch.Generator().manual_seed(cfg.pattern_seed + 1)
+    pa = torch.randn(cfg.n_types, cfg.n_mels, generator=g)
+    pa = pa / pa.norm(dim=1, keepdim=True) * cfg.audio_event_gain
+    pv = torch.sign(torch.randn(cfg.n_types, cfg.crop, cfg.crop, 3, generator=g)) * cfg.video_event_gain
+    return pa, pv
+
+
+def _derangements(k: int) -> torch.Tensor:
+    """All permutations of range(k) that move every element: (M, k)."""
+    perms = torch.tensor(list(itertools.permutations(range(k))))
+    return perms[(perms != torch.arange(k)).all(dim=1)]
+
+
+def _near_each(times: torch.Tensor, events: torch.Tensor, half_width: float) -> torch.Tensor:
+    """(N, T, K) float: 1 where a frame time is within ``half_width`` of event k."""
+    return ((times[:, :, None] - events[:, None, :]).abs() <= half_width).float()
+
+
+def generate_correspondence(n: int, cfg: TaskConfig, seed: int) -> TaskData:
+    """n clips of the correspondence task (CORRESPONDENCE_DESIGN), balanced labels, determined by ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    pa, pv = _type_patterns(cfg)
+    k = cfg.n_events
+    ta, tv = int(round(cfg.duration_s * cfg.audio_rate)), int(round(cfg.duration_s * cfg.video_fps))
+    labels = torch.arange(n) % N_CLASSES
+    labels = labels[torch.randperm(n, generator=g)]
+    events = event_times(n, cfg, g)  # (n, K), shared by both streams
+    audio_types = torch.argsort(torch.rand(n, k, generator=g), dim=1)  # (n, K) a uniform permutation per clip
+    der = _derangements(k)
+    d = der[torch.randint(len(der), (n,), generator=g)]  # (n, K)
+    video_types = torch.where(labels[:, None] == 1, audio_types, torch.gather(audio_types, 1, d))
+
+    audio_times = (torch.arange(ta) / cfg.audio_rate + 0.5 / cfg.audio_rate).expand(n, ta).contiguous()
+    audio = torch.randn(n, ta, cfg.n_mels, generator=g)
+    audio = audio + torch.einsum("ntk,nkf->ntf", _near_each(audio_times, events, cfg.audio_event_half_s), pa[audio_types])
+
+    offset = torch.rand(n, 1, generator=g) / cfg.video_fps
+    video_times = torch.arange(tv) / cfg.video_fps + offset  # (n, Tv)
+    video = 128.0 + cfg.video_noise * torch.randn(n, tv, cfg.crop, cfg.crop, 3, generator=g)
+    video = video + torch.einsum("ntk,nkxyc->ntxyc", _near_each(video_times, events, cfg.video_event_half_s), pv[video_types])
+    video = video.clamp(0, 255).round().to(torch.uint8)
+    return TaskData(audio, audio_times, video, video_times, labels, events, events.clone())
+
+
 def event_times(n: int, cfg: TaskConfig, g: torch.Generator) -> torch.Tensor:
     """(n, n_events) sorted times in [margin, duration - margin], pairwise >= min_separation apart."""
     lo, hi, k = cfg.margin_s, cfg.duration_s - cfg.margin_s, cfg.n_events
@@ -135,6 +208,8 @@ def _near_any(times: torch.Tensor, events: torch.Tensor, half_width: float) -> t
 
 def generate(n: int, cfg: TaskConfig, seed: int) -> TaskData:
     """n clips with balanced labels (shuffled), fully determined by ``seed``."""
+    if cfg.kind == "correspondence":
+        return generate_correspondence(n, cfg, seed)
     g = torch.Generator().manual_seed(seed)
     pa, pv = _patterns(cfg)
     ta, tv = int(round(cfg.duration_s * cfg.audio_rate)), int(round(cfg.duration_s * cfg.video_fps))
@@ -163,12 +238,14 @@ class Variant:
     fusion: str = "joint"
     lambda_ctm: float = 0.0
     drop: str | None = None  # "audio" / "video": single-modality baseline
+    ctm_on: str = "frontend"  # MsataConfig.ctm_on: the tokens CTM compares
 
 
 VARIANTS: dict[str, Variant] = {
     v.name: v
     for v in (
-        Variant("tarope+ctm", lambda_ctm=0.1),
+        Variant("tarope+ctm", lambda_ctm=0.1),  # the default CTM form (front-end tokens)
+        Variant("tarope+ctm-encoder", lambda_ctm=0.1, ctm_on="encoder"),  # the first form: joint-encoder outputs
         Variant("tarope"),
         Variant("index", positions="index"),
         Variant("none", positions="none"),
@@ -190,6 +267,8 @@ class TrainBudget:
     n_heads: int = 2
     n_layers: int = 2
     video_channels: tuple[int, ...] = (16, 32)
+    eval_every: int = 100  # test accuracy on the first n_eval test clips every this many steps (0: never)
+    n_eval: int = 500
 
 
 @dataclass
@@ -201,6 +280,8 @@ class RunResult:
     seconds: float
     history: list[float] = field(default_factory=list)  # mean training CE of every 100 steps
     ctm_history: list[float] = field(default_factory=list)  # mean CTM loss of every 100 steps (0 without CTM)
+    acc_history: list[float] = field(default_factory=list)  # accuracy on the first n_eval test clips every eval_every steps
+    steps_to_95: int | None = None  # first evaluated step with accuracy >= 0.95 (None: never)
 
 
 @torch.no_grad()
@@ -229,11 +310,28 @@ def train_variant(
     progress: bool = False,
 ) -> RunResult:
     """Train one variant from scratch on fresh clips every step; same seed -> same init and same clips."""
+    return fit_variant(variant, test, task, budget, seed, progress)[0]
+
+
+StepHook = Callable[[int, MsataModel, ObjectiveParts], None]
+
+
+def fit_variant(
+    variant: Variant,
+    test: TaskData,
+    task: TaskConfig,
+    budget: TrainBudget,
+    seed: int,
+    progress: bool = False,
+    on_step: StepHook | None = None,
+) -> tuple[RunResult, MsataModel]:
+    """``train_variant`` that also returns the trained model; ``on_step(step, model, parts)`` runs
+    before each backward pass with the graph intact (bench/ctm_diagnostics.py measures gradients there)."""
     torch.manual_seed(seed)
     config = MsataConfig(
         n_classes=N_CLASSES, n_mels=task.n_mels, d_model=budget.d_model, n_heads=budget.n_heads,
         n_layers=budget.n_layers, dropout=0.0, crop_size=task.crop, video_channels=budget.video_channels,
-        positions=variant.positions, fusion=variant.fusion, ctm_dim=budget.d_model,
+        positions=variant.positions, fusion=variant.fusion, ctm_dim=budget.d_model, ctm_on=variant.ctm_on,
     )  # fmt: skip
     model = MsataModel(config).train()
     opt = torch.optim.AdamW(model.parameters(), lr=budget.lr, weight_decay=budget.weight_decay)
@@ -247,6 +345,11 @@ def train_variant(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     history: list[float] = []
     ctm_history: list[float] = []
+    acc_history: list[float] = []
+    probe = None
+    if budget.eval_every:
+        idx = torch.arange(min(budget.n_eval, len(test)))
+        probe = TaskData(*(getattr(test, f)[idx] for f in TaskData.__dataclass_fields__))
     running, running_ctm, start = 0.0, 0.0, time.perf_counter()
     for step in range(budget.steps):
         batch = generate(budget.batch_size, task, seed=training_seed(seed, step)).batch(drop=variant.drop)
@@ -255,6 +358,8 @@ def train_variant(
             out, batch.labels, lambda_ctm=variant.lambda_ctm, projector=model.ctm_head,
             sigma=config.ctm_sigma, tau=config.ctm_tau,
         )  # fmt: skip
+        if on_step is not None:
+            on_step(step, model, parts)
         opt.zero_grad(set_to_none=True)
         parts.total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -268,12 +373,19 @@ def train_variant(
             running, running_ctm = 0.0, 0.0
             if progress:
                 print(f"  {variant.name} seed={seed} step={step + 1} ce={history[-1]:.4f} ctm={ctm_history[-1]:.3f}", flush=True)
-    return RunResult(
+        if probe is not None and (step + 1) % budget.eval_every == 0:
+            acc_history.append(accuracy(model, probe, variant.drop))
+    seconds = time.perf_counter() - start
+    reached = [i for i, a in enumerate(acc_history) if a >= 0.95]
+    result = RunResult(
         variant=variant.name,
         seed=seed,
         test_accuracy=accuracy(model, test, variant.drop),
         final_loss=history[-1] if history else float("nan"),
-        seconds=time.perf_counter() - start,
+        seconds=seconds,
         history=history,
         ctm_history=ctm_history,
+        acc_history=acc_history,
+        steps_to_95=(reached[0] + 1) * budget.eval_every if reached else None,
     )
+    return result, model

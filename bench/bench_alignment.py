@@ -5,14 +5,20 @@ the task). Chance is 1/2.
 
     python bench/bench_alignment.py                       # all variants, 3 seeds, 1 thread
     python bench/bench_alignment.py --variants tarope,index --seeds 1 --steps 300
+    python bench/bench_alignment.py --variants tarope+ctm@1.0,tarope+ctm-encoder@0.01 --jobs 6   # lambda per variant, 6 processes
+
+Runs are independent (fresh model, seeded clips), so ``--jobs N`` runs N of them at once, one
+process and ``--threads`` threads each; the results do not depend on N.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import statistics
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -20,47 +26,72 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.alignment_task import VARIANTS, RunResult, TaskConfig, TrainBudget, generate, train_variant  # noqa: E402
+from bench.alignment_task import TASK_KINDS, VARIANTS, RunResult, TaskConfig, TrainBudget, Variant, generate, train_variant  # noqa: E402
+
+
+def parse_variant(spec: str, lambda_ctm: float | None = None) -> Variant:
+    """"name" or "name@lambda" (a CTM weight for this row; the row is then named "name@lambda")."""
+    name, _, lam = spec.partition("@")
+    if name not in VARIANTS:
+        raise SystemExit(f"unknown variant {name!r} in {spec!r}; known: {list(VARIANTS)}")
+    variant = VARIANTS[name]
+    if lam:
+        try:
+            return replace(variant, name=spec, lambda_ctm=float(lam))
+        except ValueError:
+            raise SystemExit(f"bad CTM weight {lam!r} in {spec!r}") from None
+    if lambda_ctm is not None and variant.lambda_ctm > 0:
+        return replace(variant, lambda_ctm=lambda_ctm)
+    return variant
+
+
+def _run(args: tuple[Variant, int, int, TaskConfig, TrainBudget, int, bool]) -> RunResult:
+    variant, seed, n_test, task, budget, threads, progress = args
+    torch.set_num_threads(threads)
+    test = generate(n_test, task, seed=20_000 + seed)  # the same test clips for every variant of a seed
+    result = train_variant(variant, test, task, budget, seed, progress=progress)
+    print(
+        f"seed={seed} {variant.name:11s} test_acc={result.test_accuracy:.3f} final_ce={result.final_loss:.3f} "
+        f"steps_to_0.95={result.steps_to_95} ({result.seconds:.0f} s)",
+        flush=True,
+    )
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {list(VARIANTS)}")
+    parser.add_argument("--task", default="synchrony", choices=TASK_KINDS, help="which task (bench/alignment_task.py)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=TrainBudget.steps)
     parser.add_argument("--n-test", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--lambda-ctm", type=float, default=None, help="CTM weight of the tarope+ctm variant (default 0.1)")
+    parser.add_argument("--lambda-ctm", type=float, default=None, help="CTM weight of the CTM variants without @lambda (default 0.1)")
+    parser.add_argument("--eval-every", type=int, default=TrainBudget.eval_every, help="test accuracy on --n-eval clips every this many steps")
+    parser.add_argument("--n-eval", type=int, default=TrainBudget.n_eval)
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once, one process each")
     parser.add_argument("--progress", action="store_true", help="print the training losses every 100 steps")
     parser.add_argument("--json", type=Path, default=None, help="also write every run's result here")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    names = [v.strip() for v in args.variants.split(",") if v.strip()]
-    if unknown := [n for n in names if n not in VARIANTS]:
-        raise SystemExit(f"unknown variants {unknown}; known: {list(VARIANTS)}")
-    task, budget = TaskConfig(), TrainBudget(steps=args.steps)
-    variants = dict(VARIANTS)
-    if args.lambda_ctm is not None:
-        variants["tarope+ctm"] = replace(variants["tarope+ctm"], lambda_ctm=args.lambda_ctm)
-    print(f"variants={[variants[n] for n in names]}", flush=True)
-    print(f"task={task}\nbudget={budget}\nthreads={torch.get_num_threads()} torch={torch.__version__}", flush=True)
+    variants = [parse_variant(v.strip(), args.lambda_ctm) for v in args.variants.split(",") if v.strip()]
+    names = [v.name for v in variants]
+    task = TaskConfig(kind=args.task)
+    budget = TrainBudget(steps=args.steps, eval_every=args.eval_every, n_eval=args.n_eval)
+    print(f"variants={variants}", flush=True)
+    print(f"task={task}\nbudget={budget}\nthreads={args.threads} jobs={args.jobs} torch={torch.__version__}", flush=True)
 
-    results: list[RunResult] = []
-    for seed in range(args.seeds):
-        # Training clips depend on (seed, step) only, so every variant of a seed sees the same clips.
-        test = generate(args.n_test, task, seed=20_000 + seed)
-        for name in names:
-            result = train_variant(variants[name], test, task, budget, seed, progress=args.progress)
-            results.append(result)
-            print(
-                f"seed={seed} {name:11s} test_acc={result.test_accuracy:.3f} "
-                f"final_ce={result.final_loss:.3f} ({result.seconds:.0f} s)",
-                flush=True,
-            )
+    # Training clips depend on (seed, step) only, so every variant of a seed sees the same clips.
+    jobs = [(v, seed, args.n_test, task, budget, args.threads, args.progress) for seed in range(args.seeds) for v in variants]
+    if args.jobs > 1:
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = list(pool.map(_run, jobs))
+    else:
+        results = [_run(job) for job in jobs]
 
-    print(f"\n| variant | test accuracy (mean ± std, {args.seeds} seeds) | per-seed | final training CE | s / run |")
-    print("|---|---|---|---|---|")
+    print(f"\n| variant | test accuracy (mean ± std, {args.seeds} seeds) | per-seed | steps to 0.95 (per seed) | final training CE | s / run |")
+    print("|---|---|---|---|---|---|")
     for name in names:
         runs = [r for r in results if r.variant == name]
         acc = [r.test_accuracy for r in runs]
@@ -68,7 +99,8 @@ def main() -> None:
         per_seed = ", ".join(f"{a:.3f}" for a in acc)
         final_ce = statistics.mean(r.final_loss for r in runs)
         secs = statistics.mean(r.seconds for r in runs)
-        print(f"| {name} | {statistics.mean(acc):.3f} ± {std:.3f} | {per_seed} | {final_ce:.3f} | {secs:.0f} |")
+        reach = ", ".join("-" if r.steps_to_95 is None else str(r.steps_to_95) for r in runs)
+        print(f"| {name} | {statistics.mean(acc):.3f} ± {std:.3f} | {per_seed} | {reach} | {final_ce:.3f} | {secs:.0f} |")
     if args.json is not None:
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=1))
 

@@ -27,6 +27,10 @@ from modeling.tarope import DEFAULT_BASE, DEFAULT_RATE, POSITION_KINDS, Rotation
 
 FUSION_KINDS = ("joint", "late")
 POOLING_KINDS = ("mean", "attention", "stats")
+# Which tokens the CTM loss compares (docs/method.md, "CTM"): "frontend" = each modality's
+# front-end tokens before fusion (the default: no attention path lets them agree by position);
+# "encoder" = the joint encoder's outputs (the first form, kept for comparison).
+CTM_ON_KINDS = ("frontend", "encoder")
 
 
 @dataclass
@@ -53,6 +57,7 @@ class MsataConfig:
     ctm_dim: int = 128  # width of the CTM projection head
     ctm_sigma: float = 1.0 / 30.0  # seconds, CTM target width (one 30 fps video frame)
     ctm_tau: float = 0.1  # CTM softmax temperature
+    ctm_on: str = "frontend"  # "frontend" | "encoder": the tokens CTM compares (CTM_ON_KINDS)
 
     def __post_init__(self) -> None:
         self.video_channels = tuple(int(c) for c in self.video_channels)
@@ -62,6 +67,8 @@ class MsataConfig:
             raise ValueError(f"fusion={self.fusion!r}; expected one of {FUSION_KINDS}")
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
             raise ValueError(f"d_model={self.d_model} must split into {self.n_heads} heads of even width")
+        if self.ctm_on not in CTM_ON_KINDS:
+            raise ValueError(f"ctm_on={self.ctm_on!r}; expected one of {CTM_ON_KINDS}")
         if self.pooling not in POOLING_KINDS:
             raise ValueError(f"pooling={self.pooling!r}; expected one of {POOLING_KINDS}")
         if (self.audio_layers > 0) != (self.audio_width > 0):
@@ -104,6 +111,9 @@ class ModelOutput:
     video_tokens: torch.Tensor  # (B, Tv, D)
     video_times: torch.Tensor  # (B, Tv) seconds
     video_mask: torch.Tensor  # (B, Tv) bool
+    # The tokens the CTM loss compares (MsataConfig.ctm_on); None = the encoder outputs above.
+    ctm_audio: torch.Tensor | None = None  # (B, Ta', D)
+    ctm_video: torch.Tensor | None = None  # (B, Tv, D)
 
 
 class SelfAttention(nn.Module):
@@ -238,6 +248,9 @@ class MsataModel(nn.Module):
     def forward(self, batch: Batch) -> ModelOutput:
         a = self.audio_frontend(batch.audio, batch.audio_times, batch.audio_mask)  # (B, Ta', D)
         v = self.video_frontend(batch.video, batch.video_times, batch.video_mask)  # (B, Tv, D)
+        # Front-end tokens before the modality embedding: per-frame content only, no position and
+        # no view of the other stream, so CTM on them can only be lowered by content that co-occurs.
+        ctm_audio, ctm_video = (a.x, v.x) if self.config.ctm_on == "frontend" else (None, None)
         a.x = a.x + self.modality[0]
         v.x = v.x + self.modality[1]
         if self.video_encoder is None:  # joint: one sequence, cross-modal attention
@@ -257,4 +270,6 @@ class MsataModel(nn.Module):
             video_tokens=video_out,
             video_times=v.times,
             video_mask=v.mask,
+            ctm_audio=ctm_audio,
+            ctm_video=ctm_video,
         )

@@ -91,11 +91,15 @@ def ctm_loss_from_output(
     tau: float = DEFAULT_TAU,
     max_offset_sigmas: float = DEFAULT_MAX_OFFSET_SIGMAS,
 ) -> torch.Tensor:
+    """CTM on the tokens the model chose (``MsataConfig.ctm_on``): front-end tokens when the
+    output carries them, else the encoder outputs."""
+    audio = output.ctm_audio if output.ctm_audio is not None else output.audio_tokens
+    video = output.ctm_video if output.ctm_video is not None else output.video_tokens
     return ctm_loss(
-        output.audio_tokens,
+        audio,
         output.audio_times,
         output.audio_mask,
-        output.video_tokens,
+        video,
         output.video_times,
         output.video_mask,
         projector=projector,
