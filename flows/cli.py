@@ -109,12 +109,20 @@ def train(
     run_dir: Path | None = typer.Option(None, help="Where checkpoints and split files go (default under MSATA_HOME/runs)."),
     resume: bool = typer.Option(False, help="Continue an interrupted experiment (the default run directory is keyed by store, configs and folds)."),
     register: bool = typer.Option(True, help="Register the selected model in the MLflow registry."),
+    nproc: int = typer.Option(
+        1, min=1, help="Training processes per fold: msata launches torchrun with one process per GPU (gloo processes on CPU); train.batch_size stays the global batch."
+    ),
 ) -> None:
     """Cross-validate msata on a feature store; log to MLflow and register the model.
 
     Runs the train-msata Prefect flow (the one deployments run) in this process: the run, its logs and artifacts appear in Prefect.
     """
+    import os
+
     from flows.train import run_training
+
+    if os.environ.get("WORLD_SIZE", "1") != "1":  # `torchrun -m flows.cli train`: N copies of the flow and its MLflow runs
+        raise UserError(f"msata train is running under torchrun (WORLD_SIZE={os.environ['WORLD_SIZE']}): run it once with --nproc {os.environ['WORLD_SIZE']} instead, it launches torchrun per fold")
 
     overrides = _load_overrides(config)
     train_overrides = dict(overrides.get("train", {}))
@@ -126,7 +134,7 @@ def train(
     with train_progress() as progress:
         result = run_training(
             store, dataset, train=train_overrides, splits=split_overrides, model=overrides.get("model"),
-            run_dir=run_dir, resume=resume, register=register, progress=progress,
+            run_dir=run_dir, resume=resume, register=register, progress=progress, nproc=nproc,
         )
     print_cv_result(result)
 

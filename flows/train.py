@@ -5,7 +5,9 @@ task per fold (train, select on validation, test) -> finalize (mean +- std, regi
 champion rule) -> artifacts (the cross-validation table and a link to the MLflow run,
 ``flows/artifacts.py``). Tasks pass the run directory and fold indices only; every
 array stays in the feature store and the checkpoints on disk. Folds run one after
-another: each uses the whole GPU of the worker.
+another: each uses the whole GPU of the worker, or with ``nproc`` > 1 all its GPUs: the
+fold task then launches ``torchrun --nproc-per-node nproc`` (``modeling/fold_worker.py``,
+data-parallel, one process per GPU; gloo processes on a CPU-only worker) and waits for it.
 
 One path for every run: deployments (``infra/prefect.yaml``, ``prefect deployment run
 train-msata/<name>``) and ``msata train`` (:func:`run_training`, the flow run in the
@@ -24,10 +26,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from pydantic import Field
 
 from flows.settings import configure_environment, flush_api_logs
 from flows.train_params import ModelOverrides, SplitParams, TrainParams
@@ -79,7 +82,7 @@ def prepare_task(
 
 
 @task(name="train-fold", cache_policy=NO_CACHE, task_run_name="fold-{fold_index}")
-def fold_task(run_dir: str, fold_index: int) -> dict[str, Any]:
+def fold_task(run_dir: str, fold_index: int, nproc: int = 1) -> dict[str, Any]:
     from dataclasses import asdict
 
     from modeling.experiment import run_fold
@@ -92,7 +95,7 @@ def fold_task(run_dir: str, fold_index: int) -> dict[str, Any]:
             logger.info("fold %d epoch %d/%d: loss %.4f val UAR %.4f (%.1fs)", fold_index, r.epoch, event.epochs, r.train_loss, r.val_uar, r.seconds)
         report_progress(event)
 
-    result = run_fold(run_dir, fold_index, on_progress)
+    result = run_fold(run_dir, fold_index, on_progress, nproc)
     logger.info("fold %d: test UAR %.4f WA %.4f (best epoch %d)", fold_index, result.test["uar"], result.test["wa"], result.best_epoch)
     return asdict(result)
 
@@ -118,6 +121,7 @@ def train_msata(
     resume: bool = False,
     track: bool = True,
     register: bool = True,
+    nproc: Annotated[int, Field(ge=1, description="Training processes per fold (torchrun, data-parallel): the worker's GPU count, or gloo processes on CPU.")] = 1,
 ) -> dict[str, Any]:
     """Cross-validate msata on ``store_path``.
 
@@ -125,7 +129,8 @@ def train_msata(
     ``MsataConfig`` fields (only those given; the store decides the input sizes).
     Dicts are accepted and validated (e.g. ``train={"epochs": 30}``); unknown keys
     are refused. ``resume=True`` continues an interrupted experiment in the same run
-    directory.
+    directory, with any ``nproc``. ``nproc`` > 1 trains each fold with that many
+    processes; ``train.batch_size`` stays the global batch, so results do not depend on it.
     """
     from dataclasses import asdict
 
@@ -140,7 +145,7 @@ def train_msata(
     spec = load_spec(run_path)
     n_folds = len(spec["folds"])
     for index in range(n_folds):
-        fold_task(run_path, index)
+        fold_task(run_path, index, nproc)
     result = finalize_task(run_path, register and track)
     summary = result["summary"]
     logger.info(
@@ -168,6 +173,7 @@ def run_training(
     resume: bool = False,
     register: bool = True,
     progress: Callable[[Any], None] | None = None,
+    nproc: int = 1,
 ) -> CVResult:
     """Run ``train-msata`` in this process against PREFECT_API_URL or a temporary API (``msata train``).
 
@@ -182,7 +188,7 @@ def run_training(
 
     params = {
         "store_path": str(store_path), "dataset": dataset, "train": train or {}, "splits": splits or {}, "model": model or {},
-        "run_dir": str(run_dir) if run_dir else None, "resume": resume, "register": register,
+        "run_dir": str(run_dir) if run_dir else None, "resume": resume, "register": register, "nproc": nproc,
     }
     try:  # here, before a server starts or a flow run is created: "train.epoch: Extra inputs are not permitted"
         train_msata.validate_parameters(params)

@@ -13,14 +13,24 @@ default: CREMA-D / RAVDESS clips are under ~5 s); with a limit, a deterministic
 Randomness. Random crops and augmentation draw from a generator seeded by
 ``(seed, epoch, index)``: the :class:`EpochSampler` hands ``(index, epoch)`` keys to
 the workers, so an epoch is identical whatever the number of workers and after a
-resume.
+resume. With several training processes, :class:`ShardedBatchSampler` cuts the same
+permutation into global batches and gives each rank a strided share of each
+(``modeling/distributed.py``), so the keys, and hence crops and augmentation, are the
+ones a single process would draw.
+
+Memory. Clips are read from the Zarr store on demand, only the arrays training
+uses. Each reading process keeps a least-recently-used :class:`ClipCache` of decoded
+clips bounded in bytes: a loader's ``cache_bytes`` is shared equally by its worker
+processes (1 GiB per loader by default; a training process has at most three
+loaders: train, validation, test). Prefetching is the DataLoader's: ``num_workers``
+processes each keep ``prefetch_factor`` batches ready.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from dataclasses import replace
+from collections import OrderedDict
+from dataclasses import dataclass, fields, replace
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -30,6 +40,12 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from features.clip import ClipFeatures
 from features.config import FeatureConfig
 from modeling.batch import ClipExample, collate
+
+
+DEFAULT_CACHE_BYTES = 1 << 30  # 1 GiB per loader: <= 3 GiB of cache per training process
+# The arrays a training example is made of; face boxes, landmarks and detector scores are
+# never read for training (about a tenth of a clip's chunks).
+TRAINING_ARRAYS = ("logmel", "audio_states", "audio_times", "face_crops", "video_times", "face_mask")
 
 
 @dataclass(frozen=True)
@@ -42,7 +58,8 @@ class DataConfig:
     freq_masks: int = 2
     freq_mask_max_bins: int = 8
     crop_jitter_px: int = 4  # random shift of every face crop of a clip, in pixels
-    in_memory: bool = True  # keep clips read from the store (per worker process)
+    in_memory: bool = True  # cache decoded clips (bounded by cache_bytes); False reads every clip from the store every time
+    cache_bytes: int = DEFAULT_CACHE_BYTES  # per loader, split across its worker processes
     # Transductive: standardise each audio channel with its speaker's statistics over all of
     # that speaker's clips (test speakers' unlabelled clips included). Reported apart.
     speaker_norm: bool = False
@@ -200,6 +217,44 @@ def features_to_example(
     )
 
 
+def clip_nbytes(features: ClipFeatures) -> int:
+    return sum(int(v.nbytes) for f in fields(features) if isinstance(v := getattr(features, f.name), np.ndarray))
+
+
+class ClipCache:
+    """Decoded clips, least recently used first out, never more than ``max_bytes`` in all.
+    A clip larger than the whole budget is not kept."""
+
+    def __init__(self, max_bytes: int) -> None:
+        if max_bytes < 0:
+            raise ValueError(f"cache size must be >= 0 bytes, got {max_bytes}")
+        self.max_bytes, self.nbytes = int(max_bytes), 0
+        self.hits = self.misses = 0
+        self._items: OrderedDict[str, tuple[ClipFeatures, int]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: str) -> ClipFeatures | None:
+        item = self._items.get(key)
+        if item is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._items.move_to_end(key)
+        return item[0]
+
+    def put(self, key: str, features: ClipFeatures) -> None:
+        size = clip_nbytes(features)
+        if size > self.max_bytes or key in self._items:
+            return
+        while self.nbytes + size > self.max_bytes:
+            _, (_, freed) = self._items.popitem(last=False)
+            self.nbytes -= freed
+        self._items[key] = (features, size)
+        self.nbytes += size
+
+
 class ClipDataset(Dataset):
     """Clips of a feature store as ClipExamples.
 
@@ -231,7 +286,8 @@ class ClipDataset(Dataset):
         self.config = config
         self.train = train
         self._store = None
-        self._cache: dict[str, ClipFeatures] = {}
+        self.cache_bytes = config.cache_bytes if config.in_memory else 0  # this process's budget; make_loader splits it
+        self._cache: ClipCache | None = None
 
     def __len__(self) -> int:
         return len(self.clip_ids)
@@ -239,9 +295,12 @@ class ClipDataset(Dataset):
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_store"] = None  # zarr/fsspec handles are per process
+        state["_cache"] = None  # each worker fills its own; never ship the parent's clips
         return state
 
     def _features(self, clip_id: str) -> ClipFeatures:
+        if self._cache is None:
+            self._cache = ClipCache(self.cache_bytes)
         cached = self._cache.get(clip_id)
         if cached is not None:
             return cached
@@ -249,9 +308,8 @@ class ClipDataset(Dataset):
             from storage.feature_store import FeatureStore
 
             self._store = FeatureStore.open(self.store_path)
-        features = self._store.read(clip_id)
-        if self.config.in_memory:
-            self._cache[clip_id] = features
+        features = self._store.read(clip_id, arrays=TRAINING_ARRAYS)
+        self._cache.put(clip_id, features)
         return features
 
     def _speaker_statistics(self, speaker: str) -> AudioStats | None:
@@ -280,6 +338,12 @@ class ClipDataset(Dataset):
         return features_to_example(features, self.feature_config, self.labels[index], window)
 
 
+def epoch_permutation(n: int, seed: int, epoch: int) -> list[int]:
+    """The training order of an epoch: a function of (seed, epoch) only."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=generator).tolist()
+
+
 class EpochSampler(Sampler):
     """Seeded shuffle per epoch yielding (index, epoch) keys; ``set_epoch`` before iterating."""
 
@@ -293,26 +357,85 @@ class EpochSampler(Sampler):
         return self.n
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        for index in torch.randperm(self.n, generator=generator).tolist():
+        for index in epoch_permutation(self.n, self.seed, self.epoch):
             yield index, self.epoch
 
 
-def make_loader(dataset: ClipDataset, batch_size: int, num_workers: int, seed: int, pin_memory: bool = False) -> DataLoader:
-    """Shuffled (train) or ordered (eval) DataLoader collating into modeling.batch.Batch."""
-    sampler = EpochSampler(len(dataset), seed) if dataset.train else None
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        shuffle=False,
-        num_workers=num_workers,
-        collate_fn=collate,
-        pin_memory=pin_memory,
-        # Workers keep their store handle and in-memory cache across epochs.
-        persistent_workers=num_workers > 0,
-        drop_last=False,
-    )
+class ShardedBatchSampler(Sampler):
+    """This rank's share of each global batch of the epoch permutation, as lists of (index, epoch).
+
+    Global batch k is ``perm[k*B:(k+1)*B]``; rank r takes its positions r, r + W, ... So
+    the ranks' step-k shares are disjoint and together are the single-process batch k;
+    in the last, uneven batch they differ by at most one clip. A rank whose share of a
+    step is empty yields nothing for that step: :meth:`step_shares` says, per step, how
+    many clips this rank holds and how many the global batch holds (the loss weights).
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        self.n, self.batch_size, self.seed, self.rank, self.world_size, self.epoch = n, batch_size, seed, rank, world_size, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def global_batches(self) -> list[list[int]]:
+        perm = epoch_permutation(self.n, self.seed, self.epoch)
+        return [perm[i : i + self.batch_size] for i in range(0, self.n, self.batch_size)]
+
+    def step_shares(self) -> list[tuple[int, int]]:
+        """(clips of this rank, clips of the global batch) for every step of the epoch."""
+        return [(len(batch[self.rank :: self.world_size]), len(batch)) for batch in self.global_batches()]
+
+    def __len__(self) -> int:
+        """Non-empty shares only: the batches this rank's loader yields."""
+        return sum(1 for mine, _ in self.step_shares() if mine)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for batch in self.global_batches():
+            share = batch[self.rank :: self.world_size]
+            if share:
+                yield [(index, self.epoch) for index in share]
+
+
+class StridedSampler(Sampler):
+    """Evaluation: indices rank, rank + W, ... in order (``distributed.interleave`` restores the order)."""
+
+    def __init__(self, n: int, rank: int, world_size: int) -> None:
+        self.indices = list(range(rank, n, world_size))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+
+def make_loader(
+    dataset: ClipDataset,
+    batch_size: int,
+    num_workers: int,
+    seed: int,
+    pin_memory: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+    prefetch_factor: int = 4,
+) -> DataLoader:
+    """Shuffled (train) or ordered (eval) DataLoader collating into modeling.batch.Batch.
+
+    Training batches come from a :class:`ShardedBatchSampler` (``batch_size`` is the
+    global batch, one process or several); evaluation reads this rank's strided share
+    in order. The dataset's cache budget is split across the worker processes."""
+    dataset.cache_bytes = (dataset.config.cache_bytes if dataset.config.in_memory else 0) // max(1, num_workers)
+    workers = {"num_workers": num_workers, "collate_fn": collate, "pin_memory": pin_memory}
+    if num_workers > 0:
+        # Workers keep their store handle and cache across epochs; each keeps prefetch_factor batches ready.
+        workers |= {"persistent_workers": True, "prefetch_factor": prefetch_factor}
+    if dataset.train:
+        return DataLoader(dataset, batch_sampler=ShardedBatchSampler(len(dataset), batch_size, seed, rank, world_size), **workers)
+    return DataLoader(dataset, batch_size=batch_size, sampler=StridedSampler(len(dataset), rank, world_size), shuffle=False, drop_last=False, **workers)
 
 
 def steps_per_epoch(n_examples: int, batch_size: int) -> int:

@@ -103,7 +103,7 @@ def prepare_experiment(
     if model_config["audio_finetune_blocks"] and train_config.speaker_norm:
         raise sp.ProtocolError("audio_finetune_blocks with train.speaker_norm: the fine-tuned blocks expect the encoder's own states, not standardised ones; choose one")
     fold_dicts = [sp.fold_to_dict(f) for f in folds]
-    train_key = {k: v for k, v in train_config.to_dict().items() if k != "num_workers"}  # results do not depend on it
+    train_key = {k: v for k, v in train_config.to_dict().items() if k not in ("num_workers", "cache_bytes")}  # results do not depend on them
     spec = {
         "store_path": str(store_path),
         "dataset": canonical_name(dataset),
@@ -127,7 +127,7 @@ def prepare_experiment(
         for name in ("dataset", "feature_config_hash", "splits_hash", "model", "label_names"):
             if old[name] != spec[name]:
                 raise sp.ProtocolError(f"cannot resume {run_dir}: {name} changed from {old[name]!r} to {spec[name]!r}")
-        spec["train"] = {**old["train"], "num_workers": train_config.num_workers}
+        spec["train"] = {**old["train"], "num_workers": train_config.num_workers, "cache_bytes": train_config.cache_bytes}
         spec["mlflow"] = old.get("mlflow")
         if spec["mlflow"]:
             tracking.configure_tracking()
@@ -183,8 +183,12 @@ def load_spec(run_dir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def run_fold(run_dir: str | Path, fold_index: int, progress: ProgressCallback | None = None) -> FoldResult:
-    """Train, select on validation, test once; idempotent (a finished fold is returned as is)."""
+def run_fold(run_dir: str | Path, fold_index: int, progress: ProgressCallback | None = None, nproc: int = 1) -> FoldResult:
+    """Train, select on validation, test once; idempotent (a finished fold is returned as is).
+
+    ``nproc > 1`` trains the fold with that many processes under torchrun
+    (``modeling/fold_worker.py``, one per GPU, or gloo on CPU); this process keeps the
+    MLflow bookkeeping and reads the fold's result.json when they are done."""
     from modeling import tracking
 
     run_dir = Path(run_dir)
@@ -211,7 +215,28 @@ def run_fold(run_dir: str | Path, fold_index: int, progress: ProgressCallback | 
             fold_dir.mkdir(parents=True, exist_ok=True)
             tracking.write_json(run_file, {"run_id": run_id})
     with tracking.ended_on_failure(run_id, parent_id):  # Ctrl-C: KILLED, an error: FAILED (the fold and its experiment)
-        return train_and_test_fold(spec, fold, fold_dir, run_id, progress)
+        if nproc == 1:
+            return train_and_test_fold(spec, fold, fold_dir, run_id, progress)
+        _run_fold_processes(run_dir, fold_index, nproc, progress)
+        return FoldResult(**json.loads(result_path.read_text()))
+
+
+def _run_fold_processes(run_dir: Path, fold_index: int, nproc: int, progress: ProgressCallback | None) -> None:
+    """torchrun the fold's ranks; rank 0's training events come back to ``progress``."""
+    import logging
+
+    from modeling import distributed as dist
+    from modeling.train_loop import EpochRecord, ProgressEvent
+
+    log = logging.getLogger("msata.fold")
+
+    def on_event(data: dict[str, Any]) -> None:
+        if progress:
+            record = data.pop("record", None)
+            progress(ProgressEvent(**data, record=EpochRecord(**record) if record else None))
+
+    command = dist.torchrun_command(nproc, "modeling.fold_worker", [str(run_dir), str(fold_index)])
+    dist.run_streaming(command, on_event, log.info, f"fold {fold_index} with {nproc} processes (torchrun)")
 
 
 def finalize_experiment(run_dir: str | Path, register: bool = True) -> CVResult:
@@ -277,11 +302,12 @@ def run_cross_validation(
     track: bool = True,
     register: bool = True,
     progress: ProgressCallback | None = None,
+    nproc: int = 1,
 ) -> CVResult:
     """Full speaker-independent cross-validation; see the module docstring."""
     run_dir = prepare_experiment(store_path, dataset, train_config or TrainConfig(), split_config, model_overrides, expected_feature_config, run_dir, resume, track)
     for index in range(len(load_spec(run_dir)["folds"])):
-        run_fold(run_dir, index, progress)
+        run_fold(run_dir, index, progress, nproc)
     return finalize_experiment(run_dir, register=register and track)
 
 

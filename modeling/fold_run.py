@@ -13,9 +13,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from modeling import distributed as dist
 from modeling import splits as sp
 from modeling.metrics import compute_metrics
-from modeling.train_loop import ProgressCallback, ProgressEvent, TrainConfig, predict, resolve_device, seed_everything, train_model
+from modeling.train_loop import ProgressCallback, ProgressEvent, TrainConfig, predict, seed_everything, train_model, training_device
 
 if TYPE_CHECKING:
     from modeling.encoder import MsataModel
@@ -37,7 +38,7 @@ class FoldResult:
 
 
 
-def loaders(spec: dict[str, Any], fold: sp.Fold, config: TrainConfig):
+def loaders(spec: dict[str, Any], fold: sp.Fold, config: TrainConfig, ctx: dist.DistContext = dist.SINGLE):
     from modeling.data import ClipDataset, make_loader
     from storage.feature_store import FeatureStore
 
@@ -47,11 +48,11 @@ def loaders(spec: dict[str, Any], fold: sp.Fold, config: TrainConfig):
     speaker_of = dict(zip(manifest["clip_id"].astype(str), manifest["speaker"].astype(str)))  # for train.speaker_norm
     index = {name: i for i, name in enumerate(spec["label_names"])}
     data_config = config.data_config()
-    pin = resolve_device(config.device).type == "cuda"
+    pin = training_device(config, ctx).type == "cuda"
 
     def loader(ids: tuple[str, ...], train: bool, workers: int):
         ds = ClipDataset(spec["store_path"], ids, [index[label_of[c]] for c in ids], store.config, data_config, train, [speaker_of[c] for c in ids])
-        return make_loader(ds, config.batch_size, workers, config.seed, pin)
+        return make_loader(ds, config.batch_size, workers, config.seed, pin, ctx.rank, ctx.world_size)
 
     return loader(fold.train_ids, True, config.num_workers), loader(fold.val_ids, False, config.num_workers), loader(fold.test_ids, False, 0)
 
@@ -68,16 +69,21 @@ def start_pretrained_blocks(model: "MsataModel", feature_config: dict[str, Any])
     model.audio_frontend.load_top_blocks(load_packaged_encoder(name, "cpu"))
 
 
-def train_and_test_fold(spec: dict[str, Any], fold: sp.Fold, fold_dir: Path, run_id: str | None, progress: ProgressCallback | None) -> FoldResult:
+def train_and_test_fold(
+    spec: dict[str, Any], fold: sp.Fold, fold_dir: Path, run_id: str | None, progress: ProgressCallback | None, ctx: dist.DistContext = dist.SINGLE
+) -> FoldResult:
+    """Every rank runs this with the same arguments; only rank 0 logs to MLflow and writes result.json."""
     from modeling import tracking
     from modeling.checkpoint import load_trained_model
     from modeling.encoder import MsataConfig, MsataModel
 
     fold_index = fold.index
+    run_id = run_id if ctx.is_main else None
     if run_id:
+        tracking.set_tags(run_id, {"msata.world_size": str(ctx.world_size)})  # a tag, not a param: a resume may use another world size
         tracking.log_params(run_id, {"fold": str(fold_index), "train_speakers": json.dumps(fold.train_speakers), "val_speakers": json.dumps(fold.val_speakers), "test_speakers": json.dumps(fold.test_speakers), "n_train": str(len(fold.train_ids)), "n_val": str(len(fold.val_ids)), "n_test": str(len(fold.test_ids))})
     config = TrainConfig.from_dict(spec["train"])
-    train_loader, val_loader, test_loader = loaders(spec, fold, config)
+    train_loader, val_loader, test_loader = loaders(spec, fold, config, ctx)
     label_names = spec["label_names"]
     meta = {
         "model_config": spec["model"],
@@ -97,12 +103,12 @@ def train_and_test_fold(spec: dict[str, Any], fold: sp.Fold, fold_dir: Path, run
     seed_everything(config.seed)  # the initial weights too: a rerun of a fold starts from the same model
     model = MsataModel(MsataConfig.from_dict(spec["model"]))
     start_pretrained_blocks(model, spec["feature_config"])
-    result = train_model(model, train_loader, val_loader, config, fold_dir, meta, resume=True, progress=on_progress)
+    result = train_model(model, train_loader, val_loader, config, fold_dir, meta, resume=True, progress=on_progress, ctx=ctx)
     if result.best_path is None:
         raise RuntimeError(f"fold {fold_index} finished without a best checkpoint in {fold_dir}")
-    device = resolve_device(config.device)
+    device = training_device(config, ctx)
     best_model, _, _ = load_trained_model(result.best_path, device)
-    y, probs, _, _ = predict(best_model, test_loader, device)
+    y, probs, _, _ = predict(best_model, test_loader, device, ctx)  # gathered: the whole test set on every rank
     metrics = compute_metrics(y, probs.argmax(axis=1), len(label_names))
     fold_result = FoldResult(
         index=fold_index,
@@ -115,6 +121,8 @@ def train_and_test_fold(spec: dict[str, Any], fold: sp.Fold, fold_dir: Path, run
         best_path=str(result.best_path),
         run_id=run_id,
     )
+    if not ctx.is_main:
+        return fold_result
     if run_id:
         tracking.log_metrics(run_id, {f"test_{k}": v for k, v in metrics.scalars().items()} | {"best_epoch": result.best_epoch, "best_val_uar": result.best_val_uar})
         tracking.log_artifact(run_id, tracking.plot_confusion(metrics.confusion, label_names, fold_dir / "confusion_test.png", f"fold {fold_index} test"), "plots")

@@ -7,6 +7,12 @@ validation UAR strictly improves. ``resume=True`` continues from ``last.pt`` wit
 model, optimiser, scheduler, early-stopping counters, history and RNG states; the
 data order and augmentation are functions of (seed, epoch, index), so a resumed run
 sees the same batches as an uninterrupted one.
+
+Several processes (torchrun, ``modeling/distributed.py``): ``batch_size`` is the global
+batch, each rank trains on its share and the gradients are summed over the ranks, so
+the optimiser sees what one process would; validation and test predictions are
+gathered from all ranks before any metric; only rank 0 writes checkpoints and reports
+progress. A checkpoint resumes with any number of processes.
 """
 
 from __future__ import annotations
@@ -22,9 +28,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from modeling import distributed as dist
 from modeling.batch import Batch
 from modeling.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
-from modeling.data import DataConfig, EpochSampler
+from modeling.data import DEFAULT_CACHE_BYTES, DataConfig, ShardedBatchSampler
 from modeling.metrics import ClassificationMetrics, compute_metrics
 
 
@@ -42,7 +49,8 @@ class TrainConfig:
     max_duration_s: float = 4.0  # training crop length
     eval_max_duration_s: float | None = None  # None = whole clip at eval
     augment: bool = True
-    in_memory: bool = True
+    in_memory: bool = True  # cache decoded clips, at most cache_bytes per loader
+    cache_bytes: int = DEFAULT_CACHE_BYTES  # per loader (train, validation, test), split across its workers
     speaker_norm: bool = False  # transductive per-speaker standardisation of the audio (see DataConfig)
     num_workers: int = 2
     seed: int = 0
@@ -54,6 +62,7 @@ class TrainConfig:
             eval_max_duration_s=self.eval_max_duration_s,
             augment=self.augment,
             in_memory=self.in_memory,
+            cache_bytes=self.cache_bytes,
             speaker_norm=self.speaker_norm,
             seed=self.seed,
         )
@@ -137,6 +146,11 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
+def training_device(config: TrainConfig, ctx: dist.DistContext = dist.SINGLE) -> torch.device:
+    """The device of this process: config.device, and with several CUDA processes cuda:LOCAL_RANK."""
+    return dist.device_for(resolve_device(config.device), ctx)
+
+
 def seed_everything(seed: int) -> None:
     import random
 
@@ -173,8 +187,13 @@ def _objective(model: nn.Module, output: Any, labels: torch.Tensor, lambda_ctm: 
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[np.ndarray, np.ndarray, list[str], float]:
-    """(labels (N,), probabilities (N, C), clip ids, mean CE) over a loader, in eval mode."""
+def predict(
+    model: nn.Module, loader: DataLoader, device: torch.device, ctx: dist.DistContext = dist.SINGLE
+) -> tuple[np.ndarray, np.ndarray, list[str], float]:
+    """(labels (N,), probabilities (N, C), clip ids, mean CE) over a loader, in eval mode.
+
+    With several processes each rank predicts its strided share and every rank gets the
+    whole set back in the loader's dataset order (so the metrics are those of one process)."""
     model.eval()
     labels, probs, ids, ce_sum = [], [], [], 0.0
     for batch in loader:
@@ -183,18 +202,32 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple
             logits = model(batch).logits.float()  # (B, C)
         if (batch.labels >= 0).all():
             ce_sum += float(nn.functional.cross_entropy(logits, batch.labels, reduction="sum"))
-        labels.append(batch.labels.cpu().numpy())
-        probs.append(torch.softmax(logits, dim=-1).cpu().numpy())
+        labels.extend(batch.labels.cpu().numpy())
+        probs.extend(torch.softmax(logits, dim=-1).cpu().numpy())  # C-vectors, one per clip
         ids.extend(batch.clip_ids)
+    if ctx.enabled:
+        parts = dist.gather_objects((labels, probs, ids, ce_sum), ctx)
+        labels, probs, ids = (dist.interleave([part[k] for part in parts]) for k in range(3))
+        ce_sum = sum(part[3] for part in parts)
     if not ids:
         raise ValueError("predict() got an empty loader")
-    y = np.concatenate(labels)
-    return y, np.concatenate(probs), ids, ce_sum / len(y)
+    y = np.asarray(labels, dtype=np.int64)
+    return y, np.stack(probs), ids, ce_sum / len(y)
 
 
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, n_classes: int) -> tuple[ClassificationMetrics, float]:
-    y, p, _, loss = predict(model, loader, device)
+def evaluate(
+    model: nn.Module, loader: DataLoader, device: torch.device, n_classes: int, ctx: dist.DistContext = dist.SINGLE
+) -> tuple[ClassificationMetrics, float]:
+    y, p, _, loss = predict(model, loader, device, ctx)
     return compute_metrics(y, p.argmax(axis=1), n_classes), loss
+
+
+def step_plan(loader: DataLoader) -> list[tuple[int, int]]:
+    """(this rank's clips, the global batch's clips) per step; (0, 0) = every batch of a plain loader, weight 1."""
+    batches = loader.batch_sampler
+    if isinstance(batches, ShardedBatchSampler):
+        return batches.step_shares()
+    return [(0, 0)] * len(loader)
 
 
 def train_model(
@@ -206,23 +239,26 @@ def train_model(
     checkpoint_meta: dict[str, Any],
     resume: bool = False,
     progress: ProgressCallback | None = None,
+    ctx: dist.DistContext = dist.SINGLE,
 ) -> TrainResult:
     """Train with early stopping on validation UAR; checkpoints go to ``out_dir``.
 
     ``checkpoint_meta`` holds the inference half of the checkpoint format:
-    model_config, feature_config, label_names.
+    model_config, feature_config, label_names. With several processes (``ctx``) every
+    rank calls this with its own loaders (``make_loader(..., rank, world_size)``).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
-    device = resolve_device(config.device)
+    device = training_device(config, ctx)
     n_classes = len(checkpoint_meta["label_names"])
     seed_everything(config.seed)
     model.to(device)
     optimizer = torch.optim.AdamW(parameter_groups(model, config), lr=config.lr, weight_decay=config.weight_decay)
-    n_steps = len(train_loader)
+    n_steps = len(step_plan(train_loader))  # global steps: the same for any number of processes
     schedule = warmup_cosine(config.epochs * n_steps, int(round(config.warmup_epochs * n_steps)))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    report = progress if ctx.is_main else None
 
     start_epoch, best_uar, best_epoch, bad_epochs, history = 1, -math.inf, 0, 0, []
     if resume and last_path.exists():
@@ -234,50 +270,58 @@ def train_model(
         best_uar = float(state["best_metric"])
         best_epoch, bad_epochs = int(state.get("best_epoch", 0)), int(state.get("bad_epochs", 0))
         history = [EpochRecord(**r) for r in state.get("history", [])]
-        restore_rng(state["rng"])
+        restore_rng(state["rng"])  # rank 0's states, on every rank: the ranks stay alike
         if bad_epochs >= config.patience:  # it had already stopped early
             start_epoch = config.epochs + 1
 
-    sampler = train_loader.sampler
+    batch_sampler = train_loader.batch_sampler
+    params = [p for p in model.parameters() if p.requires_grad]
     stopped_early = False
     epoch = start_epoch - 1
     for epoch in range(start_epoch, config.epochs + 1):
-        if isinstance(sampler, EpochSampler):
-            sampler.set_epoch(epoch)
-        if progress:
-            progress(ProgressEvent("epoch_start", epoch, config.epochs, steps=n_steps))
+        if isinstance(batch_sampler, ShardedBatchSampler):
+            batch_sampler.set_epoch(epoch)
+        plan = step_plan(train_loader)
+        if report:
+            report(ProgressEvent("epoch_start", epoch, config.epochs, steps=n_steps))
         model.train()
         started = time.perf_counter()
-        sums = np.zeros(3)
-        count = 0
+        sums = np.zeros(4)  # loss, ce, ctm (each times clips), clips
         waited = 0.0
-        fetch_started = time.perf_counter()
-        for step, batch in enumerate(train_loader, start=1):
-            waited += time.perf_counter() - fetch_started
-            batch: Batch = batch.to(device, non_blocking=True)
-            with _autocast(device):
-                output = model(batch)
-            total, ce, ctm = _objective(model, output, batch.labels, config.lambda_ctm)
-            if not torch.isfinite(total):
-                raise FloatingPointError(f"non-finite loss {float(total)} at epoch {epoch} step {step} (clips {batch.clip_ids[:4]})")
+        batches = iter(train_loader)
+        for step, (mine, global_clips) in enumerate(plan, start=1):
             optimizer.zero_grad(set_to_none=True)
-            total.backward()
+            loss_value = 0.0
+            if mine or not global_clips:  # a rank with no clip in this step only joins the all-reduce
+                fetch_started = time.perf_counter()
+                batch: Batch = next(batches)
+                waited += time.perf_counter() - fetch_started
+                batch = batch.to(device, non_blocking=True)
+                with _autocast(device):
+                    output = model(batch)
+                total, ce, ctm = _objective(model, output, batch.labels, config.lambda_ctm)
+                if not torch.isfinite(total):
+                    raise FloatingPointError(f"non-finite loss {float(total)} at epoch {epoch} step {step} (clips {batch.clip_ids[:4]})")
+                # This rank's share of the global batch's mean loss: summed over ranks it is that mean.
+                (total * (mine / global_clips) if ctx.enabled else total).backward()
+                loss_value = float(total.detach())  # synchronises a GPU step before the next fetch is timed
+                sums += np.array([loss_value, ce, ctm, 1.0]) * len(batch)
+            dist.allreduce_gradients(params, ctx)
             if config.grad_clip > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
             scheduler.step()
-            sums += np.array([float(total.detach()), ce, ctm]) * len(batch)
-            count += len(batch)
-            if progress:
-                progress(ProgressEvent("step", epoch, config.epochs, step=step, steps=n_steps, loss=float(total.detach())))
-            fetch_started = time.perf_counter()  # the float() reads above synchronise a GPU step
+            if report:
+                report(ProgressEvent("step", epoch, config.epochs, step=step, steps=n_steps, loss=loss_value))
         train_s = time.perf_counter() - started
-        val_metrics, val_loss = evaluate(model, val_loader, device, n_classes)
+        loss_sum, ce_sum, ctm_sum, count = dist.allreduce_sum(sums.tolist(), ctx)
+        wait_share = dist.allreduce_max(waited / train_s if train_s > 0 else 0.0, ctx)  # the rank that waited most
+        val_metrics, val_loss = evaluate(model, val_loader, device, n_classes, ctx)
         record = EpochRecord(
             epoch=epoch,
-            train_loss=float(sums[0] / count),
-            train_ce=float(sums[1] / count),
-            train_ctm=float(sums[2] / count),
+            train_loss=loss_sum / count,
+            train_ce=ce_sum / count,
+            train_ctm=ctm_sum / count,
             val_loss=val_loss,
             val_wa=val_metrics.wa,
             val_uar=val_metrics.uar,
@@ -285,32 +329,34 @@ def train_model(
             lr=optimizer.param_groups[0]["lr"],
             seconds=time.perf_counter() - started,
             train_clips_per_s=count / train_s if train_s > 0 else 0.0,
-            data_wait_share=waited / train_s if train_s > 0 else 0.0,
+            data_wait_share=wait_share,
         )
         history.append(record)
-        improved = record.val_uar > best_uar
+        improved = record.val_uar > best_uar  # the gathered metrics: every rank decides alike
         if improved:
             best_uar, best_epoch, bad_epochs = record.val_uar, epoch, 0
         else:
             bad_epochs += 1
-        payload = {
-            **checkpoint_meta,
-            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "train_config": config.to_dict(),
-            "epoch": epoch,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "best_metric": best_uar,
-            "best_epoch": best_epoch,
-            "bad_epochs": bad_epochs,
-            "history": [asdict(r) for r in history],
-            "rng": capture_rng(),
-        }
-        if improved:
-            save_checkpoint(best_path, payload)
-        save_checkpoint(last_path, payload)  # last: a kill after this line resumes at epoch + 1
-        if progress:
-            progress(ProgressEvent("epoch_end", epoch, config.epochs, steps=n_steps, record=record))
+        if ctx.is_main:
+            payload = {
+                **checkpoint_meta,
+                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "train_config": config.to_dict(),
+                "epoch": epoch,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "best_metric": best_uar,
+                "best_epoch": best_epoch,
+                "bad_epochs": bad_epochs,
+                "history": [asdict(r) for r in history],
+                "rng": capture_rng(),
+            }
+            if improved:
+                save_checkpoint(best_path, payload)
+            save_checkpoint(last_path, payload)  # last: a kill after this line resumes at epoch + 1
+        dist.barrier(ctx)  # no rank reads a checkpoint (resume, test) before rank 0 has written it
+        if report:
+            report(ProgressEvent("epoch_end", epoch, config.epochs, steps=n_steps, record=record))
         if bad_epochs >= config.patience:
             stopped_early = True
             break

@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 import fsspec
@@ -179,14 +180,16 @@ class FeatureStore:
         """Committed clip ids, sorted (one listing, cheaper than many ``has`` calls)."""
         return sorted(n[: -len(".json")] for n in self._files.names(MANIFEST_DIR) if n.endswith(".json"))
 
-    def read(self, clip_id: str) -> ClipFeatures:
+    def read(self, clip_id: str, arrays: Collection[str] | None = None) -> ClipFeatures:
+        """The clip's features; ``arrays`` limits the read to those arrays (others stay None)."""
         if not self.has(clip_id):
             raise KeyError(f"clip {clip_id!r} is not in feature store {self.url}")
         store = self._files.zarr_store(self._files.join(CLIPS, clip_id), read_only=True)
         group = zarr.open_group(store, mode="r", zarr_format=3, use_consolidated=True)
         attrs = group.attrs.asdict()
-        arrays = {name: np.asarray(group[name][...]) for name in attrs["arrays"]}
-        return ClipFeatures(clip_id=clip_id, duration_s=float(attrs["duration_s"]), notes=list(attrs["notes"]), **arrays)
+        names = [n for n in attrs["arrays"] if arrays is None or n in arrays]
+        data = {name: np.asarray(group[name][...]) for name in names}
+        return ClipFeatures(clip_id=clip_id, duration_s=float(attrs["duration_s"]), notes=list(attrs["notes"]), **data)
 
     def manifest(self) -> pd.DataFrame:
         """One row per committed clip, sorted by clip_id (row files + compacted snapshot)."""

@@ -76,8 +76,10 @@ def build_tiny_store(
     return FeatureStore.open(str(path))
 
 
-def tiny_loaders(store_path: str | Path, batch_size: int = 4, num_workers: int = 0, seed: int = 0, max_duration_s: float = 1.5):
-    """(train, val) loaders of a tiny store: speakers 0-3 train, 4-5 validation."""
+def tiny_loaders(
+    store_path: str | Path, batch_size: int = 4, num_workers: int = 0, seed: int = 0, max_duration_s: float = 1.5, rank: int = 0, world_size: int = 1
+):
+    """(train, val) loaders of a tiny store: speakers 0-3 train, 4-5 validation (this rank's share of each)."""
     from modeling.data import ClipDataset, DataConfig, make_loader
 
     store = FeatureStore.open(str(store_path))
@@ -88,7 +90,7 @@ def tiny_loaders(store_path: str | Path, batch_size: int = 4, num_workers: int =
 
     def loader(rows, train: bool):
         ds = ClipDataset(str(store_path), rows["clip_id"].tolist(), [index[x] for x in rows["label"]], store.config, cfg, train)
-        return make_loader(ds, batch_size, num_workers, seed)
+        return make_loader(ds, batch_size, num_workers, seed, rank=rank, world_size=world_size)
 
     return loader(m[~val_mask], True), loader(m[val_mask], False)
 

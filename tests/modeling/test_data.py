@@ -97,9 +97,75 @@ def test_in_memory_cache_and_pickling(store_path: str) -> None:
     assert ds._store is not None and len(ds._cache) == 1
     clone = pickle.loads(pickle.dumps(ds))
     assert clone._store is None  # store handles never cross process boundaries
+    assert clone._cache is None  # nor do the parent's cached clips
     no_cache = dataset(store_path, train=True, in_memory=False)
     no_cache[(0, 0)]
-    assert no_cache._cache == {}
+    assert len(no_cache._cache) == 0
+
+
+def test_cache_is_bounded_in_bytes_and_least_recently_used() -> None:
+    from modeling.data import ClipCache, clip_nbytes
+
+    rng = np.random.default_rng(0)
+    clips = [tiny_clip(f"c{i}", i % 6, 6, 2.0, rng) for i in range(5)]
+    size = clip_nbytes(clips[0])
+    assert size == sum(a.nbytes for a in (clips[0].logmel, clips[0].audio_times, clips[0].face_crops, clips[0].video_times, clips[0].face_mask))
+    cache = ClipCache(int(2.5 * size))  # room for two clips
+    for clip in clips[:2]:
+        cache.put(clip.clip_id, clip)
+    assert cache.get("c0") is clips[0]  # c0 is now the most recently used
+    cache.put("c2", clips[2])
+    assert len(cache) == 2 and cache.nbytes <= cache.max_bytes
+    assert cache.get("c1") is None and cache.get("c0") is clips[0] and cache.get("c2") is clips[2]
+    tiny = ClipCache(size // 2)
+    tiny.put("c3", clips[3])  # larger than the whole budget: not kept
+    assert len(tiny) == 0 and tiny.nbytes == 0
+    with pytest.raises(ValueError, match="-1"):
+        ClipCache(-1)
+
+
+def test_loader_splits_the_cache_budget_and_reads_only_training_arrays(store_path: str) -> None:
+    ds = dataset(store_path, train=True, cache_bytes=1000)
+    make_loader(ds, 4, 2, seed=0)
+    assert ds.cache_bytes == 500  # two worker processes share the loader's budget
+    features = dataset(store_path, train=True)._features(ds.clip_ids[0])
+    assert features.face_crops is not None and features.face_boxes is None  # boxes/landmarks are not training inputs
+
+
+def test_sharded_batches_are_the_single_process_batches_split_by_rank() -> None:
+    from modeling.data import EpochSampler, ShardedBatchSampler
+
+    n, batch = 11, 4  # steps of 4, 4 and 3 clips
+    single = ShardedBatchSampler(n, batch, seed=3)
+    single.set_epoch(2)
+    whole = list(single)
+    sampler = EpochSampler(n, 3)
+    sampler.set_epoch(2)
+    assert [k for b in whole for k in b] == list(sampler)  # the same keys, in the same order, as before sharding
+    for world in (2, 3, 4, 5):
+        ranks = [ShardedBatchSampler(n, batch, seed=3, rank=r, world_size=world) for r in range(world)]
+        for r in ranks:
+            r.set_epoch(2)
+        shares = [r.step_shares() for r in ranks]
+        assert all(len(s) == len(whole) for s in shares)  # every rank takes every step (the all-reduce)
+        per_rank = [iter(list(r)) for r in ranks]
+        for step, global_batch in enumerate(whole):
+            parts = [next(it) if shares[r][step][0] else [] for r, it in enumerate(per_rank)]
+            assert sorted(k for p in parts for k in p) == sorted(global_batch)  # disjoint, and together the batch
+            sizes = [len(p) for p in parts]
+            assert max(sizes) - min(sizes) <= 1 and all(shares[r][step] == (sizes[r], len(global_batch)) for r in range(world))
+        assert all(next(it, None) is None for it in per_rank)
+    with pytest.raises(ValueError, match="rank 2"):
+        ShardedBatchSampler(n, batch, seed=0, rank=2, world_size=2)
+
+
+def test_interleave_restores_the_order_of_a_strided_split() -> None:
+    from modeling.data import StridedSampler
+    from modeling.distributed import interleave
+
+    for n, world in ((7, 2), (7, 3), (2, 3), (0, 2)):
+        parts = [list(StridedSampler(n, r, world)) for r in range(world)]
+        assert interleave(parts) == list(range(n))
 
 
 @pytest.mark.slow
@@ -107,7 +173,7 @@ def test_worker_loader_matches_single_process(store_path: str) -> None:
     batches = {}
     for workers in (0, 2):
         loader = make_loader(dataset(store_path, train=True, max_duration_s=1.0), 4, workers, seed=5)
-        loader.sampler.set_epoch(3)
+        loader.batch_sampler.set_epoch(3)
         batches[workers] = list(loader)
     assert len(batches[0]) == 3
     for b0, b2 in zip(batches[0], batches[2]):
