@@ -69,3 +69,34 @@ def test_training_batches_are_fresh_and_shared_across_variants():
 def test_event_that_cannot_fit_is_refused():
     with pytest.raises(ValueError, match="do not fit"):
         event_times(1, TaskConfig(n_events=10, min_separation_s=0.3), torch.Generator())
+
+
+def _event_types(data, cfg: TaskConfig, pa: torch.Tensor, pv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each event's type: the pattern best correlated with the mean of the frames that carry the event."""
+    near_a = ((data.audio_times[:, None, :] - data.audio_event_times[:, :, None]).abs() <= cfg.audio_event_half_s).float()
+    near_v = ((data.video_times[:, None, :] - data.video_event_times[:, :, None]).abs() <= cfg.video_event_half_s).float()
+    a = torch.einsum("nkt,ntf->nkf", near_a, data.audio)  # (N, K, F)
+    v = torch.einsum("nkt,ntxyc->nkxyc", near_v, data.video.float() - 128)
+    return (a @ pa.T).argmax(-1), torch.einsum("nkxyc,mxyc->nkm", v, pv).argmax(-1)
+
+
+def test_correspondence_task_label_is_only_in_the_pairing():
+    from bench.alignment_task import _type_patterns
+
+    cfg = TaskConfig(kind="correspondence")
+    data = generate(400, cfg, seed=5)
+    assert torch.equal(data.audio_event_times, data.video_event_times)  # always synchronous
+    a_types, v_types = _event_types(data, cfg, *_type_patterns(cfg))
+    k = torch.arange(cfg.n_types)
+    # every clip shows each type once in each stream: counts carry nothing
+    assert torch.equal(a_types.sort(1).values, k.expand(400, -1)) and torch.equal(v_types.sort(1).values, k.expand(400, -1))
+    matched = data.labels == 1
+    assert bool((a_types[matched] == v_types[matched]).all())
+    assert bool((a_types[~matched] != v_types[~matched]).all())  # a derangement: every pair wrong
+    # single streams: the type at each event position is uniform in both classes
+    for types in (a_types, v_types):
+        for label in (0, 1):
+            freq = torch.bincount(types[data.labels == label].flatten(), minlength=cfg.n_types).float()
+            assert float(freq.min() / freq.max()) > 0.8
+    with pytest.raises(ValueError, match="kind"):
+        TaskConfig(kind="other")

@@ -128,3 +128,26 @@ def test_training_objective_on_model_output() -> None:
     assert only_ce.ctm.item() == 0.0
     with pytest.raises(ValueError, match="labelled"):
         training_objective(out, torch.full((3,), -1))
+
+
+@pytest.mark.parametrize("ctm_on", ["frontend", "encoder"])
+def test_ctm_form_decides_which_weights_it_trains(ctm_on: str) -> None:
+    """Front-end CTM reaches the front-ends and its head, never the encoder or classifier (it cannot be
+    met through attention); the first form, on the encoder outputs, reaches the encoder."""
+    torch.manual_seed(0)
+    model = MsataModel(MsataConfig(n_classes=3, n_mels=8, d_model=32, n_heads=2, n_layers=1, dropout=0.0,
+                                   crop_size=16, video_channels=(8, 16), ctm_dim=16, ctm_on=ctm_on))
+    batch = collate([clip(50, 30, 0), clip(40, 25, 1)])
+    out = model(batch)
+    assert (out.ctm_audio is not None) == (ctm_on == "frontend")
+    ctm_loss_from_output(out, projector=model.ctm_head).backward()
+    reached = {name.split(".")[0] for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().max() > 0}
+    assert {"audio_frontend", "video_frontend", "ctm_head"} <= reached
+    assert ("encoder" in reached) == (ctm_on == "encoder")
+    assert "classifier" not in reached and ("modality" in reached) == (ctm_on == "encoder")
+
+
+def test_ctm_form_is_checked_and_default_is_frontend() -> None:
+    assert MsataConfig().ctm_on == "frontend"
+    with pytest.raises(ValueError, match="ctm_on='joint'"):
+        MsataConfig(ctm_on="joint")
