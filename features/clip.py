@@ -24,8 +24,10 @@ class ClipFeatures:
       logmel       (Ta, n_mels) float32   log-mel ("log-mel" encoder)
       audio_states (Ta, L, D)   float16   hidden states of a pretrained encoder (L stored layers)
       audio_times  (Ta,)        float64  centre time of each frame
-    Video (None when the clip has no video, or no face in any frame):
-      face_crops     (Tv, S, S, 3) uint8  RGB square crops
+    Video (None when the clip has no video, or no face in any frame); face_crops or
+    face_blendshapes, as the feature config's face representation says:
+      face_crops     (Tv, S, S, 3) uint8  RGB square crops ("crops")
+      face_blendshapes (Tv, 52)    float32  MediaPipe blendshape scores, 0 where no face ("blendshapes")
       video_times    (Tv,)         float64  presentation time of each frame
       face_mask      (Tv,)         bool     False where no face was found
       face_boxes     (Tv, 4)       float32  x1, y1, x2, y2 in source-frame pixels
@@ -44,6 +46,7 @@ class ClipFeatures:
     face_boxes: np.ndarray | None = None
     face_landmarks: np.ndarray | None = None
     face_probs: np.ndarray | None = None
+    face_blendshapes: np.ndarray | None = None
     notes: list[str] = field(default_factory=list)  # e.g. "no face in any frame: kept audio-only"
 
     @property
@@ -61,8 +64,13 @@ class ClipFeatures:
         return 0 if features is None else len(features)
 
     @property
+    def video_features(self) -> np.ndarray | None:
+        """The per-frame face array, whichever representation the clip holds: (Tv, ...)."""
+        return self.face_crops if self.face_crops is not None else self.face_blendshapes
+
+    @property
     def has_video(self) -> bool:
-        return self.face_crops is not None
+        return self.video_features is not None
 
     @property
     def face_ratio(self) -> float:

@@ -128,14 +128,48 @@ class AudioEncoderConfig:
         return data
 
 
+FACE_REPRESENTATIONS = ("crops", "blendshapes")
+
+
 @dataclass(frozen=True)
 class FaceConfig:
+    """How faces are stored. ``representation``: "crops" (MTCNN face crops, the other fields) or
+    "blendshapes" (52 MediaPipe FaceLandmarker expression scores per frame, features/face_landmarks.py;
+    the crop and MTCNN fields are then unused)."""
+
     crop_size: int = 96  # square RGB uint8 crop side in pixels
     margin: float = 0.25  # extra context around the detected box, as a fraction of its side
     detect_max_side: int = 320  # frames are downscaled so their longest side is at most this for MTCNN
     detect_every: int = 1  # run MTCNN on every k-th frame and interpolate boxes between detections
     min_probability: float = 0.90  # detections below this count as "no face"
     min_face_size: int = 20  # MTCNN min_face_size, in detection-resolution pixels
+    representation: str = "crops"  # "crops" | "blendshapes" (FACE_REPRESENTATIONS)
+
+    def __post_init__(self) -> None:
+        if self.representation not in FACE_REPRESENTATIONS:
+            raise ValueError(f"face representation {self.representation!r}; expected one of {FACE_REPRESENTATIONS}")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        if self.representation == "crops":
+            del data["representation"]  # crop stores predate the choice: leaving it out keeps their hash
+        else:  # the packaged model's identity enters the hash, so stores of two models never mix
+            from features.face_landmarks import TASK_SHA256
+
+            data["landmarker_sha256"] = TASK_SHA256
+        return data
+
+
+def _face_from_dict(data: dict[str, Any]) -> FaceConfig:
+    data = dict(data)
+    recorded = data.pop("landmarker_sha256", None)
+    face = FaceConfig(**data)
+    if recorded is not None:
+        from features.face_landmarks import TASK_SHA256
+
+        if recorded != TASK_SHA256:
+            raise ValueError(f"face landmarker sha256 {recorded[:12]}... recorded, this install pins {TASK_SHA256[:12]}...: blendshapes of other weights cannot be mixed")
+    return face
 
 
 @dataclass(frozen=True)
@@ -154,6 +188,7 @@ class FeatureConfig:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         # Log-mel stores predate the encoder choice: leaving the default out keeps their hash.
+        data["face"] = self.face.to_dict()
         if self.audio_encoder.is_log_mel:
             del data["audio_encoder"]
         else:
@@ -168,7 +203,7 @@ class FeatureConfig:
             raise ValueError(f"unknown feature-config keys: {sorted(unknown)}")
         return cls(
             audio=AudioConfig(**data.get("audio", {})),
-            face=FaceConfig(**data.get("face", {})),
+            face=_face_from_dict(data.get("face", {})),
             audio_encoder=AudioEncoderConfig(**data.get("audio_encoder", {})),
             format_version=int(data.get("format_version", cls.__dataclass_fields__["format_version"].default)),
         )

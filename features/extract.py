@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from features.audio import log_mel
@@ -65,7 +67,16 @@ def extract_clip(
         if features.audio_times is None:
             notes.append(f"audio of {a_info.path} is shorter than one frame of the audio encoder (about {frame_ms:.0f} ms)")
 
-    if use_video:
+    if use_video and config.face.representation == "blendshapes":
+        assert v_info is not None
+        track = _blendshape_extractor().track(iter_video_frames(v_info.path, chunk=chunk, info=v_info))
+        frame_s = 1.0 / v_info.fps if v_info.fps else 0.0
+        spans.append(float(track.times[-1]) + frame_s if len(track.times) else 0.0)
+        if track.mask.any():
+            features.face_blendshapes, features.video_times, features.face_mask = track.blendshapes, track.times, track.mask
+        else:
+            notes.append(f"no face in any of the {len(track.mask)} frames of {v_info.path}: kept audio-only")
+    elif use_video:
         assert v_info is not None
         detector = detector or FaceDetector(config.face)
         track = detector.track(iter_video_frames(v_info.path, chunk=chunk, info=v_info))
@@ -88,6 +99,13 @@ def extract_clip(
         raise ClipError(f"{', '.join(sorted(infos))}: nothing usable: {'; '.join(notes)}")
     features.duration_s = max(spans)
     return features
+
+
+@functools.cache
+def _blendshape_extractor():  # -> BlendshapeExtractor; one per process: the bundle is read and sha256-checked once
+    from features.face_landmarks import BlendshapeExtractor
+
+    return BlendshapeExtractor()
 
 
 def _encoder_states(wave: np.ndarray, config: FeatureConfig) -> tuple[np.ndarray, np.ndarray]:

@@ -61,6 +61,9 @@ def preprocess(
         None, exists=True, dir_okay=False, help="TOML/JSON feature settings, keys as FeatureConfig.to_dict() nests them (\\[audio], \\[face], ...)."
     ),
     detect_every: int | None = typer.Option(None, min=1, help="Run face detection on every N-th frame (face.detect_every; default 1)."),
+    face_representation: str | None = typer.Option(
+        None, help="Face features (face.representation): crops (MTCNN face crops, default) or blendshapes (52 MediaPipe FaceLandmarker expression scores per frame)."
+    ),
     audio_encoder: str | None = typer.Option(
         None, help="Audio representation (audio_encoder.name): log-mel (default), or the hidden states of a packaged pretrained encoder: whisper-base, whisper-tiny.en, or of a local Hugging Face checkpoint directory (Whisper, wav2vec2, HuBERT, WavLM; model.safetensors): hf:/path/to/dir."
     ),
@@ -71,7 +74,9 @@ def preprocess(
     from flows.runners import validate_workers
 
     validate_workers(workers, dask_address)  # a bad --dask-address fails here, before the recipe scans the corpus
-    config = feature_config_from(feature_config, {"face.detect_every": detect_every, "audio_encoder.name": audio_encoder})
+    config = feature_config_from(
+        feature_config, {"face.detect_every": detect_every, "face.representation": face_representation, "audio_encoder.name": audio_encoder}
+    )
     found = discover(dataset.value, str(root), csv)
     if not found.records:
         example = f" (e.g. {found.rejected[0].path}: {found.rejected[0].reason})" if found.rejected else ""

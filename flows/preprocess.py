@@ -72,7 +72,8 @@ def process_clip(record: ClipRecord, store_path: str, config: FeatureConfig) -> 
     store = FeatureStore.create(store_path, config)
     if store.has(record.clip_id):
         return ClipOutcome(record.clip_id, "skipped")
-    detector = _detector(json.dumps(asdict(config.face), sort_keys=True)) if record.has_video else None
+    uses_mtcnn = record.has_video and config.face.representation == "crops"  # blendshapes bring their own detector
+    detector = _detector(json.dumps(asdict(config.face), sort_keys=True)) if uses_mtcnn else None
     try:
         features = extract_clip(record, config, detector=detector)
     except ClipError as err:

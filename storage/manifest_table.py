@@ -36,10 +36,12 @@ ARRAYS: dict[str, tuple[np.dtype, int]] = {
     "face_boxes": (np.dtype("float32"), 4096),
     "face_landmarks": (np.dtype("float32"), 4096),
     "face_probs": (np.dtype("float32"), 4096),
+    "face_blendshapes": (np.dtype("float32"), 4096),  # (Tv, 52)
 }
 AUDIO_ARRAYS = {"logmel": ("logmel", "audio_times"), "encoder": ("audio_states", "audio_times")}
-VIDEO_REQUIRED = ("face_crops", "video_times", "face_mask")
-VIDEO_OPTIONAL = ("face_boxes", "face_landmarks", "face_probs")
+VIDEO_ARRAYS = {"crops": ("face_crops", "video_times", "face_mask"), "blendshapes": ("face_blendshapes", "video_times", "face_mask")}
+VIDEO_REQUIRED = VIDEO_ARRAYS["crops"]
+VIDEO_OPTIONAL = ("face_boxes", "face_landmarks", "face_probs")  # MTCNN's, with crops only
 
 MANIFEST_SCHEMA = pa.schema(
     [pa.field(f.name, pa.string()) for f in fields(ClipRecord)]  # every ClipRecord field is str | None
@@ -84,6 +86,7 @@ def _expected_shapes(config: FeatureConfig, n_audio: int, n_video: int) -> dict[
         "face_boxes": (n_video, 4),
         "face_landmarks": (n_video, 5, 2),
         "face_probs": (n_video,),
+        "face_blendshapes": (n_video, 52),
     }
 
 
@@ -99,7 +102,11 @@ def validated_arrays(features: ClipFeatures, config: FeatureConfig) -> dict[str,
     foreign = [name for name in ("logmel", "audio_states") if name in present and name not in audio_arrays]
     if foreign:
         raise ValueError(f"{where}: {foreign} do not belong in a store of audio encoder {config.audio_encoder.name!r}")
-    for group in (audio_arrays, VIDEO_REQUIRED):
+    video_arrays = VIDEO_ARRAYS[config.face.representation]
+    foreign = [name for name in ("face_crops", "face_blendshapes") if name in present and name not in video_arrays]
+    if foreign:
+        raise ValueError(f"{where}: {foreign} do not belong in a store of face representation {config.face.representation!r}")
+    for group in (audio_arrays, video_arrays):
         given = [name for name in group if name in present]
         if given and len(given) != len(group):
             raise ValueError(f"{where}: {given} given without {[n for n in group if n not in present]}")
@@ -110,7 +117,7 @@ def validated_arrays(features: ClipFeatures, config: FeatureConfig) -> dict[str,
         raise ValueError(f"{where}: duration_s must be finite and >= 0, got {features.duration_s}")
 
     n_audio = features.n_audio_frames
-    n_video = len(present["face_crops"]) if "face_crops" in present else 0
+    n_video = len(present[video_arrays[0]]) if video_arrays[0] in present else 0
     shapes = _expected_shapes(config, n_audio, n_video)
     out: dict[str, np.ndarray] = {}
     for name, value in present.items():
@@ -144,7 +151,7 @@ def manifest_row(record: ClipRecord, features: ClipFeatures, config_hash: str) -
         has_audio=features.has_audio,
         has_video=features.has_video,
         n_audio_frames=features.n_audio_frames,
-        n_video_frames=len(features.face_crops) if features.face_crops is not None else 0,
+        n_video_frames=len(features.video_features) if features.video_features is not None else 0,
         duration_s=float(features.duration_s),
         face_ratio=features.face_ratio if features.has_video else 0.0,
         notes=NOTES_SEPARATOR.join(features.notes),
