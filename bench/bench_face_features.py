@@ -47,7 +47,7 @@ def main() -> None:
             track = runs[name](chunks)
             cost[name].append((time.perf_counter() - w0, time.process_time() - c0, n, float(track.mask.mean())))
         print(f"{path.name}: {n} frames, " + ", ".join(f"{k} {v[-1][0] / n * 1000:.1f} ms/frame" for k, v in cost.items()), flush=True)
-    print(f"\n| representation | clips | frames | wall ms / frame | CPU ms / frame | face found |\n|---|---:|---:|---:|---:|---:|")
+    print("\n| representation | clips | frames | wall ms / frame | CPU ms / frame | face found |\n|---|---:|---:|---:|---:|---:|")
     for name, rows in cost.items():
         frames = sum(r[2] for r in rows)
         print(f"| {name} | {len(rows)} | {frames} | {sum(r[0] for r in rows) / frames * 1000:.1f} | "

@@ -54,7 +54,7 @@ def gradient_record(step: int, model: MsataModel, parts: ObjectiveParts, lambda_
     sq: dict[str, list[float]] = {}
     dot = n_ce_shared = n_ctm_shared = 0.0
     total = 0.0
-    for (name, p), a, b in zip(params, g_ce, g_ctm):
+    for (name, p), a, b in zip(params, g_ce, g_ctm, strict=True):
         a = torch.zeros_like(p) if a is None else a
         b = torch.zeros_like(p) if b is None else b
         s = sq.setdefault(_group_of(name), [0.0, 0.0])
@@ -127,7 +127,7 @@ def main() -> None:
         lam = variant.lambda_ctm
         records: list[dict] = []
 
-        def hook(step: int, model: MsataModel, parts: ObjectiveParts, lam: float = lam, records: list = records) -> None:
+        def hook(step: int, model: MsataModel, parts: ObjectiveParts, lam: float = lam, records: list = records, name: str = name) -> None:
             if step % args.every == 0:
                 records.append(gradient_record(step, model, parts, lam))
                 r = records[-1]

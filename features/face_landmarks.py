@@ -104,7 +104,7 @@ class BlendshapeExtractor:
         last_ms = -1
         with self._vision.FaceLandmarker.create_from_options(self._options) as landmarker:
             for frames, frame_times in chunks:
-                for frame, t in zip(frames, frame_times):
+                for frame, t in zip(frames, frame_times, strict=True):
                     # VIDEO mode wants strictly increasing integer milliseconds; frames closer than 1 ms
                     # (never at real frame rates) are nudged forward by 1 ms for MediaPipe only.
                     ms = max(int(round(float(t) * 1000.0)), last_ms + 1)
