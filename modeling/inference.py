@@ -189,10 +189,9 @@ class Predictor:
         self.speaker_norm = speaker_norm  # trained with per-speaker statistics: predict_files takes its files as one speaker
         encoder = feature_config.audio_encoder
         if "audio" in self.modalities and not encoder.is_log_mel:
-            from features.audio_encoders.registry import packaged_encoder
-            from features.audio_encoders.weights import weight_files
+            from features.audio_encoders.stage import check_encoder_weights
 
-            weight_files(packaged_encoder(encoder.name))  # WeightsError naming the package to install, before any file
+            check_encoder_weights(encoder)  # one-line WeightsError (package to install, checkpoint changed) before any file
         self._detector: Any = None
         self._lock = threading.Lock()
 

@@ -20,24 +20,39 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from modeling.tracking import CHAMPION, PROTOCOL_TAGS, REPO_ROOT, configure_tracking, model_name
 
+if TYPE_CHECKING:
+    from features.config import AudioEncoderConfig
+
 METRIC_PREFIXES = ("test_", "val_", "selected_fold_val_")  # registration tags that are also the model's metrics
 
 
-def pip_requirements() -> list[str]:
+def pip_requirements(audio_encoder: AudioEncoderConfig | None = None) -> list[str]:
+    """The logged model's pip environment: msata's runtime, plus what its audio encoder needs at
+    prediction time (the pinned weight packages of a packaged encoder; transformers for a
+    Hugging Face checkpoint, whose directory must exist where the model is served)."""
     from importlib.metadata import version
 
-    names = ("torch", "numpy", "pandas", "mlflow", "ffmpeg-python", "librosa", "facenet-pytorch", "zarr", "pyarrow")
-    return [f"{name}=={version(name)}" for name in names]
+    names = ["torch", "numpy", "pandas", "mlflow", "ffmpeg-python", "librosa", "facenet-pytorch", "zarr", "pyarrow"]
+    extra: list[str] = []
+    if audio_encoder is not None and not audio_encoder.is_log_mel:
+        if audio_encoder.is_hf_checkpoint:
+            names += ["transformers", "safetensors"]
+        else:
+            from features.audio_encoders.registry import packaged_encoder
+
+            extra = list(packaged_encoder(audio_encoder.name).pip_packages)
+    return [f"{name}=={version(name)}" for name in names] + extra
 
 
-def log_pyfunc_model(run_id: str, checkpoint_path: str | Path, label_names: Sequence[str]) -> str:
-    """Log the checkpoint as an MLflow pyfunc (models-from-code) in ``run_id``; returns the model URI."""
+def log_pyfunc_model(run_id: str, checkpoint_path: str | Path, label_names: Sequence[str], audio_encoder: AudioEncoderConfig | None = None) -> str:
+    """Log the checkpoint as an MLflow pyfunc (models-from-code) in ``run_id``; returns the model URI.
+    ``audio_encoder`` (the model's feature config's) adds the packages it needs to the environment."""
     import mlflow
 
     from modeling.pyfunc_model import CODE_PATH, input_example, model_signature
@@ -53,7 +68,7 @@ def log_pyfunc_model(run_id: str, checkpoint_path: str | Path, label_names: Sequ
             code_paths=[str(REPO_ROOT / "modeling"), str(REPO_ROOT / "features"), str(REPO_ROOT / "storage")],  # what inference imports
             # The environment spelled out: MLflow's own conda.yaml builder warns when pip itself is
             # not installed (a uv environment), at every registration.
-            conda_env={"name": "msata", "channels": ["conda-forge"], "dependencies": [f"python={platform.python_version()}", "pip", {"pip": pip_requirements()}]},
+            conda_env={"name": "msata", "channels": ["conda-forge"], "dependencies": [f"python={platform.python_version()}", "pip", {"pip": pip_requirements(audio_encoder)}]},
             metadata={"label_names": list(label_names)},
         )
     return info.model_uri
@@ -156,7 +171,10 @@ def register_experiment_model(spec: dict[str, Any], parent_run_id: str, selected
     existing = registration_of_run(spec["dataset"], parent_run_id)
     if existing is not None:
         return existing
-    model_uri = log_pyfunc_model(parent_run_id, selected.best_path, spec["label_names"])
+    from features.config import FeatureConfig
+
+    audio_encoder = FeatureConfig.from_dict(spec["feature_config"]).audio_encoder
+    model_uri = log_pyfunc_model(parent_run_id, selected.best_path, spec["label_names"], audio_encoder)
     tags = {
         "dataset": spec["dataset"],
         "n_folds": len(spec["folds"]),

