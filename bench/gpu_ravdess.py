@@ -170,7 +170,7 @@ class MemoryStore:
         self.span = {cid: (int(offsets[i]), int(offsets[i + 1])) for i, cid in enumerate(ids)}
         self.is_log_mel = is_log_mel
 
-    def read(self, clip_id: str):
+    def read(self, clip_id: str, skip: object = None):  # skip: arrays a FeatureStore may leave unread; all are read here
         from features.clip import ClipFeatures
 
         a, b = self.span[clip_id]
@@ -270,6 +270,10 @@ def run(args: argparse.Namespace) -> None:
     extraction = {}
     for encoder in sorted(encoders):
         t0 = time.perf_counter()
+        saved = work / encoder / "clips.json"
+        if args.reuse_features and saved.exists() and json.loads(saved.read_text()) == [c.clip_id for c in clips]:
+            print(f"features {encoder}: reused from {saved.parent}", flush=True)
+            continue
         if encoder == LOG_MEL:
             from features.audio import log_mel
             from features.config import AudioConfig
@@ -321,6 +325,23 @@ def run(args: argparse.Namespace) -> None:
         print(f"{e['config']:36s} {e['val_uar']:8.3f} {cells} {e['train_s_per_fold']:7.0f} {e['train_clips_per_s']:8.0f} {e['data_wait_share']:5.2f}")
 
 
+def markdown(folds_jsonl: Path) -> str:
+    """docs/results.md's tables from a run's folds.jsonl: one row per fold, then mean ± std."""
+    rows = [json.loads(line) for line in folds_jsonl.read_text().splitlines() if line.strip()]
+    lines = []
+    for entry in summarise(rows):
+        name = entry["config"]
+        lines += [f"`{name}`", "", "| fold | test actors | val actors | best epoch / run | val UAR | test WA | test UAR | test macro-F1 |",
+                  "|---|---|---|---|---:|---:|---:|---:|"]
+        for r in sorted((r for r in rows if r["config"] == name), key=lambda r: r["fold"]):
+            t = r["test"]
+            lines.append(f"| {r['fold']} | {' '.join(r['test_speakers'])} | {' '.join(r['val_speakers'])} | {r['best_epoch']} / {r['epochs_run']} "
+                         f"| {r['best_val_uar']:.3f} | {t['wa']:.3f} | {t['uar']:.3f} | {t['macro_f1']:.3f} |")
+        cells = " | ".join(f"**{entry[m][0]:.3f} ± {entry[m][1]:.3f}**" for m in ("wa", "uar", "macro_f1"))
+        lines += [f"| **mean ± std** | | | | {entry['val_uar']:.3f} | {cells} |", ""]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -337,9 +358,14 @@ def main() -> None:
     go.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2) - 2), help="fold runs in parallel")
     go.add_argument("--actors", default="", help="comma-separated subset of actors (smoke runs)")
     go.add_argument("--epochs", type=int, default=0, help="override every config's epochs (smoke runs)")
+    go.add_argument("--reuse-features", action="store_true", help="keep features already in --work for the same clips")
+    table = sub.add_parser("table", help="print a run's per-fold markdown tables (from OUT/folds.jsonl)")
+    table.add_argument("folds_jsonl")
     args = parser.parse_args()
     if args.command == "export-weights":
         export_weights(Path(args.out))
+    elif args.command == "table":
+        print(markdown(Path(args.folds_jsonl)))
     else:
         run(args)
 
