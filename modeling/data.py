@@ -43,9 +43,9 @@ from modeling.batch import ClipExample, collate
 
 
 DEFAULT_CACHE_BYTES = 1 << 30  # 1 GiB per loader: <= 3 GiB of cache per training process
-# The arrays a training example is made of; face boxes, landmarks and detector scores are
-# never read for training (about a tenth of a clip's chunks).
-TRAINING_ARRAYS = ("logmel", "audio_states", "audio_times", "face_crops", "video_times", "face_mask")
+# Detector outputs no training example is made of: never read for training (about a tenth of
+# a clip's chunks). A skip list, not a keep list, so arrays that stores gain are read.
+NOT_TRAINING_INPUTS = ("face_boxes", "face_landmarks", "face_probs")
 
 
 @dataclass(frozen=True)
@@ -126,8 +126,19 @@ def audio_frame_shape(feature_config: FeatureConfig) -> tuple[tuple[int, ...], n
     return encoder.state_shape(), np.dtype(np.float16)
 
 
-def model_input_settings(feature_config: FeatureConfig) -> dict[str, int]:
-    """The model settings a store dictates (its audio input and crop size); one place for the rule."""
+def video_frame_shape(feature_config: FeatureConfig) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of one video frame as the model receives it: a (S, S, 3) uint8 face crop,
+    or (52,) float32 blendshape scores, as the store's face representation says."""
+    if feature_config.face.representation == "blendshapes":
+        from features.face_landmarks import N_BLENDSHAPES
+
+        return (N_BLENDSHAPES,), np.dtype(np.float32)
+    size = feature_config.face.crop_size
+    return (size, size, 3), np.dtype(np.uint8)
+
+
+def model_input_settings(feature_config: FeatureConfig) -> dict[str, int | str]:
+    """The model settings a store dictates (its audio input, face representation and crop size); one place for the rule."""
     from features.audio_encoders.registry import PACKAGED_ENCODERS
 
     encoder = feature_config.audio_encoder
@@ -140,6 +151,7 @@ def model_input_settings(feature_config: FeatureConfig) -> dict[str, int]:
         "audio_layers": layers,
         "audio_width": width,
         "audio_heads": heads,
+        "video_input": feature_config.face.representation,  # "crops" | "blendshapes": which video front-end
     }
 
 
@@ -186,8 +198,8 @@ def features_to_example(
     """Cut ``features`` to ``window`` (times re-based to its start) and apply augmentation
     when ``rng`` is given. Shared by training and inference so both see the same inputs."""
     t0, t1 = window
-    size = feature_config.face.crop_size
     frame_shape, audio_dtype = audio_frame_shape(feature_config)
+    video_shape, video_dtype = video_frame_shape(feature_config)
     stored = features.audio_features
     if stored is not None and features.audio_times is not None:
         keep = _select(np.asarray(features.audio_times), t0, t1)
@@ -195,21 +207,25 @@ def features_to_example(
         audio_times = np.asarray(features.audio_times)[keep] - t0
     else:
         audio, audio_times = np.zeros((0, *frame_shape), audio_dtype), np.zeros((0,), np.float64)
-    if features.face_crops is not None and features.video_times is not None:
+    frames = features.video_features  # crops or blendshapes, whichever the store holds
+    if frames is not None and features.video_times is not None:
+        if tuple(frames.shape[1:]) != video_shape:
+            raise ValueError(f"clip {features.clip_id!r}: video frames of shape {tuple(frames.shape[1:])}, the feature config gives {video_shape}")
         keep = _select(np.asarray(features.video_times), t0, t1)
-        crops = np.asarray(features.face_crops, dtype=np.uint8)[keep]  # (Tv, S, S, 3)
+        video = np.asarray(frames, dtype=video_dtype)[keep]  # (Tv, S, S, 3) uint8 or (Tv, 52) float32
         video_times = np.asarray(features.video_times)[keep] - t0
-        mask = np.asarray(features.face_mask, dtype=bool)[keep] if features.face_mask is not None else np.ones(len(crops), bool)
+        mask = np.asarray(features.face_mask, dtype=bool)[keep] if features.face_mask is not None else np.ones(len(video), bool)
     else:
-        crops = np.zeros((0, size, size, 3), np.uint8)
+        video = np.zeros((0, *video_shape), video_dtype)
         video_times, mask = np.zeros((0,), np.float64), np.zeros((0,), bool)
     if rng is not None and config is not None and config.augment:
         audio = spec_mask(audio, config, rng)
-        crops = jitter_crops(crops, config.crop_jitter_px, rng)
+        if video.ndim == 4:  # a pixel shift means nothing for blendshape scores
+            video = jitter_crops(video, config.crop_jitter_px, rng)
     return ClipExample(
         audio=torch.from_numpy(np.ascontiguousarray(audio)),
         audio_times=torch.from_numpy(audio_times.astype(np.float32)),
-        face_crops=torch.from_numpy(np.ascontiguousarray(crops)),
+        video=torch.from_numpy(np.ascontiguousarray(video)),
         video_times=torch.from_numpy(video_times.astype(np.float32)),
         face_mask=torch.from_numpy(mask),
         label=int(label),
@@ -308,7 +324,7 @@ class ClipDataset(Dataset):
             from storage.feature_store import FeatureStore
 
             self._store = FeatureStore.open(self.store_path)
-        features = self._store.read(clip_id, arrays=TRAINING_ARRAYS)
+        features = self._store.read(clip_id, skip=NOT_TRAINING_INPUTS)
         self._cache.put(clip_id, features)
         return features
 

@@ -101,11 +101,11 @@ def _root_attrs(fs: fsspec.AbstractFileSystem, root: str, url: str) -> dict[str,
     return attrs
 
 
-async def _read_group(store: zarr.abc.store.Store, wanted: Collection[str] | None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+async def _read_group(store: zarr.abc.store.Store, wanted: Collection[str] | None, skip: Collection[str]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """(group attributes, {array name: whole array}) of one clip group, the arrays read concurrently."""
     group = await zarr.api.asynchronous.open_group(store, mode="r", zarr_format=3, use_consolidated=True)
     attrs = dict(group.attrs)
-    names = [n for n in attrs["arrays"] if wanted is None or n in wanted]
+    names = [n for n in attrs["arrays"] if (wanted is None or n in wanted) and n not in skip]
     handles = await asyncio.gather(*(group.getitem(n) for n in names))
     values = await asyncio.gather(*(h.getitem(Ellipsis) for h in handles))
     return attrs, {name: np.asarray(value) for name, value in zip(names, values, strict=True)}
@@ -193,15 +193,15 @@ class FeatureStore:
         """Committed clip ids, sorted (one listing, cheaper than many ``has`` calls)."""
         return sorted(n[: -len(".json")] for n in self._files.names(MANIFEST_DIR) if n.endswith(".json"))
 
-    def read(self, clip_id: str, arrays: Collection[str] | None = None) -> ClipFeatures:
-        """The clip's features; ``arrays`` limits the read to those arrays (others stay None)."""
+    def read(self, clip_id: str, arrays: Collection[str] | None = None, skip: Collection[str] = ()) -> ClipFeatures:
+        """The clip's features; ``arrays`` limits the read to those arrays, ``skip`` leaves those out (None)."""
         if not self.has(clip_id):
             raise KeyError(f"clip {clip_id!r} is not in feature store {self.url}")
         store = self._files.zarr_store(self._files.join(CLIPS, clip_id), read_only=True)
         # One trip into zarr's event loop for the whole clip, its arrays read concurrently: a
         # synchronous read per array paid ~2.5 ms of overhead each (6 arrays: 24 -> 16 ms per
         # CREMA-D-sized clip, bench/bench_data_reader.py). zarr's own sync bridge, as its sync API uses.
-        attrs, data = zarr_sync(_read_group(store, arrays))
+        attrs, data = zarr_sync(_read_group(store, arrays, skip))
         return ClipFeatures(clip_id=clip_id, duration_s=float(attrs["duration_s"]), notes=list(attrs["notes"]), **data)
 
     def manifest(self) -> pd.DataFrame:
