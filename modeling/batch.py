@@ -2,7 +2,9 @@
 
 A ``ClipExample`` is one (possibly cropped) clip as tensors; ``collate`` pads a
 list of them into a ``Batch``. A missing modality is a zero-length sequence, so
-an audio-only batch has ``video`` of shape (B, 0, S, S, 3).
+an audio-only batch has ``video`` of shape (B, 0, S, S, 3) (crops) or (B, 0, 52)
+(blendshapes). Video frames are whatever the store's face representation holds
+(``modeling.data.video_frame_shape``); the model's video front-end is chosen to match.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 class ClipExample:
     audio: torch.Tensor  # (Ta, F) float32 log-mel or (Ta, L, D) float16 encoder states; Ta may be 0
     audio_times: torch.Tensor  # (Ta,) float32 seconds
-    face_crops: torch.Tensor  # (Tv, S, S, 3) uint8; Tv may be 0
+    video: torch.Tensor  # (Tv, S, S, 3) uint8 face crops or (Tv, 52) float32 blendshapes; Tv may be 0
     video_times: torch.Tensor  # (Tv,) float32 seconds
     face_mask: torch.Tensor  # (Tv,) bool, False where no face was found
     label: int  # class index, -1 when unknown (inference)
@@ -28,7 +30,7 @@ class Batch:
     audio: torch.Tensor  # (B, Ta, F) float32 log-mel or (B, Ta, L, D) float16 encoder states, zero-padded
     audio_times: torch.Tensor  # (B, Ta) float32 seconds
     audio_mask: torch.Tensor  # (B, Ta) bool, True = real frame
-    video: torch.Tensor  # (B, Tv, S, S, 3) uint8, zero-padded
+    video: torch.Tensor  # (B, Tv, S, S, 3) uint8 crops or (B, Tv, 52) float32 blendshapes, zero-padded
     video_times: torch.Tensor  # (B, Tv) float32 seconds
     video_mask: torch.Tensor  # (B, Tv) bool, True = real frame with a face
     labels: torch.Tensor  # (B,) int64
@@ -65,8 +67,13 @@ def _pad_stack(seqs: list[torch.Tensor], length: int, fill: float | bool | int =
 def collate(examples: list[ClipExample]) -> Batch:
     if not examples:
         raise ValueError("collate() got an empty list of examples")
+    for name in ("audio", "video"):
+        # Padding needs one frame shape per stream; a mix means examples from different feature configs.
+        shapes = {(tuple(getattr(e, name).shape[1:]), getattr(e, name).dtype) for e in examples}
+        if len(shapes) > 1:
+            raise ValueError(f"collate() got {name} frames of different shapes/dtypes {sorted(map(str, shapes))}: examples from different feature configs")
     ta = max(e.audio.shape[0] for e in examples)
-    tv = max(e.face_crops.shape[0] for e in examples)
+    tv = max(e.video.shape[0] for e in examples)
     audio_mask = torch.zeros(len(examples), ta, dtype=torch.bool)
     for i, e in enumerate(examples):
         audio_mask[i, : e.audio.shape[0]] = True
@@ -74,7 +81,7 @@ def collate(examples: list[ClipExample]) -> Batch:
         audio=_pad_stack([e.audio for e in examples], ta),
         audio_times=_pad_stack([e.audio_times for e in examples], ta),
         audio_mask=audio_mask,
-        video=_pad_stack([e.face_crops for e in examples], tv),
+        video=_pad_stack([e.video for e in examples], tv),
         video_times=_pad_stack([e.video_times for e in examples], tv),
         video_mask=_pad_stack([e.face_mask for e in examples], tv, False),
         labels=torch.tensor([e.label for e in examples], dtype=torch.long),

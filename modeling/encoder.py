@@ -2,7 +2,8 @@
 
     audio log-mel (B, Ta, F) --AudioFrontend--> (B, Ta', D) + times
       or encoder states (B, Ta, L, D_in) --EncoderStatesFrontend (layer mix, projection)--> (B, Ta', D) + times
-    face crops (B, Tv, S, S, 3) --VideoFrontend--> (B, Tv, D) + times
+    face crops (B, Tv, S, S, 3) --VideoFrontend (CNN)--> (B, Tv, D) + times
+      or blendshapes (B, Tv, 52) --BlendshapeFrontend (MLP)--> (B, Tv, D) + times
     [audio; video] + modality embeddings --N pre-norm blocks (rotary q/k)--> pooling (mean | attention) --> logits
 
 The position module (TaRoPE / index RoPE / none, see ``modeling.tarope``) is
@@ -14,15 +15,16 @@ concatenated, classified.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from features.face_landmarks import N_BLENDSHAPES
 from modeling.batch import Batch
-from modeling.frontends import AudioFrontend, EncoderStatesFrontend, Tokens, VideoFrontend
+from modeling.frontends import AudioFrontend, BlendshapeFrontend, EncoderStatesFrontend, Tokens, VideoFrontend
 from modeling.tarope import DEFAULT_BASE, DEFAULT_RATE, POSITION_KINDS, Rotation, build_rotary
 
 FUSION_KINDS = ("joint", "late")
@@ -31,6 +33,10 @@ POOLING_KINDS = ("mean", "attention", "stats")
 # front-end tokens before fusion (the default: no attention path lets them agree by position);
 # "encoder" = the joint encoder's outputs (the first form, kept for comparison).
 CTM_ON_KINDS = ("frontend", "encoder")
+# The video input, set from the store's face representation (modeling.data.model_input_settings):
+# MTCNN face crops through a small CNN, or MediaPipe blendshape scores through an MLP.
+VIDEO_INPUTS = ("crops", "blendshapes")
+MODALITY_KINDS = ("audio", "video")
 
 
 @dataclass
@@ -50,6 +56,7 @@ class MsataConfig:
     pooling: str = "mean"  # "mean" | "attention" | "stats" (mean and std, 2D wide): how tokens become one clip vector
     crop_size: int = 96  # face crop side, must match the feature store's FaceConfig.crop_size
     video_channels: tuple[int, ...] = (32, 64, 128, 128)  # one stride-2 CNN stage each
+    video_input: str = "crops"  # "crops" | "blendshapes" (VIDEO_INPUTS), the store's face representation
     positions: str = "tarope"  # "tarope" | "index" | "none"
     fusion: str = "joint"  # "joint" | "late"
     rotary_rate: float = DEFAULT_RATE  # TaRoPE position ids per second
@@ -58,15 +65,23 @@ class MsataConfig:
     ctm_sigma: float = 1.0 / 30.0  # seconds, CTM target width (one 30 fps video frame)
     ctm_tau: float = 0.1  # CTM softmax temperature
     ctm_on: str = "frontend"  # "frontend" | "encoder": the tokens CTM compares (CTM_ON_KINDS)
+    # The streams the model reads; one left out is never fed, even when the batch holds it
+    # (the audio-only / video-only ablations train on the same store and folds as the rest).
+    modalities: tuple[str, ...] = MODALITY_KINDS
 
     def __post_init__(self) -> None:
         self.video_channels = tuple(int(c) for c in self.video_channels)
+        if isinstance(self.modalities, str) or not self.modalities or set(self.modalities) - set(MODALITY_KINDS):
+            raise ValueError(f"modalities={self.modalities!r}; expected a non-empty subset of {list(MODALITY_KINDS)}")
+        self.modalities = tuple(m for m in MODALITY_KINDS if m in self.modalities)  # canonical order: equal configs compare equal
         if self.positions not in POSITION_KINDS:
             raise ValueError(f"positions={self.positions!r}; expected one of {POSITION_KINDS}")
         if self.fusion not in FUSION_KINDS:
             raise ValueError(f"fusion={self.fusion!r}; expected one of {FUSION_KINDS}")
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
             raise ValueError(f"d_model={self.d_model} must split into {self.n_heads} heads of even width")
+        if self.video_input not in VIDEO_INPUTS:
+            raise ValueError(f"video_input={self.video_input!r}; expected one of {VIDEO_INPUTS}")
         if self.ctm_on not in CTM_ON_KINDS:
             raise ValueError(f"ctm_on={self.ctm_on!r}; expected one of {CTM_ON_KINDS}")
         if self.pooling not in POOLING_KINDS:
@@ -90,6 +105,7 @@ class MsataConfig:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["video_channels"] = list(self.video_channels)  # JSON/MLflow friendly
+        data["modalities"] = list(self.modalities)
         return data
 
     @classmethod
@@ -229,7 +245,10 @@ class MsataModel(nn.Module):
             )
         else:
             self.audio_frontend = AudioFrontend(config.n_mels, d, config.audio_downsample, config.dropout)
-        self.video_frontend = VideoFrontend(config.crop_size, config.video_channels, d, config.dropout)
+        if config.video_input == "blendshapes":
+            self.video_frontend: nn.Module = BlendshapeFrontend(N_BLENDSHAPES, d, config.dropout)
+        else:
+            self.video_frontend = VideoFrontend(config.crop_size, config.video_channels, d, config.dropout)
         self.modality = nn.Parameter(torch.randn(2, d) / math.sqrt(d))  # [audio, video] embeddings
         self.encoder = Encoder(config)
         self.video_encoder = Encoder(config) if config.fusion == "late" else None
@@ -246,8 +265,12 @@ class MsataModel(nn.Module):
         return frontend.pretrained_parameters() if isinstance(frontend, EncoderStatesFrontend) else []
 
     def forward(self, batch: Batch) -> ModelOutput:
+        if "audio" not in self.config.modalities:  # (B, 0, ...): no audio token exists
+            batch = replace(batch, audio=batch.audio[:, :0], audio_times=batch.audio_times[:, :0], audio_mask=batch.audio_mask[:, :0])
+        if "video" not in self.config.modalities:
+            batch = replace(batch, video=batch.video[:, :0], video_times=batch.video_times[:, :0], video_mask=batch.video_mask[:, :0])
         a = self.audio_frontend(batch.audio, batch.audio_times, batch.audio_mask)  # (B, Ta', D)
-        v = self.video_frontend(batch.video, batch.video_times, batch.video_mask)  # (B, Tv, D)
+        v = self.video_frontend(batch.video, batch.video_times, batch.video_mask)  # (B, Tv, D), crops or blendshapes
         # Front-end tokens before the modality embedding: per-frame content only, no position and
         # no view of the other stream, so CTM on them can only be lowered by content that co-occurs.
         ctm_audio, ctm_video = (a.x, v.x) if self.config.ctm_on == "frontend" else (None, None)

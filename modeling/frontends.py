@@ -231,3 +231,28 @@ class VideoFrontend(nn.Module):
         tokens = feats.new_zeros(b, t, self.d_model)
         tokens[mask] = feats
         return Tokens(self.drop(tokens), times.to(torch.float32), mask, _index_positions(b, t, crops.device))
+
+
+class BlendshapeFrontend(nn.Module):
+    """Blendshape scores (B, Tv, K) float32 -> one token per frame (B, Tv, D).
+
+    ``Linear(K, D) -> LayerNorm -> GELU -> Linear(D, D)`` applied to each frame on its own,
+    like the crop CNN: a token holds one frame's expression and nothing of its neighbours,
+    so timing stays with the rotary positions and CTM compares per-frame content. The scores
+    are already in [0, 1] and comparable across speakers, so no input normalisation is
+    learned. Frames without a face and padding come out as zero tokens, masked.
+    """
+
+    def __init__(self, n_features: int, d_model: int, dropout: float) -> None:
+        super().__init__()
+        self.n_features, self.d_model = n_features, d_model
+        self.mlp = nn.Sequential(nn.Linear(n_features, d_model), nn.LayerNorm(d_model), nn.GELU(), nn.Linear(d_model, d_model))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, scores: torch.Tensor, times: torch.Tensor, mask: torch.Tensor) -> Tokens:
+        b, t = scores.shape[:2]
+        if t > 0 and tuple(scores.shape[2:]) != (self.n_features,):
+            raise ValueError(f"video frames have shape {tuple(scores.shape[2:])}, the model expects ({self.n_features},) blendshape scores")
+        # (B, Tv, K) -> (B, Tv, D); zeroed where invalid so padded or faceless frames carry nothing.
+        tokens = self.mlp(scores.to(torch.float32)) * mask.unsqueeze(-1)
+        return Tokens(self.drop(tokens), times.to(torch.float32), mask, _index_positions(b, t, scores.device))

@@ -66,7 +66,7 @@ def test_run_config_parses_into_the_typed_configs_and_builds_a_model(path: Path)
         audio = torch.randn(frames, model_config.n_mels)
     crop = model_config.crop_size
     example = ClipExample(
-        audio=audio, audio_times=torch.arange(frames) / 50.0, face_crops=torch.zeros(0, crop, crop, 3, dtype=torch.uint8),
+        audio=audio, audio_times=torch.arange(frames) / 50.0, video=torch.zeros(0, crop, crop, 3, dtype=torch.uint8),
         video_times=torch.zeros(0), face_mask=torch.zeros(0, dtype=torch.bool), label=0, clip_id="one-second",
     )
     with torch.no_grad():

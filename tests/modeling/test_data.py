@@ -44,9 +44,9 @@ def test_crop_cuts_both_streams_at_the_same_instants() -> None:
     want_v = clip.video_times[(clip.video_times >= 0.7) & (clip.video_times < 1.9)] - 0.7
     assert torch.allclose(ex.audio_times, torch.from_numpy(want_a).float())
     assert torch.allclose(ex.video_times, torch.from_numpy(want_v).float())
-    assert ex.audio.shape == (len(want_a), 16) and ex.face_crops.shape == (len(want_v), 16, 16, 3)
+    assert ex.audio.shape == (len(want_a), 16) and ex.video.shape == (len(want_v), 16, 16, 3)
     first_v = int(np.argmax(clip.video_times >= 0.7))
-    assert torch.equal(ex.face_crops[0], torch.from_numpy(clip.face_crops[first_v]))  # no augmentation without rng
+    assert torch.equal(ex.video[0], torch.from_numpy(clip.face_crops[first_v]))  # no augmentation without rng
     assert ex.face_mask.dtype == torch.bool and ex.label == 2
 
 
@@ -54,9 +54,9 @@ def test_missing_modalities_become_empty_sequences() -> None:
     rng = np.random.default_rng(0)
     audio_only = features_to_example(tiny_clip("a", 0, 6, 2.0, rng, video=False), TINY_FEATURES, 0, (0.0, math.inf))
     video_only = features_to_example(tiny_clip("v", 0, 6, 2.0, rng, audio=False), TINY_FEATURES, 0, (0.0, math.inf))
-    assert audio_only.face_crops.shape == (0, 16, 16, 3) and audio_only.video_times.shape == (0,)
+    assert audio_only.video.shape == (0, 16, 16, 3) and audio_only.video_times.shape == (0,)
     assert audio_only.audio.shape[0] == 100
-    assert video_only.audio.shape == (0, 16) and video_only.face_crops.shape[0] == 50
+    assert video_only.audio.shape == (0, 16) and video_only.video.shape[0] == 50
 
 
 def test_train_items_are_random_but_reproducible(store_path: str) -> None:

@@ -26,7 +26,7 @@ def clip(ta: int, tv: int, seed: int, face_every: int = 1, offset: float = 0.0) 
     return ClipExample(
         audio=torch.randn(ta, N_MELS, generator=g) * 3 - 5,
         audio_times=torch.arange(ta, dtype=torch.float32) / 50 + 0.0125 + offset,
-        face_crops=torch.randint(0, 256, (tv, CROP, CROP, 3), generator=g, dtype=torch.uint8),
+        video=torch.randint(0, 256, (tv, CROP, CROP, 3), generator=g, dtype=torch.uint8),
         video_times=torch.arange(tv, dtype=torch.float32) / 30 + offset,
         face_mask=face_mask,
         label=seed % 3,
@@ -96,8 +96,8 @@ def test_padding_and_faceless_frames_do_not_change_the_result(fusion: str) -> No
     torch.testing.assert_close(padded, alone, atol=1e-5, rtol=1e-4)
     # Changing the pixels of frames without a face changes nothing either.
     other = ClipExample(**{**short.__dict__})
-    other.face_crops = short.face_crops.clone()
-    other.face_crops[~short.face_mask] = 255 - other.face_crops[~short.face_mask]
+    other.video = short.video.clone()
+    other.video[~short.face_mask] = 255 - other.video[~short.face_mask]
     torch.testing.assert_close(model(collate([other])).logits, alone, atol=1e-6, rtol=1e-6)
 
 
@@ -169,7 +169,7 @@ def states_clip(ta: int, seed: int, layers: int = 3, width: int = 8) -> ClipExam
     return ClipExample(
         audio=torch.randn(ta, layers, width, generator=g).to(torch.float16),
         audio_times=torch.arange(ta, dtype=torch.float32) * 0.02,
-        face_crops=torch.zeros(0, CROP, CROP, 3, dtype=torch.uint8),
+        video=torch.zeros(0, CROP, CROP, 3, dtype=torch.uint8),
         video_times=torch.zeros(0),
         face_mask=torch.zeros(0, dtype=torch.bool),
         label=seed % 3,

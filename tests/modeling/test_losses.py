@@ -21,7 +21,7 @@ def tiny_model() -> MsataModel:
 def clip(ta: int, tv: int, label: int) -> ClipExample:
     return ClipExample(
         audio=torch.randn(ta, 8), audio_times=torch.arange(ta) / 50.0,
-        face_crops=torch.randint(0, 256, (tv, 16, 16, 3), dtype=torch.uint8),
+        video=torch.randint(0, 256, (tv, 16, 16, 3), dtype=torch.uint8),
         video_times=torch.arange(tv) / 30.0, face_mask=torch.ones(tv, dtype=torch.bool),
         label=label, clip_id=f"c{label}",
     )
