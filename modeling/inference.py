@@ -42,7 +42,7 @@ from modeling.batch import collate
 from modeling.data import features_to_example
 from modeling.encoder import MsataConfig, MsataModel
 from modeling.model_source import resolve_checkpoint
-from modeling.predictions import FilePrediction, Thumbnail, WindowPrediction
+from modeling.predictions import FaceTrace, FilePrediction, Thumbnail, WindowPrediction
 
 MODALITIES = ("audio", "video")
 DEFAULT_CROP_S = 4.0  # TrainConfig.max_duration_s default, for checkpoints without a train_config
@@ -55,7 +55,7 @@ _EPS = 1e-6
 # duration (codec padding). Finite on purpose: features_to_example reads an infinite end
 # as "the whole clip" and would ignore the window's start.
 _OPEN_END = 1e9
-_VIDEO_FIELDS = ("face_crops", "video_times", "face_mask", "face_boxes", "face_landmarks", "face_probs")
+_VIDEO_FIELDS = ("face_crops", "face_blendshapes", "video_times", "face_mask", "face_boxes", "face_landmarks", "face_probs")
 
 
 def check_window(window_s: float, hop_s: float) -> None:
@@ -140,6 +140,31 @@ def pick_thumbnails(features: ClipFeatures, n: int) -> list[Thumbnail]:
     return [Thumbnail(float(features.video_times[i]), np.array(features.face_crops[i])) for i in picks]
 
 
+def face_trace(features: ClipFeatures, n_blendshapes: int = 4) -> FaceTrace | None:
+    """The face features to draw under the class probabilities; None without faces.
+
+    Blendshapes: the ``n_blendshapes`` scores with the largest standard deviation over the
+    frames with a face, i.e. the expressions that change in this clip (a constant score says
+    nothing about when an emotion shows). Crops: the detector's probability, 0 where no face."""
+    if features.video_times is None or features.face_mask is None or not np.any(features.face_mask):
+        return None
+    mask = np.asarray(features.face_mask, bool)  # (Tv,)
+    times = np.asarray(features.video_times, np.float64)
+    if features.face_blendshapes is not None:
+        from features.face_landmarks import BLENDSHAPE_NAMES
+
+        scores = np.asarray(features.face_blendshapes, np.float32)  # (Tv, 52)
+        moving = np.argsort(-scores[mask].std(axis=0), kind="stable")[:n_blendshapes]  # most-moving first
+        values = scores[:, moving].copy()  # (Tv, K)
+        values[~mask] = np.nan  # a gap, not a drop to 0: no face is not a neutral face
+        return FaceTrace(times, values, [BLENDSHAPE_NAMES[i] for i in moving], "blendshapes")
+    if features.face_probs is not None and len(features.face_probs) == len(mask):  # features cut by hand may keep stale probs
+        probs = np.where(mask, np.asarray(features.face_probs, np.float32), 0.0)[:, None]  # (Tv, 1)
+    else:
+        probs = mask.astype(np.float32)[:, None]
+    return FaceTrace(times, probs.astype(np.float32), ["face probability"], "face probability")
+
+
 def _frame_count(times: np.ndarray | None, mask: np.ndarray | None, t0: float, t1: float) -> int:
     if times is None:
         return 0
@@ -179,7 +204,11 @@ class Predictor:
         self.feature_config = feature_config
         self.label_names = list(label_names)
         self.device = device
-        self.modalities = tuple(m for m in MODALITIES if m in modalities)
+        # A stream the store held but the model was built without (the audio-only / video-only
+        # ablations) is not even decoded.
+        self.modalities = tuple(m for m in MODALITIES if m in modalities and m in model.config.modalities)
+        if not self.modalities:
+            raise ValueError(f"the model reads {list(model.config.modalities)} but was trained on a store holding {list(modalities)}: nothing to feed it")
         self.clip_max_s = float(clip_max_s)
         self.clip_window_s = float(clip_window_s)
         self.batch_size = batch_size
@@ -215,7 +244,10 @@ class Predictor:
         return cls(model, FeatureConfig.from_dict(payload["feature_config"]), label_names, resolved, source=source, **kwargs)
 
     def detector(self) -> Any:
-        """The FaceDetector, created on first use and shared by all files (MTCNN loads once)."""
+        """The FaceDetector, created on first use and shared by all files (MTCNN loads once).
+        None for blendshape models: extraction runs MediaPipe's FaceLandmarker instead (features.extract)."""
+        if self.feature_config.face.representation != "crops":
+            return None
         with self._lock:
             if self._detector is None:
                 from features.faces import FaceDetector
@@ -297,6 +329,7 @@ class Predictor:
             clip_strategy=strategy,
             warnings=warnings,
             thumbnails=pick_thumbnails(features, self.n_thumbnails),
+            face_trace=face_trace(features) if features.has_video else None,
         )
 
     @torch.no_grad()

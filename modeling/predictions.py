@@ -41,6 +41,17 @@ class Thumbnail:
 
 
 @dataclass
+class FaceTrace:
+    """Face features over time for the timeline plot: the few blendshapes that move most
+    (blendshape models) or the face detector's probability (crop models)."""
+
+    times: np.ndarray  # (Tv,) float64 seconds
+    values: np.ndarray  # (Tv, K) float32, NaN where no face was found
+    names: list[str]  # K series names
+    kind: str  # "blendshapes" | "face probability"
+
+
+@dataclass
 class FilePrediction:
     """The result for one file; ``error`` is set (and the rest empty) when it could not be predicted."""
 
@@ -54,6 +65,7 @@ class FilePrediction:
     warnings: list[str] = field(default_factory=list)
     error: str | None = None
     thumbnails: list[Thumbnail] = field(default_factory=list, repr=False)  # for plots; not serialised
+    face_trace: FaceTrace | None = field(default=None, repr=False)  # for plots; not serialised
 
     @property
     def ok(self) -> bool:
