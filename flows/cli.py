@@ -144,6 +144,65 @@ def train(
     print_cv_result(result)
 
 
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"{option} {text!r}: expected comma-separated integers, e.g. 0,1,2") from None
+
+
+@app.command()
+@one_line_errors
+def ablate(
+    store: str | None = typer.Option(None, help="Feature store built by `msata preprocess` (or --demo)."),
+    dataset: str | None = typer.Option(None, help="Dataset name as for `msata train` (runs go to the MLflow experiment msata-<dataset>)."),
+    demo: bool = typer.Option(False, help="Build (or reuse) the synthetic demo store under MSATA_HOME/demo and ablate on it: runs from a fresh clone."),
+    folds: int | None = typer.Option(None, min=2, help="Speaker-independent folds, the same for every variant (default 5; 3 with --demo)."),
+    seeds: str = typer.Option("0", help="Training seeds, comma-separated: every variant runs once per seed on the same folds."),
+    epochs: int | None = typer.Option(None, min=1, help="Maximum epochs per fold."),
+    variants: str | None = typer.Option(None, help="Comma-separated subset of: tarope-ctm, tarope, index-ctm, index, none-ctm, none, late-ctm, late, audio-only, video-only (default all)."),
+    config: Path | None = typer.Option(None, exists=True, dir_okay=False, help="TOML/JSON base run config (\\[train], \\[model], \\[splits]) that every variant starts from."),
+    out: Path | None = typer.Option(None, help="Ablation directory (default MSATA_HOME/ablations/<dataset>/<key>): runs, ablation.md, ablation.json."),
+) -> None:
+    """The paper's ablation grid on one store: TaRoPE / index RoPE / no positions / late fusion, each with and without CTM,
+    audio only and video only, on the same folds and seeds; one MLflow parent run; a side-by-side table (mean ± std)."""
+    from flows.ablation import run_ablation, select_variants
+    from flows.cli_output import print_ablation
+
+    names = [v.strip() for v in variants.split(",") if v.strip()] if variants else None
+    try:
+        select_variants(names)
+    except ValueError as err:
+        raise UserError(f"--variants: {err}") from None
+    seed_list = _int_list(seeds, "--seeds")
+    if not seed_list:
+        raise UserError(f"--seeds {seeds!r}: give at least one seed")
+    overrides = _load_overrides(config)
+    train_overrides, split_overrides, model_overrides = dict(overrides.get("train", {})), dict(overrides.get("splits", {})), dict(overrides.get("model", {}))
+    if demo:
+        if store or dataset:
+            raise UserError(f"--demo builds its own store: leave out --store ({store}) and --dataset ({dataset})")
+        from flows.demo import DemoConfig, build_demo_store
+        from flows.settings import msata_home
+
+        demo_config = DemoConfig()
+        with progress_bar("preprocessing", "clips stored") as on_progress:
+            store_path, _, _ = build_demo_store(msata_home() / "demo", demo_config, say=lambda s: console.print(f"[bold cyan]{s}"), preprocess_progress=on_progress)
+        store, dataset = str(store_path), "demo"
+        train_overrides = {"epochs": demo_config.epochs, "seed": demo_config.seed, **demo_config.train, **train_overrides}
+        model_overrides = {**demo_config.model, **model_overrides}
+        split_overrides = {"n_folds": demo_config.n_folds, **split_overrides}
+    elif not store or not dataset:
+        raise UserError(f"give --store and --dataset (got store={store!r}, dataset={dataset!r}), or --demo")
+    if epochs is not None:
+        train_overrides["epochs"] = epochs
+    if folds is not None:
+        split_overrides["n_folds"] = folds
+    with train_progress() as progress:
+        result = run_ablation(store, dataset, names, seed_list, train_overrides, split_overrides, model_overrides, out, progress=progress)
+    print_ablation(result)
+
+
 @app.command()
 @one_line_errors
 def compare(

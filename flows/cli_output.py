@@ -129,3 +129,17 @@ def print_prediction(prediction) -> None:
         if window.probabilities:
             top = max(window.probabilities, key=window.probabilities.get)
             console.print(f"  {window.start_s:6.2f}-{window.end_s:6.2f} s  {top:<10} {window.probabilities[top]:.2f}")
+
+
+def print_ablation(result: dict) -> None:
+    """The ablation grid (``flows.ablation``): one row per variant, test mean ± std over folds and seeds."""
+    rows = result["variants"]
+    table = Table("variant", "test WA", "test UAR", "test macro-F1", "folds", title="ablation: test mean ± std over folds and seeds")
+    for r in rows:
+        s = r["summary"]
+        cells = [f"{s[k + '_mean']:.3f} ± {s[k + '_std']:.3f}" for k in ("wa", "uar", "macro_f1")]
+        table.add_row(r["label"], *cells, str(len(r["folds"])))
+    console.print(table)
+    console.print(f"table and per-run results: {result['out_dir']}/ablation.md, ablation.json")
+    if result.get("parent_run_id"):
+        console.print(f"MLflow parent run: {result['parent_run_id']}")

@@ -63,8 +63,22 @@ def build_demo_dataset(root: Path, config: DemoConfig) -> tuple[Path, Path]:
     return raw, unseen
 
 
-def run_demo(home: Path, config: DemoConfig = DemoConfig(), say: Callable[[str], None] = print, train_progress=None, preprocess_progress=None) -> DemoResult:
+def build_demo_store(root: Path, config: DemoConfig, say: Callable[[str], None] = print, preprocess_progress=None) -> tuple[Path, Path, Any]:
+    """(store, unseen clip, preprocessing summary): the demo's clips generated once and run through
+    preprocess-dataset into ``root/store`` (a re-run skips stored clips). ``msata ablate --demo`` uses it too."""
     from flows.preprocess import run_preprocessing
+
+    say(f"1/4 synthetic talking-face dataset ({config.n_speakers} speakers x {len(DEMO_CLASSES)} emotions x {config.clips_per_class}) in {root / 'raw'}")
+    raw, unseen = build_demo_dataset(root, config)
+    store = root / "store"
+    say(f"2/4 preprocess-dataset flow -> {store}")
+    summary = run_preprocessing("folder", raw, store, on_progress=preprocess_progress)
+    if summary.failed:
+        raise RuntimeError(f"demo preprocessing failed for {summary.failed} clip(s): {summary.failures}")
+    return store, unseen, summary
+
+
+def run_demo(home: Path, config: DemoConfig = DemoConfig(), say: Callable[[str], None] = print, train_progress=None, preprocess_progress=None) -> DemoResult:
     from modeling.experiment import run_cross_validation
     from modeling.inference import load_predictor, predict_files
     from modeling.splits import SplitConfig
@@ -72,14 +86,8 @@ def run_demo(home: Path, config: DemoConfig = DemoConfig(), say: Callable[[str],
     from modeling.train_loop import TrainConfig
 
     root = home / "demo"
-    say(f"1/4 synthetic talking-face dataset ({config.n_speakers} speakers x {len(DEMO_CLASSES)} emotions x {config.clips_per_class}) in {root / 'raw'}")
-    raw, unseen = build_demo_dataset(root, config)
-
-    store = root / "store"
-    say(f"2/4 preprocess-dataset flow -> {store}")
-    summary = run_preprocessing("folder", raw, store, on_progress=preprocess_progress)
-    if summary.failed:
-        raise RuntimeError(f"demo preprocessing failed for {summary.failed} clip(s): {summary.failures}")
+    store, unseen, summary = build_demo_store(root, config, say, preprocess_progress)
+    raw = root / "raw"
 
     say(f"3/4 {config.n_folds}-fold speaker-independent cross-validation, logged to MLflow")
     train_config = TrainConfig.from_dict({"epochs": config.epochs, "seed": config.seed, **config.train})

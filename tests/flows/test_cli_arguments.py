@@ -18,7 +18,7 @@ from features.recipes import CORPORA
 from flows.cli import app
 
 runner = CliRunner()
-COMMANDS = ("preprocess", "train", "compare", "predict", "demo")
+COMMANDS = ("preprocess", "train", "compare", "predict", "demo", "ablate")
 
 
 def flat(text: str) -> str:
@@ -149,3 +149,15 @@ def test_compare_and_demo_argument_errors() -> None:
     assert "Invalid value for '--format': Value error, 'xml' is not one of 'table', 'json', 'csv'." in usage_error(["compare", "--format", "xml"])
     assert "Invalid value for '--epochs'" in usage_error(["demo", "--epochs", "0"])
     assert "No such command 'trian'." in usage_error(["trian"])
+
+
+def test_ablate_argument_errors(tmp_path: Path) -> None:
+    def error(args: list[str]) -> str:
+        result = runner.invoke(app, ["ablate", *args])
+        assert result.exit_code != 0 and "Traceback" not in result.output, result.output
+        return flat(result.output)
+
+    assert "--variants: unknown ablation variant(s) ['rope']" in error(["--store", str(tmp_path), "--dataset", "x", "--variants", "tarope,rope"])
+    assert "--seeds '0,a': expected comma-separated integers" in error(["--store", str(tmp_path), "--dataset", "x", "--seeds", "0,a"])
+    assert "give --store and --dataset (got store=None, dataset='x'), or --demo" in error(["--dataset", "x"])
+    assert "--demo builds its own store" in error(["--demo", "--store", str(tmp_path)])
