@@ -1,12 +1,18 @@
 """Preprocessing throughput: ffmpeg decode floor vs full feature extraction, side by side.
 
-For every clip (the CREMA-D sample when present, plus synthetic 1280x720 talking-face
-clips made in a temp dir) the modes run back to back, so they see the same machine load:
+For every clip (the CREMA-D sample when present; 1080p clips of --loop-seconds made by
+looping a CREMA-D take, scaled, so that the face is real; else synthetic talking faces)
+the modes run back to back, so they see the same machine load:
 
-  floor     probe + decode_audio + every full-resolution RGB frame (nothing else)
-  full      extract_clip with detect_every=1 (MTCNN on every frame)
+  floor     ffprobe + the audio to 16 kHz + every full-resolution RGB frame through a plain
+            ffmpeg pipe (no showinfo, nothing else)
+  full      extract_clip, default FeatureConfig (MTCNN on every frame, the whole frame searched)
+  near      the same with face.search="near" (searched near the previous face)
   every3    extract_clip with detect_every=3 (interpolation between detections)
   min60     extract_clip with detect_every=1 and MTCNN min_face_size=60 (--min-face)
+
+Resident memory after each clip is recorded too (rss_mb_after), to show that it does
+not grow with the clip's length.
 
 CPU seconds include ffmpeg children (resource.getrusage(RUSAGE_CHILDREN)); the ratios
 compare CPU seconds per clip, which are robust to other load on the machine.
@@ -20,6 +26,7 @@ import argparse
 import json
 import platform
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -35,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from features.config import FaceConfig, FeatureConfig  # noqa: E402
-from features.decode import decode_audio, iter_video_frames, probe  # noqa: E402
+from features.decode import decode_audio, probe  # noqa: E402
 from features.extract import extract_clip  # noqa: E402
 from features.faces import Detections, FaceDetector  # noqa: E402
 from features.manifest import ClipRecord  # noqa: E402
@@ -61,10 +68,38 @@ def _cpu() -> float:
 
 
 def decode_floor(path: str) -> int:
+    """ffprobe, the audio, and every RGB frame through a plain ffmpeg pipe, read in 64 MiB blocks."""
     info = probe(path)
     if info.has_audio:
         decode_audio(path, info=info)
-    return sum(len(frames) for frames, _ in iter_video_frames(path, info=info))
+    cmd = ["ffmpeg", "-nostdin", "-loglevel", "error", "-i", path, "-map", "0:v:0", "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE)
+    total = 0
+    while block := proc.stdout.read(64 * 2**20):  # type: ignore[union-attr]
+        total += len(block)
+    proc.wait()
+    return total // (3 * (info.width or 1) * (info.height or 1))
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 1e6
+
+
+def looped_clips(root: Path, source: Path, seconds: list[float]) -> list[Path]:
+    """1920x1080 H.264 + AAC clips of the given lengths, a CREMA-D take looped (real face, real speech)."""
+    mp4 = root / "take.mp4"
+    subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-i", str(source), "-c:v", "libx264", "-preset", "ultrafast", "-c:a", "aac", str(mp4)], check=True)
+    out = []
+    for sec in seconds:
+        path = root / f"loop1080_{sec:g}s.mp4"
+        subprocess.run(
+            ["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-stream_loop", "-1", "-i", str(mp4), "-t", f"{sec}",
+             "-vf", "scale=1920:1080", "-c:v", "libx264", "-preset", "ultrafast", "-c:a", "aac", str(path)],
+            check=True,
+        )
+        out.append(path)
+    return out
 
 
 def measure(fn: Callable[[], object]) -> tuple[float, float]:
@@ -91,18 +126,25 @@ def run(args: argparse.Namespace) -> dict:
     if crema.is_dir():
         groups["crema_d_480x360"] = sorted(crema.glob("*.flv"))[: args.max_crema]
     tmp = tempfile.TemporaryDirectory()
-    w, h = (int(v) for v in args.size.split("x"))
-    groups[f"synthetic_{w}x{h}"] = synthetic_clips(Path(tmp.name), args.n_synthetic, args.duration, args.fps, (w, h))
+    if args.n_synthetic:
+        w, h = (int(v) for v in args.size.split("x"))
+        groups[f"synthetic_{w}x{h}"] = synthetic_clips(Path(tmp.name), args.n_synthetic, args.duration, args.fps, (w, h))
+    if args.loop_seconds and crema.is_dir():
+        for path in looped_clips(Path(tmp.name), sorted(crema.glob("*.flv"))[0], [float(v) for v in args.loop_seconds.split(",")]):
+            groups[path.stem] = [path]
 
     base = FeatureConfig()
-    configs = {"full": base, "every3": replace(base, face=replace(base.face, detect_every=3))}
+    configs = {"full": base, "near": replace(base, face=replace(base.face, search="near"))}
+    if args.every3:
+        configs["every3"] = replace(base, face=replace(base.face, detect_every=3))
     if args.min_face:
         # Same full-rate detection with a coarser MTCNN pyramid: the cheapest lever on CPU.
         configs[f"min{args.min_face}"] = replace(base, face=replace(base.face, min_face_size=args.min_face))
     detectors = {name: TimedDetector(cfg.face) for name, cfg in configs.items()}
     # Warm-up outside the clock: librosa/scipy imports, MTCNN first call.
     first = next(iter(groups.values()))[0]
-    extract_clip(ClipRecord("warm", "b", "s", "x", str(first), str(first)), base, detectors["full"])
+    for name, cfg in configs.items():
+        extract_clip(ClipRecord("warm", "b", "s", "x", str(first), str(first)), cfg, detectors[name])
 
     results: dict[str, dict] = {}
     for group, paths in groups.items():
@@ -122,6 +164,7 @@ def run(args: argparse.Namespace) -> dict:
                     acc[name]["wall"] += wall
                     acc[name]["cpu"] += cpu
                     acc[name]["mtcnn_cpu"] += det.mtcnn_cpu_s
+                    acc[name]["rss_mb_after"] = max(acc[name]["rss_mb_after"], rss_mb())
                     if name == "full" and rep == 0:
                         frames += len(out["f"].video_times)  # type: ignore[union-attr]
         n = len(paths) * args.repeats
@@ -131,6 +174,7 @@ def run(args: argparse.Namespace) -> dict:
             row[f"{mode}_cpu_s_per_clip"] = m["cpu"] / n
             if "mtcnn_cpu" in m:
                 row[f"{mode}_mtcnn_cpu_s_per_clip"] = m["mtcnn_cpu"] / n
+                row[f"{mode}_rss_mb_after"] = m["rss_mb_after"]
         for mode in configs:
             row[f"{mode}_vs_floor_cpu"] = row[f"{mode}_cpu_s_per_clip"] / row["floor_cpu_s_per_clip"]
             row[f"{mode}_vs_floor_wall"] = row["floor_clips_per_s"] / row[f"{mode}_clips_per_s"]
@@ -138,7 +182,7 @@ def run(args: argparse.Namespace) -> dict:
     tmp.cleanup()
     return {
         "command": " ".join(sys.argv),
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s)",
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s), peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3:.0f} MB",
         "face_config": FaceConfig().__dict__,
         "modes": list(configs),
         "groups": results,
@@ -147,7 +191,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def print_table(report: dict) -> None:
     print(f"# {report['command']}\n# {report['machine']}")
-    head = f"{'clips':<22}{'mode':<8}{'clips/s':>9}{'CPU s/clip':>12}{'MTCNN CPU s':>13}{'x floor CPU':>13}{'x floor wall':>14}"
+    head = f"{'clips':<22}{'mode':<8}{'clips/s':>9}{'CPU s/clip':>12}{'MTCNN CPU s':>13}{'x floor CPU':>13}{'x floor wall':>14}{'RSS MB after':>14}"
     print(head)
     for group, row in report["groups"].items():
         for mode in ["floor", *report["modes"]]:
@@ -157,7 +201,7 @@ def print_table(report: dict) -> None:
             print(
                 f"{group if mode == 'floor' else '':<22}{mode:<8}{row[f'{mode}_clips_per_s']:>9.2f}"
                 f"{row[f'{mode}_cpu_s_per_clip']:>12.3f}{'' if mt is None else f'{mt:.3f}':>13}"
-                f"{ratio_c:>13.2f}{ratio_w:>14.2f}"
+                f"{ratio_c:>13.2f}{ratio_w:>14.2f}{row.get(f'{mode}_rss_mb_after', 0):>14.0f}"
             )
         print(f"{'':<22}({row['clips']} clips x {row['repeats']}, {row['frames_per_clip']:.0f} frames/clip)")
 
@@ -166,13 +210,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--crema-dir", default=str(REPO.parent / "shared" / "data" / "crema_d_sample" / "VideoFlash"))
     parser.add_argument("--max-crema", type=int, default=6)
-    parser.add_argument("--n-synthetic", type=int, default=3)
+    parser.add_argument("--n-synthetic", type=int, default=0, help="synthetic talking-face clips (features/synthetic.py)")
+    parser.add_argument("--loop-seconds", default="5,30", help="lengths of the 1080p clips looped from a CREMA-D take ('' for none)")
+    parser.add_argument("--every3", action="store_true", help="also detect_every=3")
     parser.add_argument("--duration", type=float, default=2.5)
     parser.add_argument("--fps", default="30")
     parser.add_argument("--size", default="1280x720")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--torch-threads", type=int, default=1)
-    parser.add_argument("--min-face", type=int, default=60, help="extra full-rate mode with this MTCNN min_face_size (0: off)")
+    parser.add_argument("--min-face", type=int, default=0, help="extra full-rate mode with this MTCNN min_face_size (0: off)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     report = run(args)

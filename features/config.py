@@ -129,6 +129,7 @@ class AudioEncoderConfig:
 
 
 FACE_REPRESENTATIONS = ("crops", "blendshapes")
+FACE_SEARCHES = ("full", "near")
 
 
 @dataclass(frozen=True)
@@ -144,13 +145,21 @@ class FaceConfig:
     min_probability: float = 0.90  # detections below this count as "no face"
     min_face_size: int = 20  # MTCNN min_face_size, in detection-resolution pixels
     representation: str = "crops"  # "crops" | "blendshapes" (FACE_REPRESENTATIONS)
+    # Where MTCNN looks (FACE_SEARCHES): "full" = the whole frame at every pyramid scale; "near" = around
+    # the previous frame's face at the scales of its size, with the whole frame whenever that finds none
+    # and every features.faces.NEAR_REFRESH frames (several times cheaper; agreement in docs/benchmarks.md).
+    search: str = "full"
 
     def __post_init__(self) -> None:
         if self.representation not in FACE_REPRESENTATIONS:
             raise ValueError(f"face representation {self.representation!r}; expected one of {FACE_REPRESENTATIONS}")
+        if self.search not in FACE_SEARCHES:
+            raise ValueError(f"face search {self.search!r}; expected one of {FACE_SEARCHES}")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
+        if self.search == "full":
+            del data["search"]  # stores of the full search predate the choice: leaving it out keeps their hash
         if self.representation == "crops":
             del data["representation"]  # crop stores predate the choice: leaving it out keeps their hash
         else:  # the packaged model's identity enters the hash, so stores of two models never mix

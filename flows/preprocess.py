@@ -62,11 +62,28 @@ def _detector(face_config_json: str):  # -> FaceDetector; cached so each worker 
     return FaceDetector(FaceConfig(**json.loads(face_config_json)))
 
 
+def _one_torch_thread() -> None:
+    """Preprocessing runs torch at one intra-op thread: MTCNN is thousands of small ops, and a
+    second thread cost 3.9x the CPU end to end (measured in issue 13); parallelism
+    comes from the workers (clips at once). MSATA_PREPROCESS_TORCH_THREADS overrides it."""
+    import os
+
+    import torch
+
+    threads = int(os.environ.get("MSATA_PREPROCESS_TORCH_THREADS", "1"))
+    if threads < 1:
+        raise ValueError(f"MSATA_PREPROCESS_TORCH_THREADS={threads}: must be >= 1")
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 def process_clip(record: ClipRecord, store_path: str, config: FeatureConfig) -> ClipOutcome:
     """Extract and store one clip unless it is already stored. Plain function, no Prefect."""
     import json
 
     from features.extract import extract_clip
+
+    _one_torch_thread()
 
     start = time.perf_counter()
     store = FeatureStore.create(store_path, config)

@@ -157,3 +157,15 @@ def test_crema_d_flv(crema_flvs: list[Path]) -> None:
         assert times[-1] + 1001 / 30000 == pytest.approx(info.duration_s, abs=0.1)
         audio = decode_audio(path, info=info)
         assert len(audio) / 16_000 == pytest.approx(info.duration_s, abs=0.1)
+
+
+def test_chunks_are_bounded_in_bytes(make_clip, monkeypatch: pytest.MonkeyPatch) -> None:
+    import features.decode as decode
+
+    clip = make_clip("rate_25.mp4", duration_s=1.0, fps=25, width=320, height=240)
+    whole = [(f.copy(), t) for f, t in iter_video_frames(clip.path, chunk=32)]
+    monkeypatch.setattr(decode, "MAX_CHUNK_BYTES", 5 * 320 * 240 * 3 + 1)  # room for 5 frames
+    small = list(iter_video_frames(clip.path, chunk=32))
+    assert max(len(f) for f, _ in small) == 5
+    np.testing.assert_array_equal(np.concatenate([f for f, _ in small]), np.concatenate([f for f, _ in whole]))
+    np.testing.assert_array_equal(np.concatenate([t for _, t in small]), np.concatenate([t for _, t in whole]))

@@ -163,3 +163,67 @@ def test_crema_d_faces(crema_flvs: list[Path], detector: FaceDetector) -> None:
     assert 60 < np.median(w) < 300
     cx = (track.boxes[track.mask, 0] + track.boxes[track.mask, 2]) / 2
     assert 120 < np.median(cx) < 360
+
+
+# --------------------------------------------------------------------------- search: full (facenet-pytorch's maths) and near
+
+
+def test_face_search_field_hashes_only_when_set() -> None:
+    from features.config import FeatureConfig
+
+    base = FeatureConfig()
+    near = FeatureConfig(face=FaceConfig(search="near"))
+    assert "search" not in base.to_dict()["face"]  # full-search stores keep their hash
+    assert near.config_hash() != base.config_hash()
+    assert FeatureConfig.from_dict(near.to_dict()) == near
+    assert FeatureConfig.from_dict(base.to_dict()).face.search == "full"
+    with pytest.raises(ValueError, match="face search 'nearby'"):
+        FaceConfig(search="nearby")
+
+
+def _old_detect(frames: np.ndarray, config: FaceConfig) -> list[tuple[np.ndarray, np.ndarray] | None]:
+    """What FaceDetector.detect did before features/mtcnn.py: facenet-pytorch's own MTCNN.detect."""
+    from facenet_pytorch import MTCNN
+
+    mtcnn = MTCNN(keep_all=False, select_largest=True, min_face_size=config.min_face_size, post_process=False)
+    out = []
+    for start in range(0, len(frames), 32):  # its batches of 32 frames, as it was called
+        small, sx, sy = downscale(frames[start : start + 32], config.detect_max_side)
+        boxes, probs, points = mtcnn.detect(small, landmarks=True)
+        for b, p, pt in zip(boxes, probs, points, strict=True):
+            face = select_face(b, p, pt, config.min_probability)
+            out.append(None if face is None else (face[0] * np.array([sx, sy, sx, sy]), face[1] * np.array([sx, sy])))
+    return out
+
+
+def _agreement(frames: np.ndarray, config: FaceConfig) -> None:
+    old = _old_detect(frames, FaceConfig())
+    found = np.array([o is not None for o in old])
+    assert found.any()
+    full = FaceDetector(FaceConfig()).detect_sequence(frames)
+    np.testing.assert_array_equal(full.found, found)  # the same faces on the same frames
+    for i in np.flatnonzero(found):  # and the same boxes and landmarks up to float rounding
+        np.testing.assert_allclose(full.boxes[i], old[i][0], atol=1e-3)
+        np.testing.assert_allclose(full.landmarks[i], old[i][1], atol=1e-3)
+    near = FaceDetector(config).detect_sequence(frames)
+    np.testing.assert_array_equal(near.found, found)  # near: a face wherever the full search finds one
+    diff = np.array([np.abs(near.boxes[i] - old[i][0]).max() for i in np.flatnonzero(found)])
+    assert np.median(diff) < 1e-3  # most frames give the full search's very box
+    assert diff.max() < 0.1 * float((old[np.flatnonzero(found)[0]][0][2:] - old[np.flatnonzero(found)[0]][0][:2]).max())
+    crops_old = np.stack([crop_square(frames[i], square_box(old[i][0], 0.25), 96) for i in np.flatnonzero(found)])
+    crops_near = np.stack([crop_square(frames[i], square_box(near.boxes[i], 0.25), 96) for i in np.flatnonzero(found)])
+    assert np.abs(crops_old.astype(int) - crops_near.astype(int)).mean() < 5.0  # grey levels of 255 (measured: 3.9 synthetic)
+
+
+@pytest.mark.slow
+def test_search_agrees_with_facenet_on_a_synthetic_clip(make_clip) -> None:
+    clip = make_clip("agree.mp4", duration_s=2.0, fps="30", width=480, height=360)
+    frames = np.concatenate([f for f, _ in iter_video_frames(clip.path)])
+    _agreement(frames, FaceConfig(search="near"))
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+def test_search_agrees_with_facenet_on_crema_d(crema_flvs: list[Path]) -> None:
+    frames = np.concatenate([f for f, _ in iter_video_frames(crema_flvs[1])])
+    _agreement(frames, FaceConfig(search="near"))
