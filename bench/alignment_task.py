@@ -45,9 +45,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from modeling.batch import Batch
-from modeling.encoder import MsataConfig, MsataModel
-from modeling.losses import ObjectiveParts, training_objective
+from modeling.network.batch import Batch
+from modeling.network.encoder import MsataConfig, MsataModel
+from modeling.network.losses import ObjectiveParts, training_objective
 
 N_CLASSES = 2
 TASK_KINDS = ("synchrony", "correspondence")

@@ -10,7 +10,7 @@
    random crops, augmentation, bounded cache), ``--workers`` DataLoader processes; clips/s
    over one pass and the peak resident memory of the main process plus its workers
    (sampled every 0.2 s, psutil).
-3. ``train``: one epoch of modeling.train_loop.train_model on ``--train-clips`` clips with
+3. ``train``: one epoch of modeling.training.train_loop.train_model on ``--train-clips`` clips with
    the default model on ``--device``; prints the loop's own ``data_wait_share``
    (the share of the training pass spent waiting for the next batch) and clips/s.
 
@@ -128,7 +128,7 @@ class PeakRSS:
 
 
 def _dataset(store_path: str, n: int, cache_bytes: int, train: bool = True):
-    from modeling.data import ClipDataset, DataConfig
+    from modeling.data.dataset import ClipDataset, DataConfig
     from storage.feature_store import FeatureStore
 
     store = FeatureStore.open(store_path)
@@ -138,7 +138,7 @@ def _dataset(store_path: str, n: int, cache_bytes: int, train: bool = True):
 
 
 def read(args: argparse.Namespace) -> dict:
-    from modeling.data import make_loader
+    from modeling.data.dataset import make_loader
 
     ds = _dataset(args.store, args.reads, args.cache_bytes)
     loader = make_loader(ds, args.batch_size, args.workers, seed=0)
@@ -154,14 +154,14 @@ def train(args: argparse.Namespace) -> dict:
 
     import torch
 
-    from modeling.data import make_loader
-    from modeling.encoder import MsataConfig, MsataModel
-    from modeling.train_loop import TrainConfig, train_model
+    from modeling.data.dataset import make_loader
+    from modeling.network.encoder import MsataConfig, MsataModel
+    from modeling.training.train_loop import TrainConfig, train_model
     from storage.feature_store import FeatureStore
 
     store = FeatureStore.open(args.store)
     feature_config = store.config
-    from modeling.experiment import build_model_config
+    from modeling.training.experiment import build_model_config
 
     model_config = build_model_config({}, feature_config, len(LABELS))
     config = TrainConfig(epochs=1, batch_size=args.batch_size, num_workers=args.workers, device=args.device, cache_bytes=args.cache_bytes)

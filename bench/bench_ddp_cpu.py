@@ -30,7 +30,7 @@ def main() -> None:
     import test_distributed as t
     from training_fixtures import build_tiny_store
 
-    from modeling.checkpoint import load_checkpoint
+    from modeling.training.checkpoint import load_checkpoint
 
     root = Path(tempfile.mkdtemp(prefix="ddp-bench-"))
     build_tiny_store(root / "store", n_speakers=args.speakers, clips_per_speaker=args.clips)

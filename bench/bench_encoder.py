@@ -28,9 +28,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from modeling.batch import Batch  # noqa: E402
-from modeling.encoder import MsataConfig, MsataModel  # noqa: E402
-from modeling.frontends import Tokens  # noqa: E402
+from modeling.network.batch import Batch  # noqa: E402
+from modeling.network.encoder import MsataConfig, MsataModel  # noqa: E402
+from modeling.network.frontends import Tokens  # noqa: E402
 
 VARIANTS = ("tarope", "index", "none")
 

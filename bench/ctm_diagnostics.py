@@ -28,8 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.alignment_task import VARIANTS, TaskConfig, TaskData, TrainBudget, fit_variant, generate  # noqa: E402
-from modeling.encoder import MsataModel  # noqa: E402
-from modeling.losses import ObjectiveParts, _masked_mean, _soft_cross_entropy, ctm_loss, ctm_loss_from_output  # noqa: E402
+from modeling.network.encoder import MsataModel  # noqa: E402
+from modeling.network.losses import ObjectiveParts, _masked_mean, _soft_cross_entropy, ctm_loss, ctm_loss_from_output  # noqa: E402
 
 GROUPS = ("audio_frontend", "video_frontend", "encoder", "ctm_head", "classifier")
 

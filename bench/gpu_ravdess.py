@@ -6,7 +6,7 @@ fold splitter, the metrics) on features held in memory-mapped ``.npy`` files ins
 Zarr store, because a lent GPU machine is bare (no zarr, prefect, mlflow or ffmpeg) and
 reaches nothing: the audio (FLAC, read with soundfile) and the encoder weights travel with
 the command. Folds, model choice on validation actors and test scoring are those of
-``msata train`` (``modeling.splits.make_folds``, best validation UAR, one test pass).
+``msata train`` (``modeling.data.splits.make_folds``, best validation UAR, one test pass).
 
 Two steps:
 
@@ -186,13 +186,13 @@ def run_fold(job: dict) -> dict:
 
     torch.set_num_threads(1)
     from features.config import AudioEncoderConfig, FeatureConfig
-    from modeling.checkpoint import load_trained_model
-    from modeling.data import ClipDataset, make_loader
-    from modeling.encoder import MsataConfig, MsataModel
-    from modeling.experiment import build_model_config
-    from modeling.metrics import compute_metrics
-    from modeling.splits import fold_from_dict
-    from modeling.train_loop import TrainConfig, predict, seed_everything, train_model
+    from modeling.training.checkpoint import load_trained_model
+    from modeling.data.dataset import ClipDataset, make_loader
+    from modeling.network.encoder import MsataConfig, MsataModel
+    from modeling.training.experiment import build_model_config
+    from modeling.training.metrics import compute_metrics
+    from modeling.data.splits import fold_from_dict
+    from modeling.training.train_loop import TrainConfig, predict, seed_everything, train_model
 
     encoder = job["encoder"]
     feature_config = FeatureConfig() if encoder == LOG_MEL else FeatureConfig(audio_encoder=AudioEncoderConfig(name=encoder))
@@ -246,7 +246,7 @@ def summarise(rows: list[dict]) -> list[dict]:
 def run(args: argparse.Namespace) -> None:
     import torch
 
-    from modeling.splits import SplitConfig, fold_to_dict, make_folds
+    from modeling.data.splits import SplitConfig, fold_to_dict, make_folds
     from features.recipes.ravdess import RAVDESS_LABELS
 
     out, work = Path(args.out), Path(args.work)

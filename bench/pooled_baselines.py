@@ -5,7 +5,7 @@ For every clip of a feature store, the frames are pooled into mean and standard 
 layer), a standardised logistic regression is fitted on each fold's training speakers, its
 C (and, for encoder stores, the layer) is chosen on the fold's validation speakers only, and
 the choice is scored once on the test speakers. The folds are msata's own
-(``modeling.splits.make_folds``), so these figures sit beside ``msata train``'s.
+(``modeling.data.splits.make_folds``), so these figures sit beside ``msata train``'s.
 
 ``--speaker-norm`` adds the transductive variant: each speaker's pooled vectors are
 standardised with that speaker's own mean and std (unlabelled clips of the test speaker
@@ -29,8 +29,8 @@ from sklearn.preprocessing import StandardScaler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from modeling.metrics import compute_metrics, mean_std  # noqa: E402
-from modeling.splits import SplitConfig, make_folds, resolve_label_names  # noqa: E402
+from modeling.training.metrics import compute_metrics, mean_std  # noqa: E402
+from modeling.data.splits import SplitConfig, make_folds, resolve_label_names  # noqa: E402
 from storage import FeatureStore  # noqa: E402
 
 C_GRID = (0.01, 0.1, 1.0, 10.0)

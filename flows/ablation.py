@@ -2,7 +2,7 @@
 
 Variants (``VARIANTS``): TaRoPE / index RoPE / no positions / late fusion, each with and
 without CTM, then audio only and video only. Every variant is the ``train-msata``
-machinery unchanged (``modeling.experiment``: prepare -> one task per fold -> finalize,
+machinery unchanged (``modeling.training.experiment``: prepare -> one task per fold -> finalize,
 never registered), on the **same folds** (one ``SplitConfig``, so one fold assignment) and
 the **same training seeds** (``seeds``: each variant runs once per seed). Only the model
 settings and ``lambda_ctm`` differ from the base config:
@@ -82,7 +82,7 @@ def select_variants(names: Sequence[str] | None) -> list[Variant]:
 
 def variant_settings(variant: Variant, train: dict[str, Any], model: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(train, model) dicts of one variant: the base with the variant's model settings and CTM weight."""
-    from modeling.train_loop import TrainConfig
+    from modeling.training.train_loop import TrainConfig
 
     base_lambda = float(train.get("lambda_ctm", 0.0)) or TrainConfig().lambda_ctm
     return {**train, "lambda_ctm": base_lambda if variant.ctm else 0.0}, {**model, **variant.model}
@@ -112,7 +112,7 @@ def _key(data: Any) -> str:
 
 def _check_store(store_path: str, variants: Sequence[Variant]) -> list[str]:
     """The streams the store holds; a variant that needs one it lacks is refused before any training."""
-    from modeling.experiment import trained_modalities
+    from modeling.training.experiment import trained_modalities
     from storage.feature_store import FeatureStore
 
     held = trained_modalities(FeatureStore.open(store_path).manifest())
@@ -125,7 +125,7 @@ def _check_store(store_path: str, variants: Sequence[Variant]) -> list[str]:
 @task(name="ablation-parent", cache_policy=NO_CACHE)
 def parent_task(out_dir: str, dataset: str, params: dict[str, Any], track: bool) -> str | None:
     """The MLflow parent run, created once per ablation directory (a rerun reuses it)."""
-    from modeling import tracking
+    from modeling.tracking import runs as tracking
 
     state_path = Path(out_dir) / STATE_FILE
     if not track:
@@ -148,9 +148,9 @@ def parent_task(out_dir: str, dataset: str, params: dict[str, Any], track: bool)
 def prepare_variant_task(
     store_path: str, dataset: str, variant: str, seed: int, train: dict[str, Any], splits: dict[str, Any], model: dict[str, Any], run_dir: str, parent: str | None
 ) -> str:
-    from modeling.experiment import prepare_experiment
-    from modeling.splits import SplitConfig
-    from modeling.train_loop import TrainConfig
+    from modeling.training.experiment import prepare_experiment
+    from modeling.data.splits import SplitConfig
+    from modeling.training.train_loop import TrainConfig
 
     tags = {"mlflow.parentRunId": parent, "mlflow.runName": f"{variant} seed {seed}", "msata.variant": variant, "msata.seed": str(seed)} if parent else None
     train_config = TrainConfig.from_dict({**train, "seed": seed})
@@ -177,8 +177,8 @@ def ablate_msata(
     from prefect.artifacts import create_markdown_artifact
 
     from flows.artifacts import artifact_key
-    from modeling import tracking
-    from modeling.metrics import summarize_folds
+    from modeling.tracking import runs as tracking
+    from modeling.training.metrics import summarize_folds
 
     configure_environment()
     logger = get_run_logger()

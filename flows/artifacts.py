@@ -42,7 +42,7 @@ def cv_table(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 def mlflow_run_link(experiment_id: str, run_id: str) -> tuple[str, str]:
     """(URL, how to open it): the tracking server's own UI, or `mlflow ui` on the SQLite store."""
-    from modeling.tracking import tracking_uri
+    from modeling.tracking.runs import tracking_uri
 
     uri = tracking_uri()
     path = f"#/experiments/{experiment_id}/runs/{run_id}"

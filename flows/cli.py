@@ -210,7 +210,7 @@ def compare(
     format: OutputFormat = typer.Option(OutputFormat.table, "--format", help="table: the main columns; json / csv: every column, to stdout."),
 ) -> None:
     """Registered model versions and their cross-validation metrics, side by side."""
-    from modeling.experiment import compare_models
+    from modeling.training.experiment import compare_models
 
     frame = compare_models(dataset)
     if format is not OutputFormat.table:
@@ -233,8 +233,8 @@ def predict(
     hop: float = typer.Option(0.5, min=0.05, help="Timeline hop in seconds."),
 ) -> None:
     """Predict the emotion of new recordings: label, class probabilities and a timeline."""
-    from modeling.inference import load_predictor, predict_files
-    from modeling.predictions import write_jsonl
+    from modeling.inference.predictor import load_predictor, predict_files
+    from modeling.inference.predictions import write_jsonl
 
     if len(files) == 1 and files[0].is_dir():
         from flows.predict import run_prediction
@@ -253,7 +253,7 @@ def predict(
     for prediction in predictions:
         print_prediction(prediction)
         if plot is not None and prediction.ok:
-            from modeling.timeline_plot import plot_timeline
+            from modeling.inference.timeline_plot import plot_timeline
 
             target = plot if len(files) == 1 else plot.with_name(f"{plot.stem}_{Path(prediction.path).stem}{plot.suffix or '.png'}")
             plot_timeline(prediction, target)
@@ -275,7 +275,7 @@ def demo(
 
     from flows.demo import DemoConfig, run_demo
     from flows.settings import msata_home
-    from modeling.tracking import tracking_uri
+    from modeling.tracking.runs import tracking_uri
 
     start = time.perf_counter()
     home = msata_home()

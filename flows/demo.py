@@ -79,11 +79,11 @@ def build_demo_store(root: Path, config: DemoConfig, say: Callable[[str], None] 
 
 
 def run_demo(home: Path, config: DemoConfig = DemoConfig(), say: Callable[[str], None] = print, train_progress=None, preprocess_progress=None) -> DemoResult:
-    from modeling.experiment import run_cross_validation
-    from modeling.inference import load_predictor, predict_files
-    from modeling.splits import SplitConfig
-    from modeling.timeline_plot import plot_timeline
-    from modeling.train_loop import TrainConfig
+    from modeling.training.experiment import run_cross_validation
+    from modeling.inference.predictor import load_predictor, predict_files
+    from modeling.data.splits import SplitConfig
+    from modeling.inference.timeline_plot import plot_timeline
+    from modeling.training.train_loop import TrainConfig
 
     root = home / "demo"
     store, unseen, summary = build_demo_store(root, config, say, preprocess_progress)

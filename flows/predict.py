@@ -21,8 +21,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
 from features.recipes.folder import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS, clip_id_for
-from modeling.inference import Predictor, load_predictor, predict_files
-from modeling.predictions import predictions_frame, read_jsonl, write_jsonl
+from modeling.inference.predictor import Predictor, load_predictor, predict_files
+from modeling.inference.predictions import predictions_frame, read_jsonl, write_jsonl
 
 MEDIA_EXTENSIONS: frozenset[str] = VIDEO_EXTENSIONS | AUDIO_EXTENSIONS
 PARQUET_NAME, JSONL_NAME, PLOTS_DIR, PARTS_DIR = "predictions.parquet", "predictions.jsonl", "plots", ".parts"
@@ -86,7 +86,7 @@ def predict_chunk(
     predictor = cached_predictor(model, device)
     preds = predict_files(predictor, paths, window_s, hop_s)
     if plot_dir is not None:
-        from modeling.timeline_plot import plot_timeline
+        from modeling.inference.timeline_plot import plot_timeline
 
         for pred in preds:
             if pred.ok:

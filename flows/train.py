@@ -6,7 +6,7 @@ champion rule) -> artifacts (the cross-validation table and a link to the MLflow
 ``flows/artifacts.py``). Tasks pass the run directory and fold indices only; every
 array stays in the feature store and the checkpoints on disk. Folds run one after
 another: each uses the whole GPU of the worker, or with ``nproc`` > 1 all its GPUs: the
-fold task then launches ``torchrun --nproc-per-node nproc`` (``modeling/fold_worker.py``,
+fold task then launches ``torchrun --nproc-per-node nproc`` (``modeling/training/fold_worker.py``,
 data-parallel, one process per GPU; gloo processes on a CPU-only worker) and waits for it.
 
 One path for every run: deployments (``infra/prefect.yaml``, ``prefect deployment run
@@ -36,7 +36,7 @@ from flows.settings import configure_environment, flush_api_logs
 from flows.train_params import ModelOverrides, SplitParams, TrainParams
 
 if TYPE_CHECKING:
-    from modeling.experiment import CVResult
+    from modeling.training.experiment import CVResult
 
 _PROGRESS_HOOKS: list[Callable[[Any], None]] = []  # this process's listeners; never serialised
 
@@ -71,9 +71,9 @@ def prepare_task(
     from prefect.runtime import flow_run
 
     from features.config import FeatureConfig
-    from modeling.experiment import prepare_experiment
-    from modeling.splits import SplitConfig
-    from modeling.train_loop import TrainConfig
+    from modeling.training.experiment import prepare_experiment
+    from modeling.data.splits import SplitConfig
+    from modeling.training.train_loop import TrainConfig
 
     expected = FeatureConfig.from_dict(expected_feature_config) if expected_feature_config else None
     tags = {"prefect.flow_run_id": flow_run.id, "prefect.flow_run_name": flow_run.name} if flow_run.id else None
@@ -85,7 +85,7 @@ def prepare_task(
 def fold_task(run_dir: str, fold_index: int, nproc: int = 1) -> dict[str, Any]:
     from dataclasses import asdict
 
-    from modeling.experiment import run_fold
+    from modeling.training.experiment import run_fold
 
     logger = get_run_logger()
 
@@ -104,7 +104,7 @@ def fold_task(run_dir: str, fold_index: int, nproc: int = 1) -> dict[str, Any]:
 def finalize_task(run_dir: str, register: bool) -> dict[str, Any]:
     from dataclasses import asdict
 
-    from modeling.experiment import finalize_experiment
+    from modeling.training.experiment import finalize_experiment
 
     return asdict(finalize_experiment(run_dir, register=register))
 
@@ -135,7 +135,7 @@ def train_msata(
     from dataclasses import asdict
 
     from flows.artifacts import publish_cv_artifacts
-    from modeling.experiment import load_spec
+    from modeling.training.experiment import load_spec
 
     configure_environment()
     logger = get_run_logger()
@@ -157,8 +157,8 @@ def train_msata(
 
 
 def cv_result_from_dict(data: dict[str, Any]) -> CVResult:
-    from modeling.experiment import CVResult
-    from modeling.fold_run import FoldResult
+    from modeling.training.experiment import CVResult
+    from modeling.training.fold_run import FoldResult
 
     return CVResult(**(data | {"folds": [FoldResult(**f) for f in data["folds"]]}))
 

@@ -3,9 +3,9 @@
 Each is a pydantic model generated from the dataclass the training code uses, field
 for field (names, types, defaults), so the two never drift apart:
 
-* ``TrainParams`` <- ``modeling.train_loop.TrainConfig`` (``.to_config()``);
-* ``SplitParams`` <- ``modeling.splits.SplitConfig`` (``.to_config()``);
-* ``ModelOverrides`` <- ``modeling.encoder.MsataConfig`` with every field optional:
+* ``TrainParams`` <- ``modeling.training.train_loop.TrainConfig`` (``.to_config()``);
+* ``SplitParams`` <- ``modeling.data.splits.SplitConfig`` (``.to_config()``);
+* ``ModelOverrides`` <- ``modeling.network.encoder.MsataConfig`` with every field optional:
   only the fields given override the defaults (``.overrides()``), the store and the
   labels decide the rest (n_classes, input sizes).
 
@@ -23,9 +23,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, create_model
 
-from modeling.encoder import MsataConfig
-from modeling.splits import SplitConfig
-from modeling.train_loop import TrainConfig
+from modeling.network.encoder import MsataConfig
+from modeling.data.splits import SplitConfig
+from modeling.training.train_loop import TrainConfig
 
 
 class _ConfigParams(BaseModel):

@@ -80,7 +80,7 @@ def tiny_loaders(
     store_path: str | Path, batch_size: int = 4, num_workers: int = 0, seed: int = 0, max_duration_s: float = 1.5, rank: int = 0, world_size: int = 1
 ):
     """(train, val) loaders of a tiny store: speakers 0-3 train, 4-5 validation (this rank's share of each)."""
-    from modeling.data import ClipDataset, DataConfig, make_loader
+    from modeling.data.dataset import ClipDataset, DataConfig, make_loader
 
     store = FeatureStore.open(str(store_path))
     m = store.manifest()
@@ -96,6 +96,6 @@ def tiny_loaders(
 
 
 def tiny_meta() -> dict:
-    from modeling.experiment import build_model_config
+    from modeling.training.experiment import build_model_config
 
     return {"model_config": build_model_config(TINY_MODEL, TINY_FEATURES, len(LABELS)), "feature_config": TINY_FEATURES.to_dict(), "label_names": list(LABELS)}

@@ -9,7 +9,7 @@ import pytest
 from features.recipes import CORPORA, canonical_name, corpus, discover, fixed_labels
 from features.recipes.crema_d import CREMA_D_LABELS
 from features.recipes.ravdess import RAVDESS_LABELS
-from modeling.tracking import model_name
+from modeling.tracking.runs import model_name
 
 
 def test_one_spelling_per_dataset() -> None:

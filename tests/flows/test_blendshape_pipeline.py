@@ -20,9 +20,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    from modeling.experiment import run_cross_validation
-    from modeling.splits import SplitConfig
-    from modeling.train_loop import TrainConfig
+    from modeling.training.experiment import run_cross_validation
+    from modeling.data.splits import SplitConfig
+    from modeling.training.train_loop import TrainConfig
 
     raw = make_synthetic_dataset(tmp_path_factory.mktemp("raw"), n_speakers=4, clips_per_class=1, classes=("happy", "sad"), duration_s=1.0, size=(160, 120))
     tmp = tmp_path_factory.mktemp("cli")
@@ -37,7 +37,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def test_store_holds_blendshapes_and_the_model_reads_them(trained: dict) -> None:
-    from modeling.checkpoint import load_checkpoint
+    from modeling.training.checkpoint import load_checkpoint
 
     store = FeatureStore.open(trained["store"])
     clip = store.read(store.clip_ids()[0])
@@ -61,7 +61,7 @@ def test_predict_recomputes_blendshapes_and_plots_them(trained: dict) -> None:
 
 @pytest.mark.shared_data
 def test_real_crema_d_clip(trained: dict, shared_data: Path) -> None:
-    from modeling.inference import load_predictor
+    from modeling.inference.predictor import load_predictor
 
     video = shared_data / "crema_d_sample" / "VideoFlash" / "1001_DFA_HAP_XX.flv"
     if not video.exists():

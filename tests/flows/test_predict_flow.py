@@ -20,7 +20,7 @@ from flows.predict import (
     predict_chunk,
     run_prediction,
 )
-from modeling.checkpoint import save_checkpoint
+from modeling.training.checkpoint import save_checkpoint
 
 LABELS = ["angry", "happy", "neutral"]
 
@@ -30,7 +30,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A real (untrained, seeded) tiny checkpoint: the flow is under test here, not the model."""
     import torch
 
-    from modeling.encoder import MsataConfig, MsataModel
+    from modeling.network.encoder import MsataConfig, MsataModel
 
     torch.manual_seed(0)
     features = FeatureConfig(face=FaceConfig(crop_size=32, detect_every=5))

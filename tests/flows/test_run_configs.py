@@ -17,11 +17,11 @@ from features.config import AudioEncoderConfig, FeatureConfig
 from features.recipes import fixed_labels
 from flows.cli import _load_overrides
 from flows.train import train_msata
-from modeling.batch import ClipExample, collate
-from modeling.encoder import MsataConfig, MsataModel
-from modeling.experiment import build_model_config
-from modeling.splits import SplitConfig
-from modeling.train_loop import TrainConfig
+from modeling.network.batch import ClipExample, collate
+from modeling.network.encoder import MsataConfig, MsataModel
+from modeling.training.experiment import build_model_config
+from modeling.data.splits import SplitConfig
+from modeling.training.train_loop import TrainConfig
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "infra" / "configs").glob("*.toml"))
 

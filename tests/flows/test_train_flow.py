@@ -12,8 +12,8 @@ import pytest
 from training_fixtures import TINY_MODEL, build_tiny_store
 
 from features.config import FeatureConfig
-from modeling.splits import ProtocolError, SplitConfig
-from modeling.train_loop import TrainConfig
+from modeling.data.splits import ProtocolError, SplitConfig
+from modeling.training.train_loop import TrainConfig
 
 pytestmark = [pytest.mark.slow]
 TRAIN = {"epochs": 2, "batch_size": 4, "lr": 3e-3, "warmup_epochs": 0.5, "num_workers": 0, "max_duration_s": 1.5, "patience": 5}
@@ -43,9 +43,9 @@ def test_flow_trains_logs_registers_and_serves(home: Path, tmp_path: Path) -> No
     from mlflow import MlflowClient
 
     from flows.train import progress_hook, train_msata
-    from modeling.experiment import compare_models
-    from modeling.registry import register_and_promote
-    from modeling.tracking import configure_tracking
+    from modeling.training.experiment import compare_models
+    from modeling.tracking.registry import register_and_promote
+    from modeling.tracking.runs import configure_tracking
 
     store = tmp_path / "store"
     build_tiny_store(store, n_speakers=5, clips_per_speaker=4)
@@ -60,7 +60,7 @@ def test_flow_trains_logs_registers_and_serves(home: Path, tmp_path: Path) -> No
     assert 0.0 <= result["summary"]["uar_mean"] <= 1.0
     assert result["registered"]["champion"] and result["registered"]["version"] == "1"
     assert Path(result["run_dir"]).is_relative_to(home)  # project-local default, under MSATA_HOME
-    from modeling.checkpoint import load_checkpoint
+    from modeling.training.checkpoint import load_checkpoint
 
     assert load_checkpoint(result["folds"][0]["best_path"])["modalities"] == ["audio", "video"]
     assert (home / "mlflow" / "mlflow.db").exists()
@@ -124,7 +124,7 @@ def assert_cv_artifacts(flow_run_id: str, result: dict) -> None:
 
 
 def test_resume_skips_finished_folds(home: Path, tmp_path: Path) -> None:
-    from modeling.experiment import run_cross_validation
+    from modeling.training.experiment import run_cross_validation
 
     store = tmp_path / "store"
     build_tiny_store(store, n_speakers=5, clips_per_speaker=4)
@@ -139,8 +139,8 @@ def test_resume_skips_finished_folds(home: Path, tmp_path: Path) -> None:
 def test_rerun_reproduces_the_fold_models(home: Path, tmp_path: Path) -> None:
     import torch
 
-    from modeling.checkpoint import load_checkpoint
-    from modeling.experiment import run_cross_validation
+    from modeling.training.checkpoint import load_checkpoint
+    from modeling.training.experiment import run_cross_validation
 
     store = tmp_path / "store"
     build_tiny_store(store, n_speakers=5, clips_per_speaker=4)
@@ -156,7 +156,7 @@ def test_rerun_reproduces_the_fold_models(home: Path, tmp_path: Path) -> None:
 
 
 def test_protocol_errors_before_training(home: Path, tmp_path: Path) -> None:
-    from modeling.experiment import prepare_experiment
+    from modeling.training.experiment import prepare_experiment
     from storage.feature_store import FeatureStore
 
     store = tmp_path / "store"

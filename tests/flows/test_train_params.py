@@ -11,9 +11,9 @@ def test_flow_parameters_are_typed_configs_with_every_field() -> None:
     from prefect.utilities.callables import parameter_schema
 
     from flows.train import train_msata
-    from modeling.encoder import MsataConfig
-    from modeling.splits import SplitConfig
-    from modeling.train_loop import TrainConfig
+    from modeling.network.encoder import MsataConfig
+    from modeling.data.splits import SplitConfig
+    from modeling.training.train_loop import TrainConfig
 
     schema = parameter_schema(train_msata).model_dump_for_openapi()
     defs = schema["definitions"]
@@ -29,8 +29,8 @@ def test_dicts_are_validated_into_configs_and_typos_refused() -> None:
     from prefect.exceptions import ParameterTypeError
 
     from flows.train import train_msata
-    from modeling.splits import SplitConfig
-    from modeling.train_loop import TrainConfig
+    from modeling.data.splits import SplitConfig
+    from modeling.training.train_loop import TrainConfig
 
     base = {"store_path": "s", "dataset": "crema-d"}
     params = train_msata.validate_parameters(base | {"train": {"epochs": 3}, "splits": {"n_folds": 2}, "model": {"d_model": 64}})

@@ -1,0 +1,1 @@
+"""Inference: the predictor, per-file predictions, model sources and the timeline plot."""

@@ -1,0 +1,318 @@
+"""Cross-validation driver: protocol -> per-fold training -> test metrics -> MLflow.
+
+Three steps, each a plain function of paths so a Prefect flow can wrap them as thin
+tasks (``flows/train.py``), and :func:`run_cross_validation` chains them:
+
+1. :func:`prepare_experiment` validates the store against the protocol (raising
+   before any training), builds the folds, writes ``experiment.json`` and the split
+   files into the run directory and opens the MLflow parent run;
+2. :func:`run_fold` trains one fold (model choice on its validation speakers),
+   evaluates ``best.pt`` once on the test speakers and logs a nested MLflow run;
+3. :func:`finalize_experiment` aggregates mean +- std over folds and registers the
+   fold model with the best *validation* UAR (test scores never choose anything).
+
+The run directory (default ``$MSATA_HOME/runs/<dataset>/<key>``, the key hashing
+store, configs and protocol) holds the checkpoints; ``resume=True`` continues an
+interrupted experiment there: finished folds are skipped, the interrupted fold
+resumes from its ``last.pt``, the same MLflow runs are reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from features.config import FeatureConfig
+from features.recipes import canonical_name
+from modeling.data import splits as sp
+from modeling.training.metrics import metrics_from_confusion, summarize_folds
+from modeling.training.fold_run import RESULT_FILE, FoldResult, train_and_test_fold
+from modeling.training.run_dir import SPEC_FILE, RunDirError, check_run_dir, clear_run_dir  # noqa: F401  (RunDirError: re-exported)
+from modeling.training.train_loop import ProgressCallback, TrainConfig
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+RUN_FILE = "mlflow_run.json"
+
+
+@dataclass
+class CVResult:
+    run_dir: str
+    dataset: str
+    label_names: list[str]
+    folds: list[FoldResult]
+    summary: dict[str, float]  # wa_mean, wa_std, uar_mean, ...
+    confusion: list[list[int]]  # summed over folds
+    parent_run_id: str | None = None
+    selected_fold: int | None = None
+    registered: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _hash(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def build_model_config(overrides: dict[str, Any] | None, feature_config: FeatureConfig, n_classes: int) -> dict[str, Any]:
+    from modeling.network.encoder import MsataConfig
+
+    from modeling.data.dataset import model_input_settings
+
+    forced = {"n_classes": n_classes, **model_input_settings(feature_config)}
+    overrides = dict(overrides or {})
+    clashes = {k: (overrides[k], v) for k, v in forced.items() if k in overrides and overrides[k] != v}
+    if clashes:
+        raise sp.ProtocolError(f"model settings contradict the store/labels (given, required): {clashes}")
+    return MsataConfig.from_dict({**overrides, **forced}).to_dict()
+
+
+def prepare_experiment(
+    store_path: str,
+    dataset: str,
+    train_config: TrainConfig,
+    split_config: sp.SplitConfig | None = None,
+    model_overrides: dict[str, Any] | None = None,
+    expected_feature_config: FeatureConfig | None = None,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    track: bool = True,
+    run_tags: dict[str, str] | None = None,
+) -> Path:
+    """Validate, split, persist the experiment spec; returns the run directory.
+
+    ``run_tags`` go on the MLflow parent run, new or resumed (``train-msata`` passes its
+    Prefect flow-run id: a resumed experiment carries the id of the run that resumed it).
+    """
+    from storage.feature_store import FeatureStore
+    from modeling.tracking import runs as tracking
+
+    split_config = split_config or sp.SplitConfig()
+    store = FeatureStore.open(store_path)
+    sp.check_feature_config(store.config, expected_feature_config)
+    manifest = store.manifest()
+    label_names = sp.resolve_label_names(dataset, manifest) if len(manifest) else []
+    sp.validate_manifest(manifest, label_names, split_config)
+    folds = sp.make_folds(manifest, split_config)
+    model_config = build_model_config(model_overrides, store.config, len(label_names))
+    if model_config["audio_finetune_blocks"] and train_config.speaker_norm:
+        raise sp.ProtocolError("audio_finetune_blocks with train.speaker_norm: the fine-tuned blocks expect the encoder's own states, not standardised ones; choose one")
+    fold_dicts = [sp.fold_to_dict(f) for f in folds]
+    train_key = {k: v for k, v in train_config.to_dict().items() if k not in ("num_workers", "cache_bytes")}  # results do not depend on them
+    spec = {
+        "store_path": str(store_path),
+        "dataset": canonical_name(dataset),
+        "label_names": label_names,
+        "train": train_config.to_dict(),
+        "splits": asdict(split_config),
+        "model": model_config,
+        "feature_config": store.config.to_dict(),
+        "feature_config_hash": store.config.config_hash(),
+        "splits_hash": _hash([[f.index, sorted(f.assignment().items())] for f in folds]),
+        "protocol": _protocol_name(folds, split_config, manifest, train_config),
+        "folds": fold_dicts,
+        "modalities": trained_modalities(manifest),
+    }
+    key = _hash({k: spec[k] for k in ("store_path", "dataset", "model", "feature_config_hash", "splits_hash")} | {"train": train_key})
+    run_dir = Path(run_dir) if run_dir else tracking.msata_home() / "runs" / spec["dataset"] / key
+    spec_path = run_dir / SPEC_FILE
+    check_run_dir(run_dir)  # a folder msata did not create is refused, resumed or not, before anything is written
+    if spec_path.exists() and resume:
+        old = json.loads(spec_path.read_text())
+        for name in ("dataset", "feature_config_hash", "splits_hash", "model", "label_names"):
+            if old[name] != spec[name]:
+                raise sp.ProtocolError(f"cannot resume {run_dir}: {name} changed from {old[name]!r} to {spec[name]!r}")
+        spec["train"] = {**old["train"], "num_workers": train_config.num_workers, "cache_bytes": train_config.cache_bytes}
+        spec["mlflow"] = old.get("mlflow")
+        if spec["mlflow"]:
+            tracking.configure_tracking()
+            tracking.reopen_run(spec["mlflow"]["parent_run_id"])  # it was KILLED or FAILED, or FINISHED and finalized again
+    else:
+        clear_run_dir(run_dir)  # a fresh run never mixes with old checkpoints; only msata's own files go
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tracking.write_json(spec_path, spec)  # first: it marks the folder as msata's
+    split_files = sp.export_splits(folds, manifest, run_dir)
+    if track and not spec.get("mlflow"):
+        tracking.configure_tracking()
+        experiment_id = tracking.get_or_create_experiment(spec["dataset"])
+        tags = {"msata.dataset": spec["dataset"], "msata.protocol": spec["protocol"], "msata.run_dir": str(run_dir)} | tracking.source_tags()
+        parent = tracking.create_run(experiment_id, f"cv-{spec['dataset']}-{key}", tags=tags)
+        spec["mlflow"] = {"experiment_id": experiment_id, "parent_run_id": parent}
+        with tracking.ended_on_failure(parent):
+            tracking.log_store_input(parent, str(store_path), spec["dataset"], spec["feature_config_hash"], len(manifest))
+            params = tracking.flatten({k: spec[k] for k in ("dataset", "store_path", "train", "splits", "model", "feature_config_hash", "splits_hash", "protocol")})
+            params["n_clips"], params["label_names"] = str(len(manifest)), json.dumps(label_names)
+            tracking.log_params(parent, params)
+            for path in split_files:
+                tracking.log_artifact(parent, path, "splits")
+    tracking.write_json(spec_path, spec)
+    if spec.get("mlflow"):
+        tracking.configure_tracking()
+        with tracking.ended_on_failure(spec["mlflow"]["parent_run_id"]):
+            if run_tags:
+                tracking.set_tags(spec["mlflow"]["parent_run_id"], run_tags)
+            tracking.log_artifact(spec["mlflow"]["parent_run_id"], spec_path, "config")
+    return run_dir
+
+
+def trained_modalities(manifest: "pd.DataFrame") -> list[str]:
+    """The streams the store holds: a model trained without faces is never shown faces at prediction time."""
+    out = ["audio"] if bool(manifest["has_audio"].any()) else []
+    if bool((manifest["has_video"] & (manifest["face_ratio"] > 0)).any()):
+        out.append("video")
+    return out
+
+
+def _protocol_name(folds: list[sp.Fold], split_config: sp.SplitConfig, manifest: "pd.DataFrame", train_config: TrainConfig) -> str:
+    """The evaluation protocol, as the registry compares it. Per-speaker normalisation is
+    transductive (it uses the test speakers' unlabelled clips), so it is a protocol of its own:
+    such a model is never compared with, nor promoted over, an inductive one."""
+    base = "given-split" if len(folds) == 1 and split_config.use_given_split and sp.given_splits(manifest) is not None else f"speaker-{len(folds)}fold"
+    return f"{base}+speaker-norm-transductive" if train_config.speaker_norm else base
+
+
+def load_spec(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir) / SPEC_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run prepare_experiment first")
+    return json.loads(path.read_text())
+
+
+def run_fold(run_dir: str | Path, fold_index: int, progress: ProgressCallback | None = None, nproc: int = 1) -> FoldResult:
+    """Train, select on validation, test once; idempotent (a finished fold is returned as is).
+
+    ``nproc > 1`` trains the fold with that many processes under torchrun
+    (``modeling/training/fold_worker.py``, one per GPU, or gloo on CPU); this process keeps the
+    MLflow bookkeeping and reads the fold's result.json when they are done."""
+    from modeling.tracking import runs as tracking
+
+    run_dir = Path(run_dir)
+    spec = load_spec(run_dir)
+    fold_dir = run_dir / f"fold_{fold_index}"
+    result_path = fold_dir / RESULT_FILE
+    if result_path.exists():
+        return FoldResult(**json.loads(result_path.read_text()))
+    folds = [sp.fold_from_dict(d) for d in spec["folds"]]
+    if not 0 <= fold_index < len(folds):
+        raise ValueError(f"fold {fold_index} does not exist (0..{len(folds) - 1})")
+    fold = folds[fold_index]
+
+    run_id = parent_id = None
+    if spec.get("mlflow"):
+        tracking.configure_tracking()
+        parent_id = spec["mlflow"]["parent_run_id"]
+        run_file = fold_dir / RUN_FILE
+        if run_file.exists():
+            run_id = json.loads(run_file.read_text())["run_id"]
+            tracking.reopen_run(run_id)  # an interrupted fold goes on in the same run
+        else:
+            run_id = tracking.create_run(spec["mlflow"]["experiment_id"], f"fold-{fold_index}", parent_id, {"msata.fold": str(fold_index)})
+            fold_dir.mkdir(parents=True, exist_ok=True)
+            tracking.write_json(run_file, {"run_id": run_id})
+    with tracking.ended_on_failure(run_id, parent_id):  # Ctrl-C: KILLED, an error: FAILED (the fold and its experiment)
+        if nproc == 1:
+            return train_and_test_fold(spec, fold, fold_dir, run_id, progress)
+        _run_fold_processes(run_dir, fold_index, nproc, progress)
+        return FoldResult(**json.loads(result_path.read_text()))
+
+
+def _run_fold_processes(run_dir: Path, fold_index: int, nproc: int, progress: ProgressCallback | None) -> None:
+    """torchrun the fold's ranks; rank 0's training events come back to ``progress``."""
+    import logging
+
+    from modeling.training import distributed as dist
+    from modeling.training.train_loop import EpochRecord, ProgressEvent
+
+    log = logging.getLogger("msata.fold")
+
+    def on_event(data: dict[str, Any]) -> None:
+        if progress:
+            record = data.pop("record", None)
+            progress(ProgressEvent(**data, record=EpochRecord(**record) if record else None))
+
+    command = dist.torchrun_command(nproc, "modeling.training.fold_worker", [str(run_dir), str(fold_index)])
+    dist.run_streaming(command, on_event, log.info, f"fold {fold_index} with {nproc} processes (torchrun)")
+
+
+def finalize_experiment(run_dir: str | Path, register: bool = True) -> CVResult:
+    """Aggregate the folds; log the summary; register the best-validation fold model."""
+    from modeling.tracking import runs as tracking
+
+    run_dir = Path(run_dir)
+    spec = load_spec(run_dir)
+    fold_results = []
+    for index in range(len(spec["folds"])):
+        path = run_dir / f"fold_{index}" / RESULT_FILE
+        if not path.exists():
+            raise RuntimeError(f"fold {index} has not finished ({path} missing): run it before finalizing")
+        fold_results.append(FoldResult(**json.loads(path.read_text())))
+    summary = summarize_folds([f.test for f in fold_results])
+    pooled = np.sum([np.asarray(f.confusion) for f in fold_results], axis=0)
+    pooled_metrics = metrics_from_confusion(pooled)
+    selected = max(fold_results, key=lambda f: (f.best_val_uar, -f.index))  # validation only, never test
+    result = CVResult(
+        run_dir=str(run_dir),
+        dataset=spec["dataset"],
+        label_names=spec["label_names"],
+        folds=fold_results,
+        summary=summary,
+        confusion=pooled.tolist(),
+        selected_fold=selected.index,
+        extra={"pooled_" + k: v for k, v in pooled_metrics.scalars().items()},
+    )
+    if spec.get("mlflow"):
+        tracking.configure_tracking()
+        parent = spec["mlflow"]["parent_run_id"]
+        result.parent_run_id = parent
+        with tracking.ended_on_failure(parent):
+            _log_and_register(spec, run_dir, result, selected, register)
+            tracking.end_run(parent)
+    tracking.write_json(run_dir / "cv_result.json", asdict(result))
+    return result
+
+
+def _log_and_register(spec: dict[str, Any], run_dir: Path, result: CVResult, selected: FoldResult, register: bool) -> None:
+    """Summary metrics and pooled confusion on the parent run; the selected fold's model registered once."""
+    from modeling.tracking import runs as tracking
+    from modeling.tracking.registry import register_experiment_model
+
+    parent, summary, folds = result.parent_run_id, result.summary, result.folds
+    tracking.log_metrics(parent, {f"test_{k}": v for k, v in summary.items()} | {f"test_{k}": v for k, v in result.extra.items()})
+    tracking.log_artifact(parent, tracking.plot_confusion(np.asarray(result.confusion), spec["label_names"], run_dir / "confusion_pooled.png", "test, all folds"), "plots")
+    if not register:
+        return
+    reg = register_experiment_model(spec, parent, selected, folds, summary)
+    result.registered = asdict(reg)
+
+
+def run_cross_validation(
+    store_path: str,
+    dataset: str,
+    train_config: TrainConfig | None = None,
+    split_config: sp.SplitConfig | None = None,
+    model_overrides: dict[str, Any] | None = None,
+    expected_feature_config: FeatureConfig | None = None,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    track: bool = True,
+    register: bool = True,
+    progress: ProgressCallback | None = None,
+    nproc: int = 1,
+) -> CVResult:
+    """Full speaker-independent cross-validation; see the module docstring."""
+    run_dir = prepare_experiment(store_path, dataset, train_config or TrainConfig(), split_config, model_overrides, expected_feature_config, run_dir, resume, track)
+    for index in range(len(load_spec(run_dir)["folds"])):
+        run_fold(run_dir, index, progress, nproc)
+    return finalize_experiment(run_dir, register=register and track)
+
+
+def compare_models(dataset: str | None = None):
+    """Registered versions with their protocol tags and test metrics (pandas.DataFrame)."""
+    from modeling.tracking.registry import compare_models as _compare
+
+    return _compare(dataset)

@@ -1,0 +1,132 @@
+"""Training and testing one cross-validation fold (the body of ``modeling.training.experiment.run_fold``).
+
+``run_fold`` owns the bookkeeping (the fold's MLflow run, ending it on failure, the
+skip of a finished fold); this module trains with model choice on the fold's
+validation speakers, evaluates ``best.pt`` once on its test speakers and logs the
+fold's metrics and plots.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from modeling.training import distributed as dist
+from modeling.data import splits as sp
+from modeling.training.metrics import compute_metrics
+from modeling.training.train_loop import ProgressCallback, ProgressEvent, TrainConfig, predict, seed_everything, train_model, training_device
+
+if TYPE_CHECKING:
+    from modeling.network.encoder import MsataModel
+
+RESULT_FILE = "result.json"
+
+
+@dataclass
+class FoldResult:
+    index: int
+    test: dict[str, float]  # wa, uar, macro_f1 on the fold's test speakers
+    confusion: list[list[int]]
+    best_epoch: int
+    best_val_uar: float
+    epochs_run: int
+    stopped_early: bool
+    best_path: str
+    run_id: str | None = None
+
+
+
+def loaders(spec: dict[str, Any], fold: sp.Fold, config: TrainConfig, ctx: dist.DistContext = dist.SINGLE):
+    from modeling.data.dataset import ClipDataset, make_loader
+    from storage.feature_store import FeatureStore
+
+    store = FeatureStore.open(spec["store_path"])
+    manifest = store.manifest()
+    label_of = dict(zip(manifest["clip_id"].astype(str), manifest["label"].astype(str)))
+    speaker_of = dict(zip(manifest["clip_id"].astype(str), manifest["speaker"].astype(str)))  # for train.speaker_norm
+    index = {name: i for i, name in enumerate(spec["label_names"])}
+    data_config = config.data_config()
+    pin = training_device(config, ctx).type == "cuda"
+
+    def loader(ids: tuple[str, ...], train: bool, workers: int):
+        ds = ClipDataset(spec["store_path"], ids, [index[label_of[c]] for c in ids], store.config, data_config, train, [speaker_of[c] for c in ids])
+        return make_loader(ds, config.batch_size, workers, config.seed, pin, ctx.rank, ctx.world_size)
+
+    return loader(fold.train_ids, True, config.num_workers), loader(fold.val_ids, False, config.num_workers), loader(fold.test_ids, False, 0)
+
+
+def start_pretrained_blocks(model: "MsataModel", feature_config: dict[str, Any]) -> None:
+    """Fine-tuned encoder blocks start from the packaged weights (sha256-checked on load); a
+    resumed fold then overwrites them from its checkpoint."""
+    if not model.config.audio_finetune_blocks:
+        return
+    from features.audio_encoders.stage import load_packaged_encoder
+    from features.config import FeatureConfig
+
+    name = FeatureConfig.from_dict(feature_config).audio_encoder.name
+    model.audio_frontend.load_top_blocks(load_packaged_encoder(name, "cpu"))
+
+
+def train_and_test_fold(
+    spec: dict[str, Any], fold: sp.Fold, fold_dir: Path, run_id: str | None, progress: ProgressCallback | None, ctx: dist.DistContext = dist.SINGLE
+) -> FoldResult:
+    """Every rank runs this with the same arguments; only rank 0 logs to MLflow and writes result.json."""
+    from modeling.tracking import runs as tracking
+    from modeling.training.checkpoint import load_trained_model
+    from modeling.network.encoder import MsataConfig, MsataModel
+
+    fold_index = fold.index
+    run_id = run_id if ctx.is_main else None
+    if run_id:
+        tracking.set_tags(run_id, {"msata.world_size": str(ctx.world_size)})  # a tag, not a param: a resume may use another world size
+        tracking.log_params(run_id, {"fold": str(fold_index), "train_speakers": json.dumps(fold.train_speakers), "val_speakers": json.dumps(fold.val_speakers), "test_speakers": json.dumps(fold.test_speakers), "n_train": str(len(fold.train_ids)), "n_val": str(len(fold.val_ids)), "n_test": str(len(fold.test_ids))})
+    config = TrainConfig.from_dict(spec["train"])
+    train_loader, val_loader, test_loader = loaders(spec, fold, config, ctx)
+    label_names = spec["label_names"]
+    meta = {
+        "model_config": spec["model"],
+        "feature_config": spec["feature_config"],
+        "label_names": label_names,
+        "dataset": spec["dataset"],
+        "modalities": spec.get("modalities"),  # None in specs written before it was recorded: inference assumes both
+    }
+
+    def on_progress(event: ProgressEvent) -> None:
+        if run_id and event.kind == "epoch_end" and event.record is not None:
+            tracking.log_history(run_id, [event.record])  # checkpointed before this event: never logged twice
+        if progress:
+            event.fold = fold_index
+            progress(event)
+
+    seed_everything(config.seed)  # the initial weights too: a rerun of a fold starts from the same model
+    model = MsataModel(MsataConfig.from_dict(spec["model"]))
+    start_pretrained_blocks(model, spec["feature_config"])
+    result = train_model(model, train_loader, val_loader, config, fold_dir, meta, resume=True, progress=on_progress, ctx=ctx)
+    if result.best_path is None:
+        raise RuntimeError(f"fold {fold_index} finished without a best checkpoint in {fold_dir}")
+    device = training_device(config, ctx)
+    best_model, _, _ = load_trained_model(result.best_path, device)
+    y, probs, _, _ = predict(best_model, test_loader, device, ctx)  # gathered: the whole test set on every rank
+    metrics = compute_metrics(y, probs.argmax(axis=1), len(label_names))
+    fold_result = FoldResult(
+        index=fold_index,
+        test=metrics.scalars(),
+        confusion=metrics.confusion.tolist(),
+        best_epoch=result.best_epoch,
+        best_val_uar=result.best_val_uar,
+        epochs_run=result.epochs_run,
+        stopped_early=result.stopped_early,
+        best_path=str(result.best_path),
+        run_id=run_id,
+    )
+    if not ctx.is_main:
+        return fold_result
+    if run_id:
+        tracking.log_metrics(run_id, {f"test_{k}": v for k, v in metrics.scalars().items()} | {"best_epoch": result.best_epoch, "best_val_uar": result.best_val_uar})
+        tracking.log_artifact(run_id, tracking.plot_confusion(metrics.confusion, label_names, fold_dir / "confusion_test.png", f"fold {fold_index} test"), "plots")
+        tracking.log_artifact(run_id, tracking.plot_learning_curves(result.history, fold_dir / "learning_curves.png", f"fold {fold_index}"), "plots")
+        tracking.end_run(run_id)
+    tracking.write_json(fold_dir / RESULT_FILE, asdict(fold_result))  # last: marks the fold as done
+    return fold_result

@@ -1,0 +1,372 @@
+"""One training run in plain PyTorch (no Prefect, no MLflow): fit, evaluate, resume.
+
+AdamW, linear warm-up then cosine decay (per step), CE + lambda * CTM, gradient
+clipping, bf16 autocast on CUDA (fp32 on CPU), early stopping on validation UAR.
+After every epoch ``last.pt`` is written atomically, and ``best.pt`` whenever the
+validation UAR strictly improves. ``resume=True`` continues from ``last.pt`` with
+model, optimiser, scheduler, early-stopping counters, history and RNG states; the
+data order and augmentation are functions of (seed, epoch, index), so a resumed run
+sees the same batches as an uninterrupted one.
+
+Several processes (torchrun, ``modeling/training/distributed.py``): ``batch_size`` is the global
+batch, each rank trains on its share and the gradients are summed over the ranks, so
+the optimiser sees what one process would; validation and test predictions are
+gathered from all ranks before any metric; only rank 0 writes checkpoints and reports
+progress. A checkpoint resumes with any number of processes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from modeling.training import distributed as dist
+from modeling.network.batch import Batch
+from modeling.training.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from modeling.data.dataset import DEFAULT_CACHE_BYTES, DataConfig, ShardedBatchSampler
+from modeling.training.metrics import ClassificationMetrics, compute_metrics
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 40
+    batch_size: int = 16
+    lr: float = 3e-4
+    weight_decay: float = 0.05
+    warmup_epochs: float = 2.0  # linear warm-up length; cosine decay to 0 afterwards
+    encoder_lr_scale: float = 0.1  # fine-tuned pretrained blocks train at lr * this (they start near a good solution)
+    lambda_ctm: float = 0.1  # weight of the cross-temporal matching loss
+    grad_clip: float = 1.0  # max global grad norm; <= 0 disables clipping
+    patience: int = 8  # epochs without a validation-UAR improvement before stopping
+    max_duration_s: float = 4.0  # training crop length
+    eval_max_duration_s: float | None = None  # None = whole clip at eval
+    augment: bool = True
+    in_memory: bool = True  # cache decoded clips, at most cache_bytes per loader
+    cache_bytes: int = DEFAULT_CACHE_BYTES  # per loader (train, validation, test), split across its workers
+    speaker_norm: bool = False  # transductive per-speaker standardisation of the audio (see DataConfig)
+    num_workers: int = 2
+    seed: int = 0
+    device: str = "auto"  # "auto" = cuda when available, else cpu
+
+    def data_config(self) -> DataConfig:
+        return DataConfig(
+            max_duration_s=self.max_duration_s,
+            eval_max_duration_s=self.eval_max_duration_s,
+            augment=self.augment,
+            in_memory=self.in_memory,
+            cache_bytes=self.cache_bytes,
+            speaker_norm=self.speaker_norm,
+            seed=self.seed,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> "TrainConfig":
+        data = dict(data or {})
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown TrainConfig keys {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**data)
+
+
+@dataclass
+class EpochRecord:
+    epoch: int  # 1-based
+    train_loss: float
+    train_ce: float
+    train_ctm: float
+    val_loss: float
+    val_wa: float
+    val_uar: float
+    val_macro_f1: float
+    lr: float
+    seconds: float  # the whole epoch, validation included
+    train_clips_per_s: float = 0.0  # training clips per second of the training pass
+    data_wait_share: float = 0.0  # share of the training pass spent waiting for the next batch
+
+
+@dataclass
+class ProgressEvent:
+    """What a progress callback receives. kind: "epoch_start" | "step" | "epoch_end"."""
+
+    kind: str
+    epoch: int
+    epochs: int
+    step: int = 0
+    steps: int = 0
+    loss: float | None = None
+    record: EpochRecord | None = None
+    fold: int | None = None  # set by the cross-validation driver
+
+
+ProgressCallback = Callable[[ProgressEvent], None]
+
+
+@dataclass
+class TrainResult:
+    best_epoch: int
+    best_val_uar: float
+    epochs_run: int  # last completed epoch (1-based), resumed epochs included
+    stopped_early: bool
+    history: list[EpochRecord] = field(default_factory=list)
+    best_path: Path | None = None
+    last_path: Path | None = None
+
+
+def parameter_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
+    """One AdamW group, plus one at ``lr * encoder_lr_scale`` for parameters that start from
+    pretrained weights (a model's ``pretrained_parameters()``, e.g. fine-tuned encoder blocks).
+    The warm-up cosine schedule scales both groups alike."""
+    pretrained = list(getattr(model, "pretrained_parameters", lambda: [])())
+    chosen = {id(p) for p in pretrained}
+    rest = [p for p in model.parameters() if id(p) not in chosen]
+    groups: list[dict[str, Any]] = [{"params": rest, "lr": config.lr}]
+    if pretrained:
+        groups.append({"params": pretrained, "lr": config.lr * config.encoder_lr_scale})
+    return groups
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} requested but CUDA is not available")
+    return resolved
+
+
+def training_device(config: TrainConfig, ctx: dist.DistContext = dist.SINGLE) -> torch.device:
+    """The device of this process: config.device, and with several CUDA processes cuda:LOCAL_RANK."""
+    return dist.device_for(resolve_device(config.device), ctx)
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """LR multiplier: linear 0 -> 1 over warm-up, then cosine 1 -> 0 at ``total_steps``."""
+
+    def factor(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _autocast(device: torch.device) -> torch.autocast:
+    # bf16 needs no loss scaling; CPU stays in fp32 (CPU bf16 is slow and lossy here).
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def _objective(model: nn.Module, output: Any, labels: torch.Tensor, lambda_ctm: float) -> tuple[torch.Tensor, float, float]:
+    """(total, ce, ctm) from modeling.network.losses.training_objective, with the model's CTM head and widths."""
+    from modeling.network.losses import training_objective
+
+    cfg = getattr(model, "config", None)
+    kwargs = {"projector": model.ctm_head, "sigma": cfg.ctm_sigma, "tau": cfg.ctm_tau} if cfg is not None and hasattr(model, "ctm_head") else {}
+    result = training_objective(output, labels, lambda_ctm, **kwargs)
+    return result.total, float(result.ce.detach()), float(result.ctm.detach())
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, loader: DataLoader, device: torch.device, ctx: dist.DistContext = dist.SINGLE
+) -> tuple[np.ndarray, np.ndarray, list[str], float]:
+    """(labels (N,), probabilities (N, C), clip ids, mean CE) over a loader, in eval mode.
+
+    With several processes each rank predicts its strided share and every rank gets the
+    whole set back in the loader's dataset order (so the metrics are those of one process)."""
+    model.eval()
+    labels, probs, ids, ce_sum = [], [], [], 0.0
+    for batch in loader:
+        batch = batch.to(device, non_blocking=True)
+        with _autocast(device):
+            logits = model(batch).logits.float()  # (B, C)
+        if (batch.labels >= 0).all():
+            ce_sum += float(nn.functional.cross_entropy(logits, batch.labels, reduction="sum"))
+        labels.extend(batch.labels.cpu().numpy())
+        probs.extend(torch.softmax(logits, dim=-1).cpu().numpy())  # C-vectors, one per clip
+        ids.extend(batch.clip_ids)
+    if ctx.enabled:
+        parts = dist.gather_objects((labels, probs, ids, ce_sum), ctx)
+        labels, probs, ids = (dist.interleave([part[k] for part in parts]) for k in range(3))
+        ce_sum = sum(part[3] for part in parts)
+    if not ids:
+        raise ValueError("predict() got an empty loader")
+    y = np.asarray(labels, dtype=np.int64)
+    return y, np.stack(probs), ids, ce_sum / len(y)
+
+
+def evaluate(
+    model: nn.Module, loader: DataLoader, device: torch.device, n_classes: int, ctx: dist.DistContext = dist.SINGLE
+) -> tuple[ClassificationMetrics, float]:
+    y, p, _, loss = predict(model, loader, device, ctx)
+    return compute_metrics(y, p.argmax(axis=1), n_classes), loss
+
+
+def step_plan(loader: DataLoader) -> list[tuple[int, int]]:
+    """(this rank's clips, the global batch's clips) per step; (0, 0) = every batch of a plain loader, weight 1."""
+    batches = loader.batch_sampler
+    if isinstance(batches, ShardedBatchSampler):
+        return batches.step_shares()
+    return [(0, 0)] * len(loader)
+
+
+def train_model(
+    model: nn.Module,
+    train_loader: DataLoader,
+    val_loader: DataLoader,
+    config: TrainConfig,
+    out_dir: str | Path,
+    checkpoint_meta: dict[str, Any],
+    resume: bool = False,
+    progress: ProgressCallback | None = None,
+    ctx: dist.DistContext = dist.SINGLE,
+) -> TrainResult:
+    """Train with early stopping on validation UAR; checkpoints go to ``out_dir``.
+
+    ``checkpoint_meta`` holds the inference half of the checkpoint format:
+    model_config, feature_config, label_names. With several processes (``ctx``) every
+    rank calls this with its own loaders (``make_loader(..., rank, world_size)``).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
+    device = training_device(config, ctx)
+    n_classes = len(checkpoint_meta["label_names"])
+    seed_everything(config.seed)
+    model.to(device)
+    optimizer = torch.optim.AdamW(parameter_groups(model, config), lr=config.lr, weight_decay=config.weight_decay)
+    n_steps = len(step_plan(train_loader))  # global steps: the same for any number of processes
+    schedule = warmup_cosine(config.epochs * n_steps, int(round(config.warmup_epochs * n_steps)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    report = progress if ctx.is_main else None
+
+    start_epoch, best_uar, best_epoch, bad_epochs, history = 1, -math.inf, 0, 0, []
+    if resume and last_path.exists():
+        state = load_checkpoint(last_path, map_location=device, require_resume=True)
+        model.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch = int(state["epoch"]) + 1
+        best_uar = float(state["best_metric"])
+        best_epoch, bad_epochs = int(state.get("best_epoch", 0)), int(state.get("bad_epochs", 0))
+        history = [EpochRecord(**r) for r in state.get("history", [])]
+        restore_rng(state["rng"])  # rank 0's states, on every rank: the ranks stay alike
+        if bad_epochs >= config.patience:  # it had already stopped early
+            start_epoch = config.epochs + 1
+
+    batch_sampler = train_loader.batch_sampler
+    params = [p for p in model.parameters() if p.requires_grad]
+    stopped_early = False
+    epoch = start_epoch - 1
+    for epoch in range(start_epoch, config.epochs + 1):
+        if isinstance(batch_sampler, ShardedBatchSampler):
+            batch_sampler.set_epoch(epoch)
+        plan = step_plan(train_loader)
+        if report:
+            report(ProgressEvent("epoch_start", epoch, config.epochs, steps=n_steps))
+        model.train()
+        started = time.perf_counter()
+        sums = np.zeros(4)  # loss, ce, ctm (each times clips), clips
+        waited = 0.0
+        batches = iter(train_loader)
+        for step, (mine, global_clips) in enumerate(plan, start=1):
+            optimizer.zero_grad(set_to_none=True)
+            loss_value = 0.0
+            if mine or not global_clips:  # a rank with no clip in this step only joins the all-reduce
+                fetch_started = time.perf_counter()
+                batch: Batch = next(batches)
+                waited += time.perf_counter() - fetch_started
+                batch = batch.to(device, non_blocking=True)
+                with _autocast(device):
+                    output = model(batch)
+                total, ce, ctm = _objective(model, output, batch.labels, config.lambda_ctm)
+                if not torch.isfinite(total):
+                    raise FloatingPointError(f"non-finite loss {float(total)} at epoch {epoch} step {step} (clips {batch.clip_ids[:4]})")
+                # This rank's share of the global batch's mean loss: summed over ranks it is that mean.
+                (total * (mine / global_clips) if ctx.enabled else total).backward()
+                loss_value = float(total.detach())  # synchronises a GPU step before the next fetch is timed
+                sums += np.array([loss_value, ce, ctm, 1.0]) * len(batch)
+            dist.allreduce_gradients(params, ctx)
+            if config.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            if report:
+                report(ProgressEvent("step", epoch, config.epochs, step=step, steps=n_steps, loss=loss_value))
+        train_s = time.perf_counter() - started
+        loss_sum, ce_sum, ctm_sum, count = dist.allreduce_sum(sums.tolist(), ctx)
+        wait_share = dist.allreduce_max(waited / train_s if train_s > 0 else 0.0, ctx)  # the rank that waited most
+        val_metrics, val_loss = evaluate(model, val_loader, device, n_classes, ctx)
+        record = EpochRecord(
+            epoch=epoch,
+            train_loss=loss_sum / count,
+            train_ce=ce_sum / count,
+            train_ctm=ctm_sum / count,
+            val_loss=val_loss,
+            val_wa=val_metrics.wa,
+            val_uar=val_metrics.uar,
+            val_macro_f1=val_metrics.macro_f1,
+            lr=optimizer.param_groups[0]["lr"],
+            seconds=time.perf_counter() - started,
+            train_clips_per_s=count / train_s if train_s > 0 else 0.0,
+            data_wait_share=wait_share,
+        )
+        history.append(record)
+        improved = record.val_uar > best_uar  # the gathered metrics: every rank decides alike
+        if improved:
+            best_uar, best_epoch, bad_epochs = record.val_uar, epoch, 0
+        else:
+            bad_epochs += 1
+        if ctx.is_main:
+            payload = {
+                **checkpoint_meta,
+                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "train_config": config.to_dict(),
+                "epoch": epoch,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "best_metric": best_uar,
+                "best_epoch": best_epoch,
+                "bad_epochs": bad_epochs,
+                "history": [asdict(r) for r in history],
+                "rng": capture_rng(),
+            }
+            if improved:
+                save_checkpoint(best_path, payload)
+            save_checkpoint(last_path, payload)  # last: a kill after this line resumes at epoch + 1
+        dist.barrier(ctx)  # no rank reads a checkpoint (resume, test) before rank 0 has written it
+        if report:
+            report(ProgressEvent("epoch_end", epoch, config.epochs, steps=n_steps, record=record))
+        if bad_epochs >= config.patience:
+            stopped_early = True
+            break
+    epochs_run = history[-1].epoch if history else 0
+    return TrainResult(
+        best_epoch=best_epoch,
+        best_val_uar=best_uar,
+        epochs_run=epochs_run,
+        stopped_early=stopped_early or (bad_epochs >= config.patience and epochs_run < config.epochs),
+        history=history,
+        best_path=best_path if best_path.exists() else None,
+        last_path=last_path if last_path.exists() else None,
+    )

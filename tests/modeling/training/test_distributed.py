@@ -1,0 +1,144 @@
+"""Data-parallel training for real: torchrun, 2 gloo processes on CPU, against 1 process.
+
+What must agree. ``batch_size`` is the global batch and the ranks' gradients are
+summed, so 2 processes take the optimiser steps 1 process takes. The CE term is a
+mean over clips and splits exactly; the CTM term is a mean over *tokens* of the batch
+(modeling/network/losses.py), which a per-rank loss cannot reproduce (each rank averages over
+its own tokens), so these runs set lambda_ctm = 0 to compare like with like. What is
+left is float summation order (a batch of 4 against 2 + 2 summed by all-reduce, other
+padding lengths): relative differences of ~1e-7 per step, which AdamW carries through
+2 epochs as ~1e-6 in the weights. The bound 1e-4 leaves two orders of magnitude and is
+far below what a wrong shard (a clip seen twice or missed, a wrong loss weight, one
+rank's gradient only) moves the weights: those change them by ~1e-3 or more.
+
+One parameter is left out of the weight comparison: the tiny model's first video
+convolution has 8 channels followed by GroupNorm(8, 8), one channel per group, which
+subtracts each channel's mean and so cancels that convolution's bias exactly. Its
+gradient is zero up to rounding (~1e-9), AdamW divides it by its own root mean square
+and moves the bias by up to lr per step in a direction set by rounding: 1 and 2
+processes (other rounding) end 4e-3 apart on it (measured), with no effect on any
+output (the predicted probabilities, compared below, agree to 1e-7).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from training_fixtures import TINY_MODEL, build_tiny_store
+
+from modeling.training.checkpoint import load_checkpoint
+
+TESTS_DIR = Path(__file__).resolve().parents[2]
+REPO = TESTS_DIR.parent
+CONFIG = dict(batch_size=4, lr=3e-3, warmup_epochs=1.0, weight_decay=0.01, num_workers=0, max_duration_s=1.5, lambda_ctm=0.0, patience=10)
+WEIGHT_ATOL = 1e-4
+CANCELLED = {"video_frontend.cnn.0.bias"}  # see the module docstring
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, sys, torch
+    sys.path[:0] = [{repo!r}, {tests!r}]
+    from modeling.training import distributed as dist
+    from modeling.network.encoder import MsataConfig, MsataModel
+    from modeling.training.train_loop import TrainConfig, predict, train_model
+    from training_fixtures import tiny_loaders, tiny_meta
+
+    out, epochs, resume = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+    ctx = dist.context_from_env()
+    dist.start(ctx, torch.device("cpu"))
+    train, val = tiny_loaders({store!r}, rank=ctx.rank, world_size=ctx.world_size)
+    torch.manual_seed(0)
+    model = MsataModel(MsataConfig.from_dict(tiny_meta()["model_config"]))
+    cfg = TrainConfig(epochs=epochs, **{config!r})
+    result = train_model(model, train, val, cfg, out, tiny_meta(), resume=resume, ctx=ctx)
+    y, probs, ids, loss = predict(model, val, torch.device("cpu"), ctx)
+    if ctx.is_main:
+        with open(out + "/summary.json", "w") as f:
+            json.dump({{"history": [r.__dict__ for r in result.history], "ids": ids, "labels": y.tolist(), "probs": probs.tolist(), "world": ctx.world_size}}, f)
+    dist.stop(ctx)
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def script(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("ddp")
+    build_tiny_store(root / "store", n_speakers=6, clips_per_speaker=4)  # 16 training clips (4 steps of 4), 8 validation clips
+    path = root / "ddp_script.py"
+    path.write_text(SCRIPT.format(repo=str(REPO), tests=str(TESTS_DIR), store=str(root / "store"), config=CONFIG))
+    return path
+
+
+def run(script: Path, out: Path, nproc: int, epochs: int, resume: bool = False) -> dict:
+    args = [str(out), str(epochs), "1" if resume else "0"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else [sys.executable]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")} | {"OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+    done = subprocess.run([*launcher, str(script), *args], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads((out / "summary.json").read_text())
+
+
+def assert_same_training(a: Path, b: Path, sa: dict, sb: dict) -> None:
+    wa, wb = load_checkpoint(a / "last.pt")["state_dict"], load_checkpoint(b / "last.pt")["state_dict"]
+    worst = max(float((wa[k] - wb[k]).abs().max()) for k in wa if k not in CANCELLED)
+    assert worst < WEIGHT_ATOL, f"weights differ by up to {worst}"
+    for ra, rb in zip(sa["history"], sb["history"], strict=True):
+        assert (ra["val_uar"], ra["val_wa"]) == (rb["val_uar"], rb["val_wa"])
+        assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-4)
+        assert ra["val_loss"] == pytest.approx(rb["val_loss"], rel=1e-4)
+    assert sa["ids"] == sb["ids"] and sa["labels"] == sb["labels"]  # the gathered set, in the dataset's order
+    assert torch.allclose(torch.tensor(sa["probs"]), torch.tensor(sb["probs"]), atol=1e-4)
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_train_like_one_and_resume_across_world_sizes(script: Path, tmp_path: Path) -> None:
+    one = run(script, tmp_path / "one", nproc=1, epochs=2)
+    two = run(script, tmp_path / "two", nproc=2, epochs=2)
+    assert two["world"] == 2 and len(two["ids"]) == 8  # predictions of both ranks gathered: the whole validation set
+    assert_same_training(tmp_path / "one", tmp_path / "two", one, two)
+
+    # A checkpoint written by 2 processes resumes with 1, and one written by 1 resumes with 2.
+    # The first epoch is all warm-up (warmup_epochs=1), whose learning rates do not depend on
+    # the run's length, so stopping after epoch 1 and resuming to 2 is the uninterrupted run.
+    for first, then in ((2, 1), (1, 2)):
+        out = tmp_path / f"from{first}to{then}"
+        run(script, out, nproc=first, epochs=1)
+        assert load_checkpoint(out / "last.pt")["epoch"] == 1
+        resumed = run(script, out, nproc=then, epochs=2, resume=True)
+        assert [r["epoch"] for r in resumed["history"]] == [1, 2]
+        assert_same_training(tmp_path / "one", out, one, resumed)
+
+
+@pytest.mark.slow
+def test_a_fold_trained_by_two_processes_logs_once_from_rank_zero(tmp_path: Path, monkeypatch) -> None:
+    """The user path: run_fold(nproc=2) launches torchrun (modeling/training/fold_worker.py); rank 0 alone logs to MLflow,
+    writes result.json and sends its training events back to the launching process's progress callback."""
+    from mlflow import MlflowClient
+
+    from modeling.training.experiment import prepare_experiment, run_fold
+    from modeling.data.splits import SplitConfig
+    from modeling.training.train_loop import TrainConfig
+
+    monkeypatch.setenv("MSATA_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    build_tiny_store(tmp_path / "store", n_speakers=5, clips_per_speaker=4)
+    config = TrainConfig(epochs=2, batch_size=4, num_workers=0, max_duration_s=1.5)
+    run_dir = prepare_experiment(str(tmp_path / "store"), "crema-d", config, SplitConfig(n_folds=2), TINY_MODEL, run_dir=tmp_path / "run", track=True)
+    events = []
+    result = run_fold(run_dir, 0, events.append, nproc=2)
+    assert json.loads((run_dir / "fold_0" / "result.json").read_text())["test"] == result.test
+    assert sum(sum(row) for row in result.confusion) == len(json.loads((run_dir / "experiment.json").read_text())["folds"][0]["test_ids"])  # gathered from both ranks
+    assert [e.epoch for e in events if e.kind == "epoch_end"] == [1, 2] and all(e.fold == 0 for e in events)
+    client = MlflowClient()
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["msata.world_size"] == "2"
+    assert [m.step for m in client.get_metric_history(result.run_id, "val_uar")] == [1, 2]  # once per epoch, not once per rank
+    assert run.data.metrics["test_uar"] == pytest.approx(result.test["uar"])

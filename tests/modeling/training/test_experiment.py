@@ -1,0 +1,169 @@
+"""Pure parts of the cross-validation driver."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from modeling.training.experiment import trained_modalities
+
+
+def _manifest(has_audio: list[bool], has_video: list[bool], face_ratio: list[float]) -> pd.DataFrame:
+    return pd.DataFrame({"has_audio": has_audio, "has_video": has_video, "face_ratio": face_ratio})
+
+
+def test_trained_modalities_follow_the_store():
+    assert trained_modalities(_manifest([True, True], [False, False], [0.0, 0.0])) == ["audio"]  # RAVDESS speech
+    assert trained_modalities(_manifest([True, False], [True, True], [0.9, 0.0])) == ["audio", "video"]
+    assert trained_modalities(_manifest([False], [True], [0.5])) == ["video"]
+    # Videos in which no face was ever found give the model no face tokens to learn from.
+    assert trained_modalities(_manifest([True], [True], [0.0])) == ["audio"]
+
+
+# ----------------------------------------------------------------------------- the run directory
+
+import pytest  # noqa: E402
+from training_fixtures import TINY_MODEL, build_tiny_store  # noqa: E402
+
+from modeling.data.splits import SplitConfig  # noqa: E402
+from modeling.training.train_loop import TrainConfig  # noqa: E402
+
+
+@pytest.fixture()
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("MSATA_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path / "home"
+
+
+@pytest.fixture()
+def store(tmp_path):
+    build_tiny_store(tmp_path / "store", n_speakers=5, clips_per_speaker=4)
+    return str(tmp_path / "store")
+
+
+def _prepare(store, run_dir, resume=False):
+    from modeling.training.experiment import prepare_experiment
+
+    return prepare_experiment(store, "crema-d", TrainConfig(epochs=1), SplitConfig(n_folds=2), TINY_MODEL, run_dir=run_dir, resume=resume, track=False)
+
+
+def test_a_foreign_folder_is_refused_and_left_alone(home, store, tmp_path):
+    from modeling.training.experiment import RunDirError
+
+    folder = tmp_path / "thesis"
+    (folder / "chapters").mkdir(parents=True)
+    (folder / "thesis.tex").write_text("years of work")
+    (folder / "chapters" / "one.tex").write_text("chapter one")
+    for resume in (False, True):
+        with pytest.raises(RunDirError, match=f"{folder}.*not an msata run directory") as info:
+            _prepare(store, folder, resume)
+        assert "\n" not in str(info.value)
+        assert (folder / "thesis.tex").read_text() == "years of work" and (folder / "chapters" / "one.tex").read_text() == "chapter one"
+    assert sorted(p.name for p in folder.iterdir()) == ["chapters", "thesis.tex"]  # nothing added either
+
+
+def test_an_empty_folder_becomes_a_run_directory(home, store, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert (_prepare(store, empty) / "experiment.json").is_file()
+
+
+def test_a_fresh_run_replaces_only_what_msata_wrote(home, store, tmp_path):
+    run_dir = _prepare(store, tmp_path / "run")
+    (run_dir / "fold_0").mkdir()
+    (run_dir / "fold_0" / "last.pt").write_bytes(b"old checkpoint")
+    (run_dir / "cv_result.json").write_text("{}")
+    (run_dir / "notes.md").write_text("my notes")  # the user's, in msata's folder
+    _prepare(store, run_dir)
+    assert not (run_dir / "fold_0").exists() and not (run_dir / "cv_result.json").exists()
+    assert (run_dir / "notes.md").read_text() == "my notes" and (run_dir / "experiment.json").is_file()
+
+
+def test_experiment_json_is_written_first(home, store, tmp_path, monkeypatch):
+    """A run killed while preparing leaves a folder that is recognisably msata's."""
+    from modeling.data import splits
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(splits, "export_splits", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _prepare(store, tmp_path / "run")
+    monkeypatch.undo()
+    assert (tmp_path / "run" / "experiment.json").is_file()
+    assert (_prepare(store, tmp_path / "run", resume=True) / "splits.json").is_file()
+
+
+# ----------------------------------------------------------------------------- MLflow runs end, models register once
+
+
+def _statuses(run_dir):
+    import json
+
+    from mlflow import MlflowClient
+
+    from modeling.tracking.runs import configure_tracking
+
+    configure_tracking()
+    client = MlflowClient()
+    spec = json.loads((run_dir / "experiment.json").read_text())
+    runs = {"parent": spec["mlflow"]["parent_run_id"]}
+    for fold in (0, 1):
+        path = run_dir / f"fold_{fold}" / "mlflow_run.json"
+        if path.exists():
+            runs[f"fold_{fold}"] = json.loads(path.read_text())["run_id"]
+    return {name: client.get_run(run_id).info.status for name, run_id in runs.items()}
+
+
+@pytest.mark.slow
+def test_stopped_runs_are_marked_and_a_resumed_experiment_registers_once(home, store, tmp_path):
+    from mlflow import MlflowClient
+
+    from modeling.training.experiment import run_cross_validation
+
+    cfg = TrainConfig(epochs=1, batch_size=4, lr=3e-3, warmup_epochs=0.5, num_workers=0, max_duration_s=1.5)
+    run_dir = tmp_path / "run"
+
+    def stop_in_fold_1(error):
+        def progress(event):
+            if event.fold == 1 and event.kind == "step":
+                raise error
+
+        return progress
+
+    def cv(progress=None, resume=True):
+        return run_cross_validation(store, "crema-d", cfg, SplitConfig(n_folds=2), TINY_MODEL, run_dir=run_dir, resume=resume, progress=progress)
+
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C
+        cv(stop_in_fold_1(KeyboardInterrupt()), resume=False)
+    assert _statuses(run_dir) == {"parent": "KILLED", "fold_0": "FINISHED", "fold_1": "KILLED"}
+    with pytest.raises(RuntimeError, match="disk full"):  # a failure
+        cv(stop_in_fold_1(RuntimeError("disk full")))
+    assert _statuses(run_dir) == {"parent": "FAILED", "fold_0": "FINISHED", "fold_1": "FAILED"}
+
+    first = cv()
+    assert _statuses(run_dir) == {"parent": "FINISHED", "fold_0": "FINISHED", "fold_1": "FINISHED"}
+    assert first.registered["version"] == "1" and first.registered["champion"]
+    again = cv()  # --resume of a finished experiment
+    assert again.registered["version"] == "1" and again.registered["model_uri"] == first.registered["model_uri"]
+    assert _statuses(run_dir)["parent"] == "FINISHED"
+    client = MlflowClient()
+    assert [str(mv.version) for mv in client.search_model_versions("name='msata-crema-d'")] == ["1"]
+    experiment_id = client.get_run(first.parent_run_id).info.experiment_id
+    assert len(client.search_logged_models([experiment_id])) == 1  # the model was not logged twice either
+
+
+def test_speaker_normalised_experiments_are_a_protocol_of_their_own(tmp_path) -> None:
+    from training_fixtures import TINY_MODEL, build_tiny_store
+
+    from modeling.training.experiment import load_spec, prepare_experiment
+    from modeling.data.splits import SplitConfig
+    from modeling.training.train_loop import TrainConfig
+
+    store = build_tiny_store(tmp_path / "store")
+    specs = [
+        load_spec(prepare_experiment(store.url, "crema_d", TrainConfig(epochs=1, speaker_norm=norm), SplitConfig(n_folds=2), TINY_MODEL, run_dir=tmp_path / f"run{norm}", track=False))
+        for norm in (False, True)
+    ]
+    assert specs[0]["protocol"] == "speaker-2fold"
+    assert specs[1]["protocol"] == "speaker-2fold+speaker-norm-transductive"  # the registry never compares the two
