@@ -1,10 +1,10 @@
 # The two commands a newcomer needs:
 #   make demo   set everything up, then build a synthetic dataset, preprocess it, train, register and predict
-#   make test   set everything up, then run the test suite
+#   make test   set everything up, check lint and formatting (ruff), then run the test suite
 SHELL := /bin/bash
 VENV := .venv
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test lint bench clean
 
 setup:
 	@bash infra/setup.sh
@@ -12,8 +12,13 @@ setup:
 demo: setup
 	$(VENV)/bin/msata demo
 
-test: setup
+test: setup lint
 	$(VENV)/bin/python -m pytest -q
+
+# [tool.ruff] in pyproject.toml; `$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .` repairs most findings.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 bench: setup
 	$(VENV)/bin/python bench/bench_preprocess.py

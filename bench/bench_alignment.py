@@ -30,7 +30,7 @@ from bench.alignment_task import TASK_KINDS, VARIANTS, RunResult, TaskConfig, Tr
 
 
 def parse_variant(spec: str, lambda_ctm: float | None = None) -> Variant:
-    """"name" or "name@lambda" (a CTM weight for this row; the row is then named "name@lambda")."""
+    """ "name" or "name@lambda" (a CTM weight for this row; the row is then named "name@lambda")."""
     name, _, lam = spec.partition("@")
     if name not in VARIANTS:
         raise SystemExit(f"unknown variant {name!r} in {spec!r}; known: {list(VARIANTS)}")
@@ -67,7 +67,9 @@ def main() -> None:
     parser.add_argument("--n-test", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--lambda-ctm", type=float, default=None, help="CTM weight of the CTM variants without @lambda (default 0.1)")
-    parser.add_argument("--eval-every", type=int, default=TrainBudget.eval_every, help="test accuracy on --n-eval clips every this many steps")
+    parser.add_argument(
+        "--eval-every", type=int, default=TrainBudget.eval_every, help="test accuracy on --n-eval clips every this many steps"
+    )
     parser.add_argument("--n-eval", type=int, default=TrainBudget.n_eval)
     parser.add_argument("--jobs", type=int, default=1, help="runs at once, one process each")
     parser.add_argument("--progress", action="store_true", help="print the training losses every 100 steps")
@@ -90,7 +92,9 @@ def main() -> None:
     else:
         results = [_run(job) for job in jobs]
 
-    print(f"\n| variant | test accuracy (mean ± std, {args.seeds} seeds) | per-seed | steps to 0.95 (per seed) | final training CE | s / run |")
+    print(
+        f"\n| variant | test accuracy (mean ± std, {args.seeds} seeds) | per-seed | steps to 0.95 (per seed) | final training CE | s / run |"
+    )
     print("|---|---|---|---|---|---|")
     for name in names:
         runs = [r for r in results if r.variant == name]

@@ -76,7 +76,14 @@ def _write_range(store_path: str, start: int, stop: int) -> int:
         if store.has(clip_id):
             continue
         features = synthetic_clip(clip_id, label, np.random.default_rng(i))
-        record = ClipRecord(clip_id=clip_id, dataset="crema-d", speaker=speaker, label=LABELS[label], audio_path=f"/synthetic/{clip_id}.wav", video_path=f"/synthetic/{clip_id}.flv")
+        record = ClipRecord(
+            clip_id=clip_id,
+            dataset="crema-d",
+            speaker=speaker,
+            label=LABELS[label],
+            audio_path=f"/synthetic/{clip_id}.wav",
+            video_path=f"/synthetic/{clip_id}.flv",
+        )
         written += store.write(record, features)
     return written
 
@@ -146,7 +153,14 @@ def read(args: argparse.Namespace) -> dict:
         started = time.perf_counter()
         clips = sum(len(batch) for batch in loader)
         seconds = time.perf_counter() - started
-    return {"clips": clips, "workers": args.workers, "clips_per_s": round(clips / seconds, 1), "seconds": round(seconds, 1), "peak_rss_gb": round(rss.peak / 1e9, 2), "cache_bytes": args.cache_bytes}
+    return {
+        "clips": clips,
+        "workers": args.workers,
+        "clips_per_s": round(clips / seconds, 1),
+        "seconds": round(seconds, 1),
+        "peak_rss_gb": round(rss.peak / 1e9, 2),
+        "cache_bytes": args.cache_bytes,
+    }
 
 
 def train(args: argparse.Namespace) -> dict:
@@ -175,9 +189,14 @@ def train(args: argparse.Namespace) -> dict:
         result = train_model(model, loaders[0], loaders[1], config, out, meta)
     record = result.history[-1]
     return {
-        "device": args.device, "workers": args.workers, "clips": args.train_clips, "batch_size": args.batch_size,
-        "train_clips_per_s": round(record.train_clips_per_s, 1), "data_wait_share": round(record.data_wait_share, 4),
-        "epoch_s": round(record.seconds, 1), "peak_rss_gb": round(rss.peak / 1e9, 2),
+        "device": args.device,
+        "workers": args.workers,
+        "clips": args.train_clips,
+        "batch_size": args.batch_size,
+        "train_clips_per_s": round(record.train_clips_per_s, 1),
+        "data_wait_share": round(record.data_wait_share, 4),
+        "epoch_s": round(record.seconds, 1),
+        "peak_rss_gb": round(rss.peak / 1e9, 2),
     }
 
 

@@ -41,13 +41,18 @@ def main() -> None:
         runs = {n: t.run(script, root / f"l{lambda_ctm}_n{n}", nproc=n, epochs=args.epochs) for n in (1, 2)}
         wa, wb = (load_checkpoint(root / f"l{lambda_ctm}_n{n}" / "last.pt")["state_dict"] for n in (1, 2))
         worst = max(float((wa[k] - wb[k]).abs().max()) for k in wa if k not in t.CANCELLED)
-        print(json.dumps({
-            "lambda_ctm": lambda_ctm,
-            "epoch_s": {n: [round(r["seconds"], 2) for r in runs[n]["history"]] for n in runs},
-            "val_uar": {n: [round(r["val_uar"], 4) for r in runs[n]["history"]] for n in runs},
-            "train_loss": {n: [round(r["train_loss"], 6) for r in runs[n]["history"]] for n in runs},
-            "max_weight_diff": worst,
-        }), flush=True)
+        print(
+            json.dumps(
+                {
+                    "lambda_ctm": lambda_ctm,
+                    "epoch_s": {n: [round(r["seconds"], 2) for r in runs[n]["history"]] for n in runs},
+                    "val_uar": {n: [round(r["val_uar"], 4) for r in runs[n]["history"]] for n in runs},
+                    "train_loss": {n: [round(r["train_loss"], 6) for r in runs[n]["history"]] for n in runs},
+                    "max_weight_diff": worst,
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

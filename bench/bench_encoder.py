@@ -97,9 +97,9 @@ def main() -> None:
         x=torch.randn(args.batch, t_all, cfg.d_model, device=device, requires_grad=True),
         times=token_times,
         mask=torch.ones(args.batch, t_all, dtype=torch.bool, device=device),
-        index=torch.cat(
-            [torch.arange(args.audio_frames, device=device), torch.arange(args.video_frames, device=device)]
-        ).float().expand(args.batch, t_all),
+        index=torch.cat([torch.arange(args.audio_frames, device=device), torch.arange(args.video_frames, device=device)])
+        .float()
+        .expand(args.batch, t_all),
     )
 
     def make_step(kind: str, part: str) -> Callable[[], None]:

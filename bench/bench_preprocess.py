@@ -89,13 +89,51 @@ def rss_mb() -> float:
 def looped_clips(root: Path, source: Path, seconds: list[float]) -> list[Path]:
     """1920x1080 H.264 + AAC clips of the given lengths, a CREMA-D take looped (real face, real speech)."""
     mp4 = root / "take.mp4"
-    subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-i", str(source), "-c:v", "libx264", "-preset", "ultrafast", "-c:a", "aac", str(mp4)], check=True)
+    subprocess.run(
+        [
+            "ffmpeg",
+            "-nostdin",
+            "-loglevel",
+            "error",
+            "-y",
+            "-i",
+            str(source),
+            "-c:v",
+            "libx264",
+            "-preset",
+            "ultrafast",
+            "-c:a",
+            "aac",
+            str(mp4),
+        ],
+        check=True,
+    )
     out = []
     for sec in seconds:
         path = root / f"loop1080_{sec:g}s.mp4"
         subprocess.run(
-            ["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-stream_loop", "-1", "-i", str(mp4), "-t", f"{sec}",
-             "-vf", "scale=1920:1080", "-c:v", "libx264", "-preset", "ultrafast", "-c:a", "aac", str(path)],
+            [
+                "ffmpeg",
+                "-nostdin",
+                "-loglevel",
+                "error",
+                "-y",
+                "-stream_loop",
+                "-1",
+                "-i",
+                str(mp4),
+                "-t",
+                f"{sec}",
+                "-vf",
+                "scale=1920:1080",
+                "-c:v",
+                "libx264",
+                "-preset",
+                "ultrafast",
+                "-c:a",
+                "aac",
+                str(path),
+            ],
             check=True,
         )
         out.append(path)
@@ -112,9 +150,7 @@ def synthetic_clips(root: Path, n: int, duration: float, fps: str, size: tuple[i
     paths = []
     for i in range(n):
         label = ("neutral", "happy", "sad", "angry")[i % 4]
-        clip = make_talking_face_clip(
-            root / f"syn{i}.mp4", duration, fps, size[0], size[1], label=label, speaker=speaker_style(i), seed=i
-        )
+        clip = make_talking_face_clip(root / f"syn{i}.mp4", duration, fps, size[0], size[1], label=label, speaker=speaker_style(i), seed=i)
         paths.append(clip.path)
     return paths
 
@@ -153,14 +189,14 @@ def run(args: argparse.Namespace) -> dict:
         for rep in range(args.repeats):
             for path in paths:
                 rec = ClipRecord(path.stem, "bench", "s", "x", str(path), str(path))
-                wall, cpu = measure(lambda: decode_floor(str(path)))
+                wall, cpu = measure(lambda: decode_floor(str(path)))  # noqa: B023 (called at once, inside the loop)
                 acc["floor"]["wall"] += wall
                 acc["floor"]["cpu"] += cpu
                 for name, cfg in configs.items():
                     det = detectors[name]
                     det.mtcnn_cpu_s = 0.0
                     out: dict[str, object] = {}
-                    wall, cpu = measure(lambda: out.setdefault("f", extract_clip(rec, cfg, det)))
+                    wall, cpu = measure(lambda: out.setdefault("f", extract_clip(rec, cfg, det)))  # noqa: B023 (called at once)
                     acc[name]["wall"] += wall
                     acc[name]["cpu"] += cpu
                     acc[name]["mtcnn_cpu"] += det.mtcnn_cpu_s

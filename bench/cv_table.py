@@ -26,7 +26,7 @@ def table(run_dir: Path) -> str:
         "| fold | test actors | val actors | best epoch / run | val UAR | test WA | test UAR | test macro-F1 |",
         "|---|---|---|---|---:|---:|---:|---:|",
     ]
-    for fold, res in zip(spec["folds"], result["folds"]):
+    for fold, res in zip(spec["folds"], result["folds"], strict=False):
         t = res["test"]
         lines.append(
             f"| {fold['index']} | {' '.join(fold['test_speakers'])} | {' '.join(fold['val_speakers'])} | {res['best_epoch']} / {res['epochs_run']} "
@@ -40,7 +40,13 @@ def table(run_dir: Path) -> str:
     )
     names = result["label_names"]
     confusion = np.asarray(result["confusion"])
-    lines += ["", "Pooled test confusion (rows = truth):", "", "| | " + " | ".join(names) + " | recall |", "|---|" + "---:|" * (len(names) + 1)]
+    lines += [
+        "",
+        "Pooled test confusion (rows = truth):",
+        "",
+        "| | " + " | ".join(names) + " | recall |",
+        "|---|" + "---:|" * (len(names) + 1),
+    ]
     for i, name in enumerate(names):
         row = " | ".join(f"**{v}**" if j == i else str(v) for j, v in enumerate(confusion[i]))
         lines.append(f"| {name} | {row} | {confusion[i, i] / max(confusion[i].sum(), 1):.2f} |")

@@ -186,12 +186,12 @@ def run_fold(job: dict) -> dict:
 
     torch.set_num_threads(1)
     from features.config import AudioEncoderConfig, FeatureConfig
-    from modeling.training.checkpoint import load_trained_model
     from modeling.data.dataset import ClipDataset, make_loader
+    from modeling.data.splits import fold_from_dict
     from modeling.network.encoder import MsataConfig, MsataModel
+    from modeling.training.checkpoint import load_trained_model
     from modeling.training.experiment import build_model_config
     from modeling.training.metrics import compute_metrics
-    from modeling.data.splits import fold_from_dict
     from modeling.training.train_loop import TrainConfig, predict, seed_everything, train_model
 
     encoder = job["encoder"]
@@ -202,7 +202,15 @@ def run_fold(job: dict) -> dict:
     store = MemoryStore(Path(job["features"]), encoder == LOG_MEL)
 
     def loader(ids, train):
-        ds = ClipDataset("memory", ids, [labels.index(job["label_of"][c]) for c in ids], feature_config, config.data_config(), train, [job["speaker_of"][c] for c in ids])
+        ds = ClipDataset(
+            "memory",
+            ids,
+            [labels.index(job["label_of"][c]) for c in ids],
+            feature_config,
+            config.data_config(),
+            train,
+            [job["speaker_of"][c] for c in ids],
+        )
         ds._store = store  # read from the memory-mapped features instead of opening a Zarr store
         return make_loader(ds, config.batch_size, 0, config.seed, pin_memory=job["device"] == "cuda")
 
@@ -211,18 +219,32 @@ def run_fold(job: dict) -> dict:
     model = MsataModel(MsataConfig.from_dict(model_config))
     if model.config.audio_finetune_blocks:
         model.audio_frontend.load_top_blocks(load_encoder(Path(job["weights"]), encoder, job["sha256"][encoder]))
-    meta = {"model_config": model_config, "feature_config": feature_config.to_dict(), "label_names": labels, "dataset": "ravdess", "modalities": ["audio"]}
+    meta = {
+        "model_config": model_config,
+        "feature_config": feature_config.to_dict(),
+        "label_names": labels,
+        "dataset": "ravdess",
+        "modalities": ["audio"],
+    }
     t0 = time.perf_counter()
     result = train_model(model, loader(fold.train_ids, True), loader(fold.val_ids, False), config, Path(job["run_dir"]), meta, resume=False)
     train_s = time.perf_counter() - t0
     best, _, _ = load_trained_model(result.best_path, job["device"])
     y, probs, _, _ = predict(best, loader(fold.test_ids, False), torch.device(job["device"]))
     metrics = compute_metrics(y, probs.argmax(axis=1), len(labels))
-    return {"config": job["config"], "fold": fold.index, "test": metrics.scalars(), "best_val_uar": result.best_val_uar,
-            "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "train_s": train_s,
-            "train_clips_per_s": float(np.mean([h.train_clips_per_s for h in result.history])),
-            "data_wait_share": float(np.mean([h.data_wait_share for h in result.history])),
-            "test_speakers": list(fold.test_speakers), "val_speakers": list(fold.val_speakers)}
+    return {
+        "config": job["config"],
+        "fold": fold.index,
+        "test": metrics.scalars(),
+        "best_val_uar": result.best_val_uar,
+        "best_epoch": result.best_epoch,
+        "epochs_run": result.epochs_run,
+        "train_s": train_s,
+        "train_clips_per_s": float(np.mean([h.train_clips_per_s for h in result.history])),
+        "data_wait_share": float(np.mean([h.data_wait_share for h in result.history])),
+        "test_speakers": list(fold.test_speakers),
+        "val_speakers": list(fold.val_speakers),
+    }
 
 
 # ---------------------------------------------------------------- driver
@@ -232,10 +254,14 @@ def summarise(rows: list[dict]) -> list[dict]:
     table = []
     for name in dict.fromkeys(r["config"] for r in rows):
         mine = sorted((r for r in rows if r["config"] == name), key=lambda r: r["fold"])
-        entry = {"config": name, "folds": len(mine), "val_uar": float(np.mean([r["best_val_uar"] for r in mine])),
-                 "train_s_per_fold": float(np.mean([r["train_s"] for r in mine])),
-                 "train_clips_per_s": float(np.mean([r["train_clips_per_s"] for r in mine])),
-                 "data_wait_share": float(np.mean([r["data_wait_share"] for r in mine]))}
+        entry = {
+            "config": name,
+            "folds": len(mine),
+            "val_uar": float(np.mean([r["best_val_uar"] for r in mine])),
+            "train_s_per_fold": float(np.mean([r["train_s"] for r in mine])),
+            "train_clips_per_s": float(np.mean([r["train_clips_per_s"] for r in mine])),
+            "data_wait_share": float(np.mean([r["data_wait_share"] for r in mine])),
+        }
         for metric in ("wa", "uar", "macro_f1"):
             values = [r["test"][metric] for r in mine]
             entry[metric] = (float(np.mean(values)), float(np.std(values)))
@@ -246,8 +272,8 @@ def summarise(rows: list[dict]) -> list[dict]:
 def run(args: argparse.Namespace) -> None:
     import torch
 
-    from modeling.data.splits import SplitConfig, fold_to_dict, make_folds
     from features.recipes.ravdess import RAVDESS_LABELS
+    from modeling.data.splits import SplitConfig, fold_to_dict, make_folds
 
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
@@ -263,8 +289,11 @@ def run(args: argparse.Namespace) -> None:
         clips = [c for c in clips if c.speaker in set(args.actors.split(","))]
     t0 = time.perf_counter()
     waves = read_waves(clips)
-    print(f"{len(clips)} clips read in {time.perf_counter() - t0:.1f} s on {device} "
-          f"({torch.cuda.get_device_name() if device == 'cuda' else 'no GPU'})", flush=True)
+    print(
+        f"{len(clips)} clips read in {time.perf_counter() - t0:.1f} s on {device} "
+        f"({torch.cuda.get_device_name() if device == 'cuda' else 'no GPU'})",
+        flush=True,
+    )
 
     encoders = set(encoder_of.values())
     extraction = {}
@@ -299,10 +328,23 @@ def run(args: argparse.Namespace) -> None:
         folds = make_folds(manifest, SplitConfig(**{"n_folds": args.folds, **cfg.get("splits", {})}))
         encoder = encoder_of[name]
         for fold in folds:
-            jobs.append({"config": name, "encoder": encoder, "train": train, "model": cfg.get("model", {}), "fold": fold_to_dict(fold),
-                         "labels": list(RAVDESS_LABELS), "label_of": dict(zip(manifest.clip_id, manifest.label)),
-                         "speaker_of": dict(zip(manifest.clip_id, manifest.speaker)), "features": str(work / encoder),
-                         "weights": args.weights, "sha256": expected, "device": device, "run_dir": str(work / "runs" / name / f"fold_{fold.index}")})
+            jobs.append(
+                {
+                    "config": name,
+                    "encoder": encoder,
+                    "train": train,
+                    "model": cfg.get("model", {}),
+                    "fold": fold_to_dict(fold),
+                    "labels": list(RAVDESS_LABELS),
+                    "label_of": dict(zip(manifest.clip_id, manifest.label, strict=False)),
+                    "speaker_of": dict(zip(manifest.clip_id, manifest.speaker, strict=False)),
+                    "features": str(work / encoder),
+                    "weights": args.weights,
+                    "sha256": expected,
+                    "device": device,
+                    "run_dir": str(work / "runs" / name / f"fold_{fold.index}"),
+                }
+            )
     rows: list[dict] = []
     t0 = time.perf_counter()
     import multiprocessing
@@ -313,8 +355,11 @@ def run(args: argparse.Namespace) -> None:
             rows.append(row)
             with open(out / "folds.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
-            print(f"{row['config']} fold {row['fold']}: val UAR {row['best_val_uar']:.3f} test UAR {row['test']['uar']:.3f} "
-                  f"({row['train_s']:.0f} s, {row['epochs_run']} epochs)", flush=True)
+            print(
+                f"{row['config']} fold {row['fold']}: val UAR {row['best_val_uar']:.3f} test UAR {row['test']['uar']:.3f} "
+                f"({row['train_s']:.0f} s, {row['epochs_run']} epochs)",
+                flush=True,
+            )
     rows.sort(key=lambda r: (list(configs).index(r["config"]), r["fold"]))
     table = summarise(rows)
     (out / "summary.json").write_text(json.dumps({"device": device, "wall_s": time.perf_counter() - t0, "table": table}, indent=1))
@@ -322,7 +367,9 @@ def run(args: argparse.Namespace) -> None:
     print(f"{'config':36s} {'val UAR':>8s} {'WA':>13s} {'UAR':>13s} {'macro-F1':>13s} {'s/fold':>7s} {'clips/s':>8s} {'wait':>5s}")
     for e in table:
         cells = " ".join(f"{e[m][0]:.3f} ± {e[m][1]:.3f}" for m in ("wa", "uar", "macro_f1"))
-        print(f"{e['config']:36s} {e['val_uar']:8.3f} {cells} {e['train_s_per_fold']:7.0f} {e['train_clips_per_s']:8.0f} {e['data_wait_share']:5.2f}")
+        print(
+            f"{e['config']:36s} {e['val_uar']:8.3f} {cells} {e['train_s_per_fold']:7.0f} {e['train_clips_per_s']:8.0f} {e['data_wait_share']:5.2f}"
+        )
 
 
 def markdown(folds_jsonl: Path) -> str:
@@ -331,12 +378,18 @@ def markdown(folds_jsonl: Path) -> str:
     lines = []
     for entry in summarise(rows):
         name = entry["config"]
-        lines += [f"`{name}`", "", "| fold | test actors | val actors | best epoch / run | val UAR | test WA | test UAR | test macro-F1 |",
-                  "|---|---|---|---|---:|---:|---:|---:|"]
+        lines += [
+            f"`{name}`",
+            "",
+            "| fold | test actors | val actors | best epoch / run | val UAR | test WA | test UAR | test macro-F1 |",
+            "|---|---|---|---|---:|---:|---:|---:|",
+        ]
         for r in sorted((r for r in rows if r["config"] == name), key=lambda r: r["fold"]):
             t = r["test"]
-            lines.append(f"| {r['fold']} | {' '.join(r['test_speakers'])} | {' '.join(r['val_speakers'])} | {r['best_epoch']} / {r['epochs_run']} "
-                         f"| {r['best_val_uar']:.3f} | {t['wa']:.3f} | {t['uar']:.3f} | {t['macro_f1']:.3f} |")
+            lines.append(
+                f"| {r['fold']} | {' '.join(r['test_speakers'])} | {' '.join(r['val_speakers'])} | {r['best_epoch']} / {r['epochs_run']} "
+                f"| {r['best_val_uar']:.3f} | {t['wa']:.3f} | {t['uar']:.3f} | {t['macro_f1']:.3f} |"
+            )
         cells = " | ".join(f"**{entry[m][0]:.3f} ± {entry[m][1]:.3f}**" for m in ("wa", "uar", "macro_f1"))
         lines += [f"| **mean ± std** | | | | {entry['val_uar']:.3f} | {cells} |", ""]
     return "\n".join(lines)
@@ -351,7 +404,12 @@ def main() -> None:
     go.add_argument("--audio", required=True, help="RAVDESS root (Actor_XX/ folders of 16 kHz audio)")
     go.add_argument("--weights", default="", help="folder of NAME.npz written by export-weights")
     go.add_argument("--sha256", nargs="*", default=[], help="NAME=HEX for every encoder a config uses")
-    go.add_argument("--configs", nargs="+", required=True, help="ENCODER:CONFIG.toml (a run config as for msata train, on the features of that audio encoder); CONFIG.toml alone = log-mel")
+    go.add_argument(
+        "--configs",
+        nargs="+",
+        required=True,
+        help="ENCODER:CONFIG.toml (a run config as for msata train, on the features of that audio encoder); CONFIG.toml alone = log-mel",
+    )
     go.add_argument("--out", required=True)
     go.add_argument("--work", default=os.environ.get("TMPDIR", "/tmp") + "/msata-gpu-ravdess")
     go.add_argument("--folds", type=int, default=5)

@@ -75,7 +75,9 @@ def main() -> None:
     rng = random.Random(args.seed)
     tmp = Path(tempfile.mkdtemp(prefix="msata-kill-"))
     classes = ("happy", "sad")
-    raw = make_synthetic_dataset(tmp / "raw", n_speakers=max(1, args.clips // len(classes)), clips_per_class=1, classes=classes, duration_s=1.5, size=(160, 120))
+    raw = make_synthetic_dataset(
+        tmp / "raw", n_speakers=max(1, args.clips // len(classes)), clips_per_class=1, classes=classes, duration_s=1.5, size=(160, 120)
+    )
     store = tmp / "store"
     started: list[subprocess.Popen] = []
     trials = []
@@ -103,18 +105,34 @@ def main() -> None:
                     pass
             stored = check_store(store)
             staging = len(list((store / "_staging").iterdir())) if (store / "_staging").is_dir() else 0
-            trials.append({
-                "trial": trial, "first_commit_s": round(first_commit_s, 1), "kill_extra_s": round(extra, 2), "finished_first": finished,
-                "stored_before": before, "stored_at_kill": at_kill, "stored": stored, "staging_left": staging,
-            })
+            trials.append(
+                {
+                    "trial": trial,
+                    "first_commit_s": round(first_commit_s, 1),
+                    "kill_extra_s": round(extra, 2),
+                    "finished_first": finished,
+                    "stored_before": before,
+                    "stored_at_kill": at_kill,
+                    "stored": stored,
+                    "staging_left": staging,
+                }
+            )
             print(json.dumps(trials[-1]), flush=True)
         final = subprocess.run(command, env=env | {"COLUMNS": "200"}, capture_output=True, text=True, timeout=1800)
         stored = check_store(store)
         staging = sorted(p.name for p in (store / "_staging").iterdir())
         ok = final.returncode == 0 and stored == args.clips and not staging and " 0 failed" in final.stdout
         killed_mid_run = sum(1 for t in trials if not t["finished_first"] and t["stored_at_kill"] > t["stored_before"])
-        summary = {"ok": ok, "trials": len(trials), "killed_after_a_commit": killed_mid_run, "final_rc": final.returncode, "stored": stored, "expected": args.clips, "staging_left": staging,
-                   "final_line": final.stdout.strip().splitlines()[:1]}
+        summary = {
+            "ok": ok,
+            "trials": len(trials),
+            "killed_after_a_commit": killed_mid_run,
+            "final_rc": final.returncode,
+            "stored": stored,
+            "expected": args.clips,
+            "staging_left": staging,
+            "final_line": final.stdout.strip().splitlines()[:1],
+        }
         print(json.dumps(summary))
         if not ok:
             print(final.stdout[-3000:], final.stderr[-3000:], file=sys.stderr)

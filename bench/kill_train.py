@@ -87,7 +87,9 @@ def mlflow_state(home: Path, run_dir: Path) -> dict:
     versions = client.search_model_versions("name='msata-crema-d'")
     return {
         "parents": sorted((r.data.tags.get("msata.run_dir", ""), r.info.status) for r in parents),
-        "killed_experiment": sorted([("parent", r.info.status) for r in parents if r.info.run_id in mine] + [("fold", r.info.status) for r in folds]),
+        "killed_experiment": sorted(
+            [("parent", r.info.status) for r in parents if r.info.run_id in mine] + [("fold", r.info.status) for r in folds]
+        ),
         "all_runs": len(runs),
         "versions": sorted((v.version, v.run_id) for v in versions),
     }
@@ -121,13 +123,36 @@ def main() -> None:
     store = tmp / "store"
     build_tiny_store(store, n_speakers=4, clips_per_speaker=3)
     config = tmp / "run.json"
-    train = {"epochs": args.epochs, "batch_size": 4, "lr": 3e-3, "warmup_epochs": 0.5, "num_workers": 0, "max_duration_s": 1.5, "patience": 50}
+    train = {
+        "epochs": args.epochs,
+        "batch_size": 4,
+        "lr": 3e-3,
+        "warmup_epochs": 0.5,
+        "num_workers": 0,
+        "max_duration_s": 1.5,
+        "patience": 50,
+    }
     config.write_text(json.dumps({"train": train, "model": TINY_MODEL}))
     started: list[subprocess.Popen] = []
     trials = []
 
     def command(run_dir: Path, *extra: str) -> list[str]:
-        return [MSATA, "train", "--store", str(store), "--dataset", "crema-d", "--folds", "2", "--config", str(config), "--run-dir", str(run_dir), "--resume", *extra]
+        return [
+            MSATA,
+            "train",
+            "--store",
+            str(store),
+            "--dataset",
+            "crema-d",
+            "--folds",
+            "2",
+            "--config",
+            str(config),
+            "--run-dir",
+            str(run_dir),
+            "--resume",
+            *extra,
+        ]
 
     try:
         env = start_prefect_server(tmp, started)
@@ -136,7 +161,9 @@ def main() -> None:
         for trial, milestone in enumerate(kill_plan(args.trials, rng)):
             extra = rng.uniform(0.0, args.max_extra)
             start, wall_start = time.monotonic(), time.time()
-            proc = subprocess.Popen(command(killed_dir), env=env, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            proc = subprocess.Popen(
+                command(killed_dir), env=env, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+            )
             while proc.poll() is None and not reached(killed_dir, milestone, wall_start):
                 time.sleep(0.1)
             time.sleep(extra)
@@ -145,13 +172,23 @@ def main() -> None:
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             done = sorted(p.parent.name for p in killed_dir.glob("fold_*/result.json"))
-            trials.append({
-                "trial": trial, "milestone": milestone, "extra_s": round(extra, 2), "killed_after_s": round(time.monotonic() - start, 1),
-                "finished_first": finished, "rc": proc.returncode, "folds_done": done, "finalized": (killed_dir / "cv_result.json").exists(),
-            })
+            trials.append(
+                {
+                    "trial": trial,
+                    "milestone": milestone,
+                    "extra_s": round(extra, 2),
+                    "killed_after_s": round(time.monotonic() - start, 1),
+                    "finished_first": finished,
+                    "rc": proc.returncode,
+                    "folds_done": done,
+                    "finalized": (killed_dir / "cv_result.json").exists(),
+                }
+            )
             print(json.dumps(trials[-1]), flush=True)
         final = subprocess.run(command(killed_dir), env=env, cwd=tmp, capture_output=True, text=True, timeout=1800)
-        reference = subprocess.run(command(tmp / "reference", "--no-register"), env=env, cwd=tmp, capture_output=True, text=True, timeout=1800)
+        reference = subprocess.run(
+            command(tmp / "reference", "--no-register"), env=env, cwd=tmp, capture_output=True, text=True, timeout=1800
+        )
         for name, run in (("final", final), ("reference", reference)):
             if run.returncode != 0:
                 print(f"{name} run failed (rc {run.returncode}):\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}", file=sys.stderr)
@@ -159,11 +196,22 @@ def main() -> None:
         resumed, uninterrupted = fold_results(killed_dir), fold_results(tmp / "reference")
         mlflow = mlflow_state(tmp / "home", killed_dir)
         expected = [("fold", "FINISHED"), ("fold", "FINISHED"), ("parent", "FINISHED")]
-        ok = resumed == uninterrupted and mlflow["killed_experiment"] == expected and mlflow["all_runs"] == 6 and len(mlflow["versions"]) == 1
+        ok = (
+            resumed == uninterrupted
+            and mlflow["killed_experiment"] == expected
+            and mlflow["all_runs"] == 6
+            and len(mlflow["versions"]) == 1
+        )
         summary = {
-            "ok": ok, "trials": len(trials), "killed": sum(not t["finished_first"] for t in trials), "folds_equal": resumed == uninterrupted,
-            "mlflow_parents": mlflow["parents"], "killed_experiment_runs": mlflow["killed_experiment"], "mlflow_runs_total": mlflow["all_runs"],
-            "registered_versions": mlflow["versions"], "prefect_flow_runs": prefect_states(env["PREFECT_API_URL"]),
+            "ok": ok,
+            "trials": len(trials),
+            "killed": sum(not t["finished_first"] for t in trials),
+            "folds_equal": resumed == uninterrupted,
+            "mlflow_parents": mlflow["parents"],
+            "killed_experiment_runs": mlflow["killed_experiment"],
+            "mlflow_runs_total": mlflow["all_runs"],
+            "registered_versions": mlflow["versions"],
+            "prefect_flow_runs": prefect_states(env["PREFECT_API_URL"]),
         }
         print(json.dumps(summary))
         if resumed != uninterrupted:

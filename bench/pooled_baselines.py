@@ -29,8 +29,8 @@ from sklearn.preprocessing import StandardScaler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from modeling.training.metrics import compute_metrics, mean_std  # noqa: E402
 from modeling.data.splits import SplitConfig, make_folds, resolve_label_names  # noqa: E402
+from modeling.training.metrics import compute_metrics, mean_std  # noqa: E402
 from storage import FeatureStore  # noqa: E402
 
 C_GRID = (0.01, 0.1, 1.0, 10.0)
@@ -90,13 +90,24 @@ def run(store_path: str, dataset: str, split_config: SplitConfig, speaker_norm: 
                     best = (val_uar, name, c)
         _, name, c = best
         test = compute_metrics(y[te], fit_score(views[name], y, tr, te, c, split_config.seed), len(labels))
-        per_fold.append({"fold": fold.index, "view": name, "C": c, "val_uar": best[0], **test.scalars(), "test_speakers": list(fold.test_speakers)})
-        print(f"fold {fold.index}: {name}, C={c}: val UAR {best[0]:.3f}, test WA {test.wa:.3f} UAR {test.uar:.3f} F1 {test.macro_f1:.3f}", flush=True)
+        per_fold.append(
+            {"fold": fold.index, "view": name, "C": c, "val_uar": best[0], **test.scalars(), "test_speakers": list(fold.test_speakers)}
+        )
+        print(
+            f"fold {fold.index}: {name}, C={c}: val UAR {best[0]:.3f}, test WA {test.wa:.3f} UAR {test.uar:.3f} F1 {test.macro_f1:.3f}",
+            flush=True,
+        )
     summary = {}
     for key in ("wa", "uar", "macro_f1"):
         m, s = mean_std([f[key] for f in per_fold])
         summary[f"{key}_mean"], summary[f"{key}_std"] = m, s
-    return {"store": store_path, "feature_config_hash": store.config_hash, "speaker_norm": speaker_norm, "folds": per_fold, "summary": summary}
+    return {
+        "store": store_path,
+        "feature_config_hash": store.config_hash,
+        "speaker_norm": speaker_norm,
+        "folds": per_fold,
+        "summary": summary,
+    }
 
 
 def main() -> None:
@@ -110,11 +121,15 @@ def main() -> None:
     parser.add_argument("--out", help="write the result as JSON")
     args = parser.parse_args()
     started = time.time()
-    result = run(args.store, args.dataset, SplitConfig(n_folds=args.folds, val_fraction=args.val_fraction, seed=args.seed), args.speaker_norm)
+    result = run(
+        args.store, args.dataset, SplitConfig(n_folds=args.folds, val_fraction=args.val_fraction, seed=args.seed), args.speaker_norm
+    )
     result["wall_s"] = round(time.time() - started, 1)
     s = result["summary"]
     tag = " (transductive: per-speaker standardisation)" if args.speaker_norm else ""
-    print(f"{args.store}{tag}: WA {s['wa_mean']:.3f} ± {s['wa_std']:.3f}, UAR {s['uar_mean']:.3f} ± {s['uar_std']:.3f}, macro-F1 {s['macro_f1_mean']:.3f} ± {s['macro_f1_std']:.3f}")
+    print(
+        f"{args.store}{tag}: WA {s['wa_mean']:.3f} ± {s['wa_std']:.3f}, UAR {s['uar_mean']:.3f} ± {s['uar_std']:.3f}, macro-F1 {s['macro_f1_mean']:.3f} ± {s['macro_f1_std']:.3f}"
+    )
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
 

@@ -99,7 +99,12 @@ class AudioEncoderConfig:
         info = hf_checkpoint.read_checkpoint(self.name[len(HF_PREFIX) :])  # CheckpointError (a ValueError) when unusable
         if any(recorded) and recorded != (info.model_type, info.n_layers, info.width):
             raise ValueError(f"audio encoder {self.name!r} is a {info.model_type} of {info.n_layers} x {info.width}, not {recorded}")
-        for key, value in (("weights_sha256", info.sha256), ("model_type", info.model_type), ("n_layers", info.n_layers), ("width", info.width)):
+        for key, value in (
+            ("weights_sha256", info.sha256),
+            ("model_type", info.model_type),
+            ("n_layers", info.n_layers),
+            ("width", info.width),
+        ):
             object.__setattr__(self, key, value)
 
     @property
@@ -177,7 +182,9 @@ def _face_from_dict(data: dict[str, Any]) -> FaceConfig:
         from features.face_landmarks import TASK_SHA256
 
         if recorded != TASK_SHA256:
-            raise ValueError(f"face landmarker sha256 {recorded[:12]}... recorded, this install pins {TASK_SHA256[:12]}...: blendshapes of other weights cannot be mixed")
+            raise ValueError(
+                f"face landmarker sha256 {recorded[:12]}... recorded, this install pins {TASK_SHA256[:12]}...: blendshapes of other weights cannot be mixed"
+            )
     return face
 
 
@@ -192,7 +199,9 @@ class FeatureConfig:
 
     def __post_init__(self) -> None:
         if not self.audio_encoder.is_log_mel and self.audio.sample_rate != 16_000:
-            raise ValueError(f"audio encoder {self.audio_encoder.name!r} needs 16 kHz audio, the config decodes at {self.audio.sample_rate} Hz")
+            raise ValueError(
+                f"audio encoder {self.audio_encoder.name!r} needs 16 kHz audio, the config decodes at {self.audio.sample_rate} Hz"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -205,7 +214,7 @@ class FeatureConfig:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "FeatureConfig":
+    def from_dict(cls, data: dict[str, Any]) -> FeatureConfig:
         """Inverse of ``to_dict``; a missing key takes the one default the dataclass defines."""
         unknown = set(data) - {"audio", "face", "audio_encoder", "format_version"}
         if unknown:

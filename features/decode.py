@@ -130,11 +130,7 @@ def probe(path: str | Path) -> MediaInfo:
         raise ClipError(f"{spath}: ffprobe cannot read it: {_tail(err.stderr or b'')}") from err
     streams = data.get("streams", [])
     video = next(
-        (
-            s
-            for s in streams
-            if s.get("codec_type") == "video" and not s.get("disposition", {}).get("attached_pic", 0)
-        ),
+        (s for s in streams if s.get("codec_type") == "video" and not s.get("disposition", {}).get("attached_pic", 0)),
         None,
     )
     audio = next((s for s in streams if s.get("codec_type") == "audio"), None)
@@ -181,10 +177,7 @@ def _expected_duration(stream_s: float | None, container_s: float) -> float:
 
 def _check_coverage(path: str, what: str, covered_s: float, expected_s: float) -> None:
     if expected_s > 0 and covered_s < _MIN_COVERAGE * expected_s - _COVERAGE_SLACK_S:
-        raise ClipError(
-            f"{path}: truncated or corrupt {what}: decoded {covered_s:.3f} s of the {expected_s:.3f} s "
-            "the container declares"
-        )
+        raise ClipError(f"{path}: truncated or corrupt {what}: decoded {covered_s:.3f} s of the {expected_s:.3f} s the container declares")
 
 
 def decode_audio(path: str | Path, sample_rate: int = 16_000, info: MediaInfo | None = None) -> np.ndarray:
@@ -310,9 +303,7 @@ def iter_video_frames(
             for i in range(n):
                 pts = reader.next_pts()
                 if pts is None or reader.time_base is None:
-                    raise ClipError(
-                        f"{info.path}: ffmpeg gave frame {n_done + i} without a timestamp: {reader.tail_text()}"
-                    )
+                    raise ClipError(f"{info.path}: ffmpeg gave frame {n_done + i} without a timestamp: {reader.tail_text()}")
                 first_pts = pts if first_pts is None else first_pts
                 # Exact rational pts * time_base (showinfo's pts_time has only 6 significant digits).
                 times[i] = float((pts - first_pts) * reader.time_base)

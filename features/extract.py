@@ -14,9 +14,7 @@ from features.faces import FaceDetector
 from features.manifest import ClipRecord
 
 
-def extract_clip(
-    record: ClipRecord, config: FeatureConfig, detector: FaceDetector | None = None, chunk: int = 32
-) -> ClipFeatures:
+def extract_clip(record: ClipRecord, config: FeatureConfig, detector: FaceDetector | None = None, chunk: int = 32) -> ClipFeatures:
     """Extract the features of ``record`` (see ClipFeatures for shapes and units).
 
     Every file is probed before anything is decoded, so a broken file fails fast.

@@ -121,9 +121,7 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(inter / union) if union > 0 else 0.0
 
 
-def interpolate_faces(
-    t0: float, det0: Detections, t1: float, det1: Detections, times: np.ndarray
-) -> Detections:
+def interpolate_faces(t0: float, det0: Detections, t1: float, det1: Detections, times: np.ndarray) -> Detections:
     """Linear interpolation in time between two single-frame detections, both found.
 
     ``times`` (M,) lie strictly between t0 and t1; probabilities take the lower of the

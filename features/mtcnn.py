@@ -62,9 +62,7 @@ class Mtcnn:
         nets = MTCNN(min_face_size=min_face_size, device=device)  # loads the packaged weights
         self.min_face_size = min_face_size
         self.device = device
-        self.pnet, self.rnet, self.onet = (
-            net.eval().to(memory_format=torch.channels_last) for net in (nets.pnet, nets.rnet, nets.onet)
-        )
+        self.pnet, self.rnet, self.onet = (net.eval().to(memory_format=torch.channels_last) for net in (nets.pnet, nets.rnet, nets.onet))
 
     def scales(self, h: int, w: int) -> list[float]:
         """The image pyramid of facenet-pytorch's detect_face for an h x w image."""
@@ -76,9 +74,7 @@ class Mtcnn:
         return out
 
     @torch.no_grad()
-    def detect(
-        self, imgs: torch.Tensor, window: Window | None = None
-    ) -> list[tuple[np.ndarray, np.ndarray]]:
+    def detect(self, imgs: torch.Tensor, window: Window | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
         """Faces in (N, h, w, 3) uint8 RGB images: per image (boxes (K, 5) x1 y1 x2 y2 prob, points (K, 5, 2)).
 
         ``window`` restricts the search of every image to that region and those scales (None: everywhere).
@@ -102,9 +98,7 @@ class Mtcnn:
 
     # ------------------------------------------------------------------ stages
 
-    def _stage1(
-        self, rowsum: torch.Tensor, h: int, w: int, window: Window | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _stage1(self, rowsum: torch.Tensor, h: int, w: int, window: Window | None) -> tuple[torch.Tensor, torch.Tensor]:
         images = list(range(len(rowsum)))
         parts: list[tuple[torch.Tensor, torch.Tensor]] = []
         for scale in self.scales(h, w):

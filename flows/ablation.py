@@ -118,7 +118,9 @@ def _check_store(store_path: str, variants: Sequence[Variant]) -> list[str]:
     held = trained_modalities(FeatureStore.open(store_path).manifest())
     missing = {v.name: sorted(set(v.needs) - set(held)) for v in variants if set(v.needs) - set(held)}
     if missing:
-        raise ValueError(f"store {store_path} holds {held or 'no stream'}; these variants need what it lacks: {missing} (choose others with --variants)")
+        raise ValueError(
+            f"store {store_path} holds {held or 'no stream'}; these variants need what it lacks: {missing} (choose others with --variants)"
+        )
     return held
 
 
@@ -136,7 +138,9 @@ def parent_task(out_dir: str, dataset: str, params: dict[str, Any], track: bool)
         tracking.reopen_run(run_id)
         return run_id
     experiment_id = tracking.get_or_create_experiment(dataset)
-    run_id = tracking.create_run(experiment_id, f"ablation-{dataset}-{Path(out_dir).name}", tags={"msata.ablation_dir": out_dir} | tracking.source_tags())
+    run_id = tracking.create_run(
+        experiment_id, f"ablation-{dataset}-{Path(out_dir).name}", tags={"msata.ablation_dir": out_dir} | tracking.source_tags()
+    )
     with tracking.ended_on_failure(run_id):
         tracking.log_params(run_id, tracking.flatten(params))
     Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -146,15 +150,39 @@ def parent_task(out_dir: str, dataset: str, params: dict[str, Any], track: bool)
 
 @task(name="prepare-variant", cache_policy=NO_CACHE, task_run_name="prepare-{variant}-seed-{seed}")
 def prepare_variant_task(
-    store_path: str, dataset: str, variant: str, seed: int, train: dict[str, Any], splits: dict[str, Any], model: dict[str, Any], run_dir: str, parent: str | None
+    store_path: str,
+    dataset: str,
+    variant: str,
+    seed: int,
+    train: dict[str, Any],
+    splits: dict[str, Any],
+    model: dict[str, Any],
+    run_dir: str,
+    parent: str | None,
 ) -> str:
-    from modeling.training.experiment import prepare_experiment
     from modeling.data.splits import SplitConfig
+    from modeling.training.experiment import prepare_experiment
     from modeling.training.train_loop import TrainConfig
 
-    tags = {"mlflow.parentRunId": parent, "mlflow.runName": f"{variant} seed {seed}", "msata.variant": variant, "msata.seed": str(seed)} if parent else None
+    tags = (
+        {"mlflow.parentRunId": parent, "mlflow.runName": f"{variant} seed {seed}", "msata.variant": variant, "msata.seed": str(seed)}
+        if parent
+        else None
+    )
     train_config = TrainConfig.from_dict({**train, "seed": seed})
-    return str(prepare_experiment(store_path, dataset, train_config, SplitConfig(**splits), model, run_dir=run_dir, resume=True, track=parent is not None, run_tags=tags))
+    return str(
+        prepare_experiment(
+            store_path,
+            dataset,
+            train_config,
+            SplitConfig(**splits),
+            model,
+            run_dir=run_dir,
+            resume=True,
+            track=parent is not None,
+            run_tags=tags,
+        )
+    )
 
 
 @flow(name="ablate-msata", log_prints=True)
@@ -187,8 +215,20 @@ def ablate_msata(
         raise ValueError(f"seeds={seeds}: give one or more distinct training seeds")
     held = _check_store(store_path, chosen)
     base_train, base_splits, base_model = train.to_config().to_dict(), asdict(splits.to_config()), model.overrides()
-    params = {"store_path": store_path, "dataset": dataset, "variants": [v.name for v in chosen], "seeds": list(seeds), "train": base_train, "splits": base_splits, "model": base_model}
-    out = Path(out_dir) if out_dir else tracking.msata_home() / "ablations" / dataset / _key({k: v for k, v in params.items() if k != "variants"})
+    params = {
+        "store_path": store_path,
+        "dataset": dataset,
+        "variants": [v.name for v in chosen],
+        "seeds": list(seeds),
+        "train": base_train,
+        "splits": base_splits,
+        "model": base_model,
+    }
+    out = (
+        Path(out_dir)
+        if out_dir
+        else tracking.msata_home() / "ablations" / dataset / _key({k: v for k, v in params.items() if k != "variants"})
+    )
     parent = parent_task(str(out), dataset, params, track)
     results: list[VariantResult] = []
     with tracking.ended_on_failure(parent):
@@ -196,7 +236,9 @@ def ablate_msata(
             v_train, v_model = variant_settings(variant, base_train, base_model)
             result = VariantResult(variant.name, variant.label)
             for seed in seeds:
-                run_dir = prepare_variant_task(store_path, dataset, variant.name, seed, v_train, base_splits, v_model, str(out / variant.name / f"seed-{seed}"), parent)
+                run_dir = prepare_variant_task(
+                    store_path, dataset, variant.name, seed, v_train, base_splits, v_model, str(out / variant.name / f"seed-{seed}"), parent
+                )
                 n_folds = len(json.loads((Path(run_dir) / "experiment.json").read_text())["folds"])
                 for index in range(n_folds):
                     fold_task(run_dir, index)
@@ -204,7 +246,13 @@ def ablate_msata(
                 result.folds += [f["test"] for f in cv["folds"]]
                 result.runs.append({"seed": seed, "run_dir": run_dir, "parent_run_id": cv.get("parent_run_id"), "summary": cv["summary"]})
             result.summary = summarize_folds(result.folds)
-            logger.info("%s: test UAR %.4f +- %.4f over %d folds", variant.label, result.summary["uar_mean"], result.summary["uar_std"], len(result.folds))
+            logger.info(
+                "%s: test UAR %.4f +- %.4f over %d folds",
+                variant.label,
+                result.summary["uar_mean"],
+                result.summary["uar_std"],
+                len(result.folds),
+            )
             results.append(result)
         title = f"{dataset}: ablation, test mean ± std over {len(results[0].folds) // len(seeds)} speaker-independent folds x {len(seeds)} seed(s)"
         table = ablation_table(results, title)
@@ -218,7 +266,9 @@ def ablate_msata(
             tracking.log_artifact(parent, out / TABLE_FILE)
             tracking.log_artifact(parent, out / JSON_FILE)
             tracking.end_run(parent)
-    create_markdown_artifact(table + f"\nablation directory: `{out}`\n", key=artifact_key("ablation", dataset), description=f"msata ablation grid on {dataset}")
+    create_markdown_artifact(
+        table + f"\nablation directory: `{out}`\n", key=artifact_key("ablation", dataset), description=f"msata ablation grid on {dataset}"
+    )
     return {"out_dir": str(out), "table": table, "parent_run_id": parent, "variants": [asdict(r) for r in results]}
 
 
@@ -242,8 +292,15 @@ def run_ablation(
 
     select_variants(variants)
     params = {
-        "store_path": str(store_path), "dataset": dataset, "variants": list(variants) if variants else None, "seeds": [int(s) for s in seeds],
-        "train": train or {}, "splits": splits or {}, "model": model or {}, "out_dir": str(out_dir) if out_dir else None, "track": track,
+        "store_path": str(store_path),
+        "dataset": dataset,
+        "variants": list(variants) if variants else None,
+        "seeds": [int(s) for s in seeds],
+        "train": train or {},
+        "splits": splits or {},
+        "model": model or {},
+        "out_dir": str(out_dir) if out_dir else None,
+        "track": track,
     }
     try:
         ablate_msata.validate_parameters(params)

@@ -24,8 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 RUNNING_SERVER_HINT = (
-    "to use a running server instead: `prefect server start` in another terminal, "
-    "then `export PREFECT_API_URL=http://127.0.0.1:4200/api`"
+    "to use a running server instead: `prefect server start` in another terminal, then `export PREFECT_API_URL=http://127.0.0.1:4200/api`"
 )
 PORT_IN_USE = 3  # uvicorn's exit code when it cannot bind
 
@@ -83,13 +82,30 @@ class TemporaryApiServer:
             **get_current_settings().to_environment_variables(exclude_unset=True),
         }
         args = [
-            sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parent.parent), "--factory",
-            "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on",
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--app-dir",
+            str(Path(prefect.__file__).parent.parent),
+            "--factory",
+            "prefect.server.api.server:create_app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--log-level",
+            "error",
+            "--lifespan",
+            "on",
         ]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             return subprocess.Popen(
-                args, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                args,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
                 preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
             )
 

@@ -27,16 +27,27 @@ def cv_table(result: dict[str, Any]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for fold in result["folds"]:
         test = fold["test"]
-        rows.append({
-            "fold": str(fold["index"]), "best epoch": fold["best_epoch"], "val UAR": round(fold["best_val_uar"], 4),
-            "test WA": round(test["wa"], 4), "test UAR": round(test["uar"], 4), "test macro-F1": round(test["macro_f1"], 4),
-        })
+        rows.append(
+            {
+                "fold": str(fold["index"]),
+                "best epoch": fold["best_epoch"],
+                "val UAR": round(fold["best_val_uar"], 4),
+                "test WA": round(test["wa"], 4),
+                "test UAR": round(test["uar"], 4),
+                "test macro-F1": round(test["macro_f1"], 4),
+            }
+        )
     s = result["summary"]
-    rows.append({
-        "fold": "mean ± std", "best epoch": "", "val UAR": "",
-        "test WA": f"{s['wa_mean']:.4f} ± {s['wa_std']:.4f}", "test UAR": f"{s['uar_mean']:.4f} ± {s['uar_std']:.4f}",
-        "test macro-F1": f"{s['macro_f1_mean']:.4f} ± {s['macro_f1_std']:.4f}",
-    })
+    rows.append(
+        {
+            "fold": "mean ± std",
+            "best epoch": "",
+            "val UAR": "",
+            "test WA": f"{s['wa_mean']:.4f} ± {s['wa_std']:.4f}",
+            "test UAR": f"{s['uar_mean']:.4f} ± {s['uar_std']:.4f}",
+            "test macro-F1": f"{s['macro_f1_mean']:.4f} ± {s['macro_f1_std']:.4f}",
+        }
+    )
     return rows
 
 
@@ -57,7 +68,8 @@ def publish_cv_artifacts(result: dict[str, Any], experiment_id: str | None) -> N
     dataset = result["dataset"]
     s = result["summary"]
     create_table_artifact(
-        cv_table(result), key=artifact_key("cv", dataset),
+        cv_table(result),
+        key=artifact_key("cv", dataset),
         description=f"{dataset}: speaker-independent cross-validation, test UAR {s['uar_mean']:.4f} ± {s['uar_std']:.4f} over {len(result['folds'])} fold(s); run directory {result['run_dir']}",
     )
     if result.get("parent_run_id") and experiment_id:
@@ -65,7 +77,9 @@ def publish_cv_artifacts(result: dict[str, Any], experiment_id: str | None) -> N
         registered = result.get("registered") or {}
         if registered.get("model_uri"):
             description += f"; registered {registered['model_uri']}"
-        create_link_artifact(link, link_text=f"MLflow run {result['parent_run_id']}", key=artifact_key("mlflow-run", dataset), description=description)
+        create_link_artifact(
+            link, link_text=f"MLflow run {result['parent_run_id']}", key=artifact_key("mlflow-run", dataset), description=description
+        )
 
 
 def preprocess_markdown(summary: dict[str, Any]) -> str:
@@ -93,6 +107,7 @@ def publish_preprocess_summary(dataset: str, summary: dict[str, Any]) -> None:
     from prefect.artifacts import create_markdown_artifact
 
     create_markdown_artifact(
-        preprocess_markdown(summary), key=artifact_key("preprocess", dataset),
+        preprocess_markdown(summary),
+        key=artifact_key("preprocess", dataset),
         description=f"{summary['done']} done, {summary['skipped']} skipped, {summary['failed']} failed, {summary['rejected']} rejected -> {summary['store']}",
     )

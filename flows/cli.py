@@ -58,14 +58,19 @@ def preprocess(
     dask_address: str | None = typer.Option(None, help="Run the clip tasks on this running Dask scheduler (tcp://host:8786)."),
     limit: int | None = typer.Option(None, min=1, help="Process only the first N clips."),
     feature_config: Path | None = typer.Option(
-        None, exists=True, dir_okay=False, help="TOML/JSON feature settings, keys as FeatureConfig.to_dict() nests them (\\[audio], \\[face], ...)."
+        None,
+        exists=True,
+        dir_okay=False,
+        help="TOML/JSON feature settings, keys as FeatureConfig.to_dict() nests them (\\[audio], \\[face], ...).",
     ),
     detect_every: int | None = typer.Option(None, min=1, help="Run face detection on every N-th frame (face.detect_every; default 1)."),
     face_representation: str | None = typer.Option(
-        None, help="Face features (face.representation): crops (MTCNN face crops, default) or blendshapes (52 MediaPipe FaceLandmarker expression scores per frame)."
+        None,
+        help="Face features (face.representation): crops (MTCNN face crops, default) or blendshapes (52 MediaPipe FaceLandmarker expression scores per frame).",
     ),
     audio_encoder: str | None = typer.Option(
-        None, help="Audio representation (audio_encoder.name): log-mel (default), or the hidden states of a packaged pretrained encoder: whisper-base, whisper-tiny.en, or of a local Hugging Face checkpoint directory (Whisper, wav2vec2, HuBERT, WavLM; model.safetensors): hf:/path/to/dir."
+        None,
+        help="Audio representation (audio_encoder.name): log-mel (default), or the hidden states of a packaged pretrained encoder: whisper-base, whisper-tiny.en, or of a local Hugging Face checkpoint directory (Whisper, wav2vec2, HuBERT, WavLM; model.safetensors): hf:/path/to/dir.",
     ),
 ) -> None:
     """Decode a corpus and write timestamped audio and face features to a Zarr store."""
@@ -80,10 +85,23 @@ def preprocess(
     found = discover(dataset.value, str(root), csv)
     if not found.records:
         example = f" (e.g. {found.rejected[0].path}: {found.rejected[0].reason})" if found.rejected else ""
-        raise UserError(f"no clip under {root} fits the {dataset.value} recipe: {len(found.rejected)} file(s) rejected{example}; is --dataset right?")
-    with stop_promptly(f"clips committed so far are kept in {store}; run the same command again to resume"), progress_bar("preprocessing", "clips stored") as on_progress:
+        raise UserError(
+            f"no clip under {root} fits the {dataset.value} recipe: {len(found.rejected)} file(s) rejected{example}; is --dataset right?"
+        )
+    with (
+        stop_promptly(f"clips committed so far are kept in {store}; run the same command again to resume"),
+        progress_bar("preprocessing", "clips stored") as on_progress,
+    ):
         summary = run_preprocessing(
-            dataset.value, root, store, csv_path=csv, workers=workers, dask_address=dask_address, limit=limit, feature_config=config, on_progress=on_progress
+            dataset.value,
+            root,
+            store,
+            csv_path=csv,
+            workers=workers,
+            dask_address=dask_address,
+            limit=limit,
+            feature_config=config,
+            on_progress=on_progress,
         )
     print_preprocess_summary(summary)
     if summary.done + summary.skipped == 0:
@@ -108,14 +126,25 @@ def train(
     dataset: str = typer.Option(
         ..., help=f"{', '.join(n for n in CORPORA if CORPORA[n].labels)}, or the name of your own dataset (registered as msata-<dataset>)."
     ),
-    folds: int | None = typer.Option(None, min=2, help="Speaker-independent folds (default 5; RAVDESS's 24 actors also split evenly into 6 or 4)."),
+    folds: int | None = typer.Option(
+        None, min=2, help="Speaker-independent folds (default 5; RAVDESS's 24 actors also split evenly into 6 or 4)."
+    ),
     epochs: int | None = typer.Option(None, min=1, help="Maximum epochs per fold (early stopping on validation UAR)."),
-    config: Path | None = typer.Option(None, exists=True, dir_okay=False, help="TOML/JSON run config with \\[train], \\[model] and \\[splits] tables of overrides (infra/configs/)."),
+    config: Path | None = typer.Option(
+        None,
+        exists=True,
+        dir_okay=False,
+        help="TOML/JSON run config with \\[train], \\[model] and \\[splits] tables of overrides (infra/configs/).",
+    ),
     run_dir: Path | None = typer.Option(None, help="Where checkpoints and split files go (default under MSATA_HOME/runs)."),
-    resume: bool = typer.Option(False, help="Continue an interrupted experiment (the default run directory is keyed by store, configs and folds)."),
+    resume: bool = typer.Option(
+        False, help="Continue an interrupted experiment (the default run directory is keyed by store, configs and folds)."
+    ),
     register: bool = typer.Option(True, help="Register the selected model in the MLflow registry."),
     nproc: int = typer.Option(
-        1, min=1, help="Training processes per fold: msata launches torchrun with one process per GPU (gloo processes on CPU); train.batch_size stays the global batch."
+        1,
+        min=1,
+        help="Training processes per fold: msata launches torchrun with one process per GPU (gloo processes on CPU); train.batch_size stays the global batch.",
     ),
 ) -> None:
     """Cross-validate msata on a feature store; log to MLflow and register the model.
@@ -127,7 +156,9 @@ def train(
     from flows.train import run_training
 
     if os.environ.get("WORLD_SIZE", "1") != "1":  # `torchrun -m flows.cli train`: N copies of the flow and its MLflow runs
-        raise UserError(f"msata train is running under torchrun (WORLD_SIZE={os.environ['WORLD_SIZE']}): run it once with --nproc {os.environ['WORLD_SIZE']} instead, it launches torchrun per fold")
+        raise UserError(
+            f"msata train is running under torchrun (WORLD_SIZE={os.environ['WORLD_SIZE']}): run it once with --nproc {os.environ['WORLD_SIZE']} instead, it launches torchrun per fold"
+        )
 
     overrides = _load_overrides(config)
     train_overrides = dict(overrides.get("train", {}))
@@ -138,8 +169,16 @@ def train(
         split_overrides["n_folds"] = folds
     with train_progress() as progress:
         result = run_training(
-            store, dataset, train=train_overrides, splits=split_overrides, model=overrides.get("model"),
-            run_dir=run_dir, resume=resume, register=register, progress=progress, nproc=nproc,
+            store,
+            dataset,
+            train=train_overrides,
+            splits=split_overrides,
+            model=overrides.get("model"),
+            run_dir=run_dir,
+            resume=resume,
+            register=register,
+            progress=progress,
+            nproc=nproc,
         )
     print_cv_result(result)
 
@@ -156,13 +195,25 @@ def _int_list(text: str, option: str) -> list[int]:
 def ablate(
     store: str | None = typer.Option(None, help="Feature store built by `msata preprocess` (or --demo)."),
     dataset: str | None = typer.Option(None, help="Dataset name as for `msata train` (runs go to the MLflow experiment msata-<dataset>)."),
-    demo: bool = typer.Option(False, help="Build (or reuse) the synthetic demo store under MSATA_HOME/demo and ablate on it: runs from a fresh clone."),
+    demo: bool = typer.Option(
+        False, help="Build (or reuse) the synthetic demo store under MSATA_HOME/demo and ablate on it: runs from a fresh clone."
+    ),
     folds: int | None = typer.Option(None, min=2, help="Speaker-independent folds, the same for every variant (default 5; 3 with --demo)."),
     seeds: str = typer.Option("0", help="Training seeds, comma-separated: every variant runs once per seed on the same folds."),
     epochs: int | None = typer.Option(None, min=1, help="Maximum epochs per fold."),
-    variants: str | None = typer.Option(None, help="Comma-separated subset of: tarope-ctm, tarope, index-ctm, index, none-ctm, none, late-ctm, late, audio-only, video-only (default all)."),
-    config: Path | None = typer.Option(None, exists=True, dir_okay=False, help="TOML/JSON base run config (\\[train], \\[model], \\[splits]) that every variant starts from."),
-    out: Path | None = typer.Option(None, help="Ablation directory (default MSATA_HOME/ablations/<dataset>/<key>): runs, ablation.md, ablation.json."),
+    variants: str | None = typer.Option(
+        None,
+        help="Comma-separated subset of: tarope-ctm, tarope, index-ctm, index, none-ctm, none, late-ctm, late, audio-only, video-only (default all).",
+    ),
+    config: Path | None = typer.Option(
+        None,
+        exists=True,
+        dir_okay=False,
+        help="TOML/JSON base run config (\\[train], \\[model], \\[splits]) that every variant starts from.",
+    ),
+    out: Path | None = typer.Option(
+        None, help="Ablation directory (default MSATA_HOME/ablations/<dataset>/<key>): runs, ablation.md, ablation.json."
+    ),
 ) -> None:
     """The paper's ablation grid on one store: TaRoPE / index RoPE / no positions / late fusion, each with and without CTM,
     audio only and video only, on the same folds and seeds; one MLflow parent run; a side-by-side table (mean ± std)."""
@@ -178,7 +229,11 @@ def ablate(
     if not seed_list:
         raise UserError(f"--seeds {seeds!r}: give at least one seed")
     overrides = _load_overrides(config)
-    train_overrides, split_overrides, model_overrides = dict(overrides.get("train", {})), dict(overrides.get("splits", {})), dict(overrides.get("model", {}))
+    train_overrides, split_overrides, model_overrides = (
+        dict(overrides.get("train", {})),
+        dict(overrides.get("splits", {})),
+        dict(overrides.get("model", {})),
+    )
     if demo:
         if store or dataset:
             raise UserError(f"--demo builds its own store: leave out --store ({store}) and --dataset ({dataset})")
@@ -187,7 +242,9 @@ def ablate(
 
         demo_config = DemoConfig()
         with progress_bar("preprocessing", "clips stored") as on_progress:
-            store_path, _, _ = build_demo_store(msata_home() / "demo", demo_config, say=lambda s: console.print(f"[bold cyan]{s}"), preprocess_progress=on_progress)
+            store_path, _, _ = build_demo_store(
+                msata_home() / "demo", demo_config, say=lambda s: console.print(f"[bold cyan]{s}"), preprocess_progress=on_progress
+            )
         store, dataset = str(store_path), "demo"
         train_overrides = {"epochs": demo_config.epochs, "seed": demo_config.seed, **demo_config.train, **train_overrides}
         model_overrides = {**demo_config.model, **model_overrides}
@@ -207,7 +264,9 @@ def ablate(
 @one_line_errors
 def compare(
     dataset: str | None = typer.Option(None, help="Only models of this dataset."),
-    format: OutputFormat = typer.Option(OutputFormat.table, "--format", help="table: the main columns; json / csv: every column, to stdout."),
+    format: OutputFormat = typer.Option(
+        OutputFormat.table, "--format", help="table: the main columns; json / csv: every column, to stdout."
+    ),
 ) -> None:
     """Registered model versions and their cross-validation metrics, side by side."""
     from modeling.training.experiment import compare_models
@@ -233,8 +292,8 @@ def predict(
     hop: float = typer.Option(0.5, min=0.05, help="Timeline hop in seconds."),
 ) -> None:
     """Predict the emotion of new recordings: label, class probabilities and a timeline."""
-    from modeling.inference.predictor import load_predictor, predict_files
     from modeling.inference.predictions import write_jsonl
+    from modeling.inference.predictor import load_predictor, predict_files
 
     if len(files) == 1 and files[0].is_dir():
         from flows.predict import run_prediction
@@ -242,7 +301,9 @@ def predict(
         out_dir = out or files[0].with_name(f"{files[0].name}_predictions")
         with stop_promptly(f"finished parts are kept under {out_dir}"), progress_bar("predicting", "files") as on_progress:
             summary = run_prediction(model, files[0], out_dir, plots=plot is not None, window_s=window, hop_s=hop, on_progress=on_progress)
-        console.print(f"{summary.n_ok} predicted, {summary.n_failed} failed, {summary.n_with_warnings} with warnings -> {summary.parquet_path}")
+        console.print(
+            f"{summary.n_ok} predicted, {summary.n_failed} failed, {summary.n_with_warnings} with warnings -> {summary.parquet_path}"
+        )
         raise typer.Exit(code=0 if summary.n_ok else 1)
     try:
         predictor = load_predictor(model)

@@ -61,7 +61,9 @@ def progress_bar(label: str, unit: str) -> Iterator[Any]:
     """A rich progress bar; yields ``on_progress(completed, total)`` (safe to call from a polling thread)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit), TimeElapsedColumn(), console=console) as progress:
+    with Progress(
+        TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit), TimeElapsedColumn(), console=console
+    ) as progress:
         bar = progress.add_task("", total=None)
 
         def on_progress(completed: int, total: int) -> None:
@@ -74,7 +76,14 @@ def progress_bar(label: str, unit: str) -> Iterator[Any]:
 def train_progress() -> Iterator[Any]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with Progress(TextColumn("[bold]{task.fields[title]}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.description}"), console=console) as progress:
+    with Progress(
+        TextColumn("[bold]{task.fields[title]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.description}"),
+        console=console,
+    ) as progress:
         bars: dict[int | None, int] = {}
 
         def on_event(event) -> None:
@@ -84,7 +93,12 @@ def train_progress() -> Iterator[Any]:
             bar = bars[fold]
             if event.kind == "epoch_end" and event.record is not None:
                 r = event.record
-                progress.update(bar, completed=event.epoch, total=event.epochs, description=f"loss {r.train_loss:.3f}  val UAR {r.val_uar:.3f}  {r.train_clips_per_s:.0f} clips/s, {100 * r.data_wait_share:.0f}% waiting on data")
+                progress.update(
+                    bar,
+                    completed=event.epoch,
+                    total=event.epochs,
+                    description=f"loss {r.train_loss:.3f}  val UAR {r.val_uar:.3f}  {r.train_clips_per_s:.0f} clips/s, {100 * r.data_wait_share:.0f}% waiting on data",
+                )
             elif event.kind == "step" and event.steps:
                 progress.update(bar, description=f"epoch {event.epoch} step {event.step}/{event.steps}")
 
@@ -106,11 +120,33 @@ def print_preprocess_summary(summary) -> None:
 
 
 def print_cv_result(result) -> None:
-    table = Table("fold", "best epoch", "val UAR", "test WA", "test UAR", "test macro-F1", title=f"{result.dataset}: speaker-independent cross-validation")
+    table = Table(
+        "fold",
+        "best epoch",
+        "val UAR",
+        "test WA",
+        "test UAR",
+        "test macro-F1",
+        title=f"{result.dataset}: speaker-independent cross-validation",
+    )
     for fold in result.folds:
-        table.add_row(str(fold.index), str(fold.best_epoch), f"{fold.best_val_uar:.3f}", f"{fold.test['wa']:.3f}", f"{fold.test['uar']:.3f}", f"{fold.test['macro_f1']:.3f}")
+        table.add_row(
+            str(fold.index),
+            str(fold.best_epoch),
+            f"{fold.best_val_uar:.3f}",
+            f"{fold.test['wa']:.3f}",
+            f"{fold.test['uar']:.3f}",
+            f"{fold.test['macro_f1']:.3f}",
+        )
     s = result.summary
-    table.add_row("mean ± std", "", "", f"{s['wa_mean']:.3f} ± {s['wa_std']:.3f}", f"{s['uar_mean']:.3f} ± {s['uar_std']:.3f}", f"{s['macro_f1_mean']:.3f} ± {s['macro_f1_std']:.3f}")
+    table.add_row(
+        "mean ± std",
+        "",
+        "",
+        f"{s['wa_mean']:.3f} ± {s['wa_std']:.3f}",
+        f"{s['uar_mean']:.3f} ± {s['uar_std']:.3f}",
+        f"{s['macro_f1_mean']:.3f} ± {s['macro_f1_std']:.3f}",
+    )
     console.print(table)
     console.print(f"run directory: {result.run_dir}")
     if result.registered:
@@ -122,7 +158,9 @@ def print_prediction(prediction) -> None:
         console.print(f"[bold red]{prediction.path}[/]: {prediction.error}")
         return
     probs = "  ".join(f"{k} {v:.2f}" for k, v in sorted(prediction.probabilities.items(), key=lambda kv: -kv[1]))
-    console.print(f"[bold]{prediction.path}[/]: [bold green]{prediction.label}[/]  ({probs})  from {'+'.join(prediction.modalities)}, {prediction.duration_s:.2f} s")
+    console.print(
+        f"[bold]{prediction.path}[/]: [bold green]{prediction.label}[/]  ({probs})  from {'+'.join(prediction.modalities)}, {prediction.duration_s:.2f} s"
+    )
     for warning in prediction.warnings:
         console.print(f"  [yellow]warning:[/] {warning}")
     for window in prediction.timeline:

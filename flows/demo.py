@@ -28,7 +28,9 @@ class DemoConfig:
     n_folds: int = 3
     epochs: int = 12
     seed: int = 0
-    train: dict[str, Any] = field(default_factory=lambda: {"batch_size": 8, "num_workers": 0, "patience": 6, "lr": 1e-3, "warmup_epochs": 1.0})
+    train: dict[str, Any] = field(
+        default_factory=lambda: {"batch_size": 8, "num_workers": 0, "patience": 6, "lr": 1e-3, "warmup_epochs": 1.0}
+    )
     model: dict[str, Any] = field(default_factory=lambda: {"d_model": 96, "n_layers": 2, "n_heads": 4})
 
 
@@ -51,24 +53,41 @@ def build_demo_dataset(root: Path, config: DemoConfig) -> tuple[Path, Path]:
     raw = root / "raw"
     if not (raw / "labels.csv").is_file():
         make_synthetic_dataset(
-            raw, n_speakers=config.n_speakers, clips_per_class=config.clips_per_class, classes=DEMO_CLASSES,
-            duration_s=config.duration_s, fps=config.fps, size=config.size, seed=config.seed,
+            raw,
+            n_speakers=config.n_speakers,
+            clips_per_class=config.clips_per_class,
+            classes=DEMO_CLASSES,
+            duration_s=config.duration_s,
+            fps=config.fps,
+            size=config.size,
+            seed=config.seed,
         )
     unseen = root / "unseen" / "unseen_speaker_happy.mp4"
     if not unseen.is_file():
         make_talking_face_clip(
-            unseen, duration_s=4.0, fps=30, width=config.size[0], height=config.size[1], label="happy",
-            speaker=speaker_style(config.n_speakers + 7, config.seed), style=class_style("happy", DEMO_CLASSES.index("happy")), seed=424242,
+            unseen,
+            duration_s=4.0,
+            fps=30,
+            width=config.size[0],
+            height=config.size[1],
+            label="happy",
+            speaker=speaker_style(config.n_speakers + 7, config.seed),
+            style=class_style("happy", DEMO_CLASSES.index("happy")),
+            seed=424242,
         )
     return raw, unseen
 
 
-def build_demo_store(root: Path, config: DemoConfig, say: Callable[[str], None] = print, preprocess_progress=None) -> tuple[Path, Path, Any]:
+def build_demo_store(
+    root: Path, config: DemoConfig, say: Callable[[str], None] = print, preprocess_progress=None
+) -> tuple[Path, Path, Any]:
     """(store, unseen clip, preprocessing summary): the demo's clips generated once and run through
     preprocess-dataset into ``root/store`` (a re-run skips stored clips). ``msata ablate --demo`` uses it too."""
     from flows.preprocess import run_preprocessing
 
-    say(f"1/4 synthetic talking-face dataset ({config.n_speakers} speakers x {len(DEMO_CLASSES)} emotions x {config.clips_per_class}) in {root / 'raw'}")
+    say(
+        f"1/4 synthetic talking-face dataset ({config.n_speakers} speakers x {len(DEMO_CLASSES)} emotions x {config.clips_per_class}) in {root / 'raw'}"
+    )
     raw, unseen = build_demo_dataset(root, config)
     store = root / "store"
     say(f"2/4 preprocess-dataset flow -> {store}")
@@ -78,11 +97,13 @@ def build_demo_store(root: Path, config: DemoConfig, say: Callable[[str], None] 
     return store, unseen, summary
 
 
-def run_demo(home: Path, config: DemoConfig = DemoConfig(), say: Callable[[str], None] = print, train_progress=None, preprocess_progress=None) -> DemoResult:
-    from modeling.training.experiment import run_cross_validation
-    from modeling.inference.predictor import load_predictor, predict_files
+def run_demo(
+    home: Path, config: DemoConfig = DemoConfig(), say: Callable[[str], None] = print, train_progress=None, preprocess_progress=None
+) -> DemoResult:
     from modeling.data.splits import SplitConfig
+    from modeling.inference.predictor import load_predictor, predict_files
     from modeling.inference.timeline_plot import plot_timeline
+    from modeling.training.experiment import run_cross_validation
     from modeling.training.train_loop import TrainConfig
 
     root = home / "demo"
@@ -92,8 +113,13 @@ def run_demo(home: Path, config: DemoConfig = DemoConfig(), say: Callable[[str],
     say(f"3/4 {config.n_folds}-fold speaker-independent cross-validation, logged to MLflow")
     train_config = TrainConfig.from_dict({"epochs": config.epochs, "seed": config.seed, **config.train})
     cv = run_cross_validation(
-        str(store), "demo", train_config=train_config, split_config=SplitConfig(n_folds=config.n_folds, seed=config.seed),
-        model_overrides=config.model, run_dir=root / "runs" / f"cv-{_timestamp()}", progress=train_progress,
+        str(store),
+        "demo",
+        train_config=train_config,
+        split_config=SplitConfig(n_folds=config.n_folds, seed=config.seed),
+        model_overrides=config.model,
+        run_dir=root / "runs" / f"cv-{_timestamp()}",
+        progress=train_progress,
     )
     model_uri = "models:/msata-demo@champion" if cv.registered else cv.folds[cv.selected_fold or 0].best_path
 

@@ -21,8 +21,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
 from features.recipes.folder import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS, clip_id_for
-from modeling.inference.predictor import Predictor, load_predictor, predict_files
 from modeling.inference.predictions import predictions_frame, read_jsonl, write_jsonl
+from modeling.inference.predictor import Predictor, load_predictor, predict_files
 
 MEDIA_EXTENSIONS: frozenset[str] = VIDEO_EXTENSIONS | AUDIO_EXTENSIONS
 PARQUET_NAME, JSONL_NAME, PLOTS_DIR, PARTS_DIR = "predictions.parquet", "predictions.jsonl", "plots", ".parts"
@@ -52,7 +52,9 @@ def find_media(root: str | Path, extensions: Iterable[str] | None = None, recurs
         raise FileNotFoundError(f"input folder {root} does not exist")
     found = root.rglob("*") if recursive else root.glob("*")
     return sorted(
-        str(p) for p in found if p.suffix.lower() in exts and p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        str(p)
+        for p in found
+        if p.suffix.lower() in exts and p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
     )
 
 
@@ -127,7 +129,9 @@ def find_media_task(root: str, extensions: list[str] | None, recursive: bool) ->
 
 
 @task(name="predict-files", cache_policy=NO_CACHE)
-def predict_chunk_task(model: str, paths: list[str], part_path: str, root: str, window_s: float, hop_s: float, device: str, plot_dir: str | None) -> str:
+def predict_chunk_task(
+    model: str, paths: list[str], part_path: str, root: str, window_s: float, hop_s: float, device: str, plot_dir: str | None
+) -> str:
     return predict_chunk(model, paths, part_path, root, window_s, hop_s, device, plot_dir)
 
 
@@ -165,12 +169,14 @@ def predict_folder(
     part_paths = [str(out / PARTS_DIR / f"part-{i:05d}.jsonl") for i in range(len(chunks))]
     futures = [
         predict_chunk_task.submit(model, chunk, part, str(input_dir), window_s, hop_s, device, plot_dir)
-        for chunk, part in zip(chunks, part_paths)
+        for chunk, part in zip(chunks, part_paths, strict=False)
     ]
     for future in as_completed(futures):
         future.result()  # predict_files records per-file errors; anything raised here is a real failure
     summary = collect_task(part_paths, out_dir, label_names)
-    print(f"predict-folder: {summary.n_ok} predicted, {summary.n_failed} failed, {summary.n_with_warnings} with warnings -> {summary.parquet_path}")
+    print(
+        f"predict-folder: {summary.n_ok} predicted, {summary.n_failed} failed, {summary.n_with_warnings} with warnings -> {summary.parquet_path}"
+    )
     return summary
 
 

@@ -159,17 +159,21 @@ def preprocess_dataset(
 
     clips = preprocess_clips.with_options(task_runner=task_runner_for(workers, dask_address))
     outcomes = clips([r.to_dict() for r in records], store, config_dict) if records else []
-    for record, outcome in zip(records, outcomes):
+    for record, outcome in zip(records, outcomes, strict=False):
         if outcome.status == "failed":
             summary.failed += 1
-            summary.failures.append({"clip_id": outcome.clip_id, "path": record.video_path or record.audio_path or "", "reason": outcome.reason})
+            summary.failures.append(
+                {"clip_id": outcome.clip_id, "path": record.video_path or record.audio_path or "", "reason": outcome.reason}
+            )
         elif outcome.status == "skipped":
             summary.skipped += 1
         else:
             summary.done += 1
     commit_task(store, config_dict)
     publish_preprocess_summary(dataset, summary.to_dict())
-    print(f"preprocess-dataset: {summary.done} done, {summary.skipped} skipped, {summary.failed} failed, {summary.rejected} rejected -> {store}")
+    print(
+        f"preprocess-dataset: {summary.done} done, {summary.skipped} skipped, {summary.failed} failed, {summary.rejected} rejected -> {store}"
+    )
     return summary
 
 

@@ -39,7 +39,9 @@ def configure_environment() -> Path:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # library use and tests; the CLI sends INFO to the API (configure_cli_logging)
+    os.environ.setdefault(
+        "PREFECT_LOGGING_LEVEL", "WARNING"
+    )  # library use and tests; the CLI sends INFO to the API (configure_cli_logging)
     # The temporary API server starts in a subprocess; on a busy 2-core machine it needs more than the default 20 s.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     return home

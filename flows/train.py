@@ -71,13 +71,15 @@ def prepare_task(
     from prefect.runtime import flow_run
 
     from features.config import FeatureConfig
-    from modeling.training.experiment import prepare_experiment
     from modeling.data.splits import SplitConfig
+    from modeling.training.experiment import prepare_experiment
     from modeling.training.train_loop import TrainConfig
 
     expected = FeatureConfig.from_dict(expected_feature_config) if expected_feature_config else None
     tags = {"prefect.flow_run_id": flow_run.id, "prefect.flow_run_name": flow_run.name} if flow_run.id else None
-    path = prepare_experiment(store_path, dataset, TrainConfig.from_dict(train), SplitConfig(**splits), model, expected, run_dir, resume, track, run_tags=tags)
+    path = prepare_experiment(
+        store_path, dataset, TrainConfig.from_dict(train), SplitConfig(**splits), model, expected, run_dir, resume, track, run_tags=tags
+    )
     return str(path)
 
 
@@ -92,7 +94,9 @@ def fold_task(run_dir: str, fold_index: int, nproc: int = 1) -> dict[str, Any]:
     def on_progress(event) -> None:
         if event.kind == "epoch_end" and event.record is not None:
             r = event.record
-            logger.info("fold %d epoch %d/%d: loss %.4f val UAR %.4f (%.1fs)", fold_index, r.epoch, event.epochs, r.train_loss, r.val_uar, r.seconds)
+            logger.info(
+                "fold %d epoch %d/%d: loss %.4f val UAR %.4f (%.1fs)", fold_index, r.epoch, event.epochs, r.train_loss, r.val_uar, r.seconds
+            )
         report_progress(event)
 
     result = run_fold(run_dir, fold_index, on_progress, nproc)
@@ -121,7 +125,10 @@ def train_msata(
     resume: bool = False,
     track: bool = True,
     register: bool = True,
-    nproc: Annotated[int, Field(ge=1, description="Training processes per fold (torchrun, data-parallel): the worker's GPU count, or gloo processes on CPU.")] = 1,
+    nproc: Annotated[
+        int,
+        Field(ge=1, description="Training processes per fold (torchrun, data-parallel): the worker's GPU count, or gloo processes on CPU."),
+    ] = 1,
 ) -> dict[str, Any]:
     """Cross-validate msata on ``store_path``.
 
@@ -140,7 +147,15 @@ def train_msata(
     configure_environment()
     logger = get_run_logger()
     run_path = prepare_task(
-        store_path, dataset, train.to_config().to_dict(), asdict(splits.to_config()), model.overrides(), expected_feature_config, run_dir, resume, track
+        store_path,
+        dataset,
+        train.to_config().to_dict(),
+        asdict(splits.to_config()),
+        model.overrides(),
+        expected_feature_config,
+        run_dir,
+        resume,
+        track,
     )
     spec = load_spec(run_path)
     n_folds = len(spec["folds"])
@@ -150,7 +165,13 @@ def train_msata(
     summary = result["summary"]
     logger.info(
         "%s: test UAR %.4f +- %.4f, WA %.4f +- %.4f over %d fold(s); registered %s",
-        dataset, summary["uar_mean"], summary["uar_std"], summary["wa_mean"], summary["wa_std"], n_folds, result.get("registered"),
+        dataset,
+        summary["uar_mean"],
+        summary["uar_std"],
+        summary["wa_mean"],
+        summary["wa_std"],
+        n_folds,
+        result.get("registered"),
     )
     publish_cv_artifacts(result, (spec.get("mlflow") or {}).get("experiment_id"))
     return result
@@ -187,8 +208,15 @@ def run_training(
     from storage import FeatureStore
 
     params = {
-        "store_path": str(store_path), "dataset": dataset, "train": train or {}, "splits": splits or {}, "model": model or {},
-        "run_dir": str(run_dir) if run_dir else None, "resume": resume, "register": register, "nproc": nproc,
+        "store_path": str(store_path),
+        "dataset": dataset,
+        "train": train or {},
+        "splits": splits or {},
+        "model": model or {},
+        "run_dir": str(run_dir) if run_dir else None,
+        "resume": resume,
+        "register": register,
+        "nproc": nproc,
     }
     try:  # here, before a server starts or a flow run is created: "train.epoch: Extra inputs are not permitted"
         train_msata.validate_parameters(params)

@@ -23,8 +23,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, create_model
 
-from modeling.network.encoder import MsataConfig
 from modeling.data.splits import SplitConfig
+from modeling.network.encoder import MsataConfig
 from modeling.training.train_loop import TrainConfig
 
 

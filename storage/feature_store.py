@@ -101,7 +101,9 @@ def _root_attrs(fs: fsspec.AbstractFileSystem, root: str, url: str) -> dict[str,
     return attrs
 
 
-async def _read_group(store: zarr.abc.store.Store, wanted: Collection[str] | None, skip: Collection[str]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+async def _read_group(
+    store: zarr.abc.store.Store, wanted: Collection[str] | None, skip: Collection[str]
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """(group attributes, {array name: whole array}) of one clip group, the arrays read concurrently."""
     group = await zarr.api.asynchronous.open_group(store, mode="r", zarr_format=3, use_consolidated=True)
     attrs = dict(group.attrs)

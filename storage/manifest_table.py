@@ -184,7 +184,7 @@ def concat_sorted(tables: list[pa.Table], schema: pa.Schema, key: tuple[str, ...
     if not tables:
         return schema.empty_table()
     table = pa.concat_tables(tables)
-    keys = list(zip(*(table.column(name).to_pylist() for name in key)))
+    keys = list(zip(*(table.column(name).to_pylist() for name in key), strict=False))
     last = {k: i for i, k in enumerate(keys)}
     return table.take(pa.array([last[k] for k in sorted(last)], pa.int64()))
 

@@ -23,7 +23,9 @@ LABELS = ["angry", "disgust", "fearful", "happy", "neutral", "sad"]
 VIDEO_FPS = 25.0
 
 
-def tiny_clip(clip_id: str, label_index: int, n_classes: int, duration_s: float, rng: np.random.Generator, audio: bool = True, video: bool = True) -> ClipFeatures:
+def tiny_clip(
+    clip_id: str, label_index: int, n_classes: int, duration_s: float, rng: np.random.Generator, audio: bool = True, video: bool = True
+) -> ClipFeatures:
     cfg = TINY_FEATURES
     n_mels, size = cfg.audio.n_mels, cfg.face.crop_size
     out = ClipFeatures(clip_id=clip_id, duration_s=duration_s)
@@ -67,7 +69,10 @@ def build_tiny_store(
             kind = c % 6
             features = tiny_clip(clip_id, k, len(labels), float(rng.uniform(2.0, 3.0)), rng, audio=kind != 4, video=kind != 5)
             record = ClipRecord(
-                clip_id=clip_id, dataset=dataset, speaker=speaker, label=labels[k],
+                clip_id=clip_id,
+                dataset=dataset,
+                speaker=speaker,
+                label=labels[k],
                 audio_path=f"/nowhere/{clip_id}.wav" if features.has_audio else None,
                 video_path=f"/nowhere/{clip_id}.mp4" if features.has_video else None,
                 split=splits.get(speaker) if splits else None,
@@ -77,7 +82,13 @@ def build_tiny_store(
 
 
 def tiny_loaders(
-    store_path: str | Path, batch_size: int = 4, num_workers: int = 0, seed: int = 0, max_duration_s: float = 1.5, rank: int = 0, world_size: int = 1
+    store_path: str | Path,
+    batch_size: int = 4,
+    num_workers: int = 0,
+    seed: int = 0,
+    max_duration_s: float = 1.5,
+    rank: int = 0,
+    world_size: int = 1,
 ):
     """(train, val) loaders of a tiny store: speakers 0-3 train, 4-5 validation (this rank's share of each)."""
     from modeling.data.dataset import ClipDataset, DataConfig, make_loader
@@ -98,4 +109,8 @@ def tiny_loaders(
 def tiny_meta() -> dict:
     from modeling.training.experiment import build_model_config
 
-    return {"model_config": build_model_config(TINY_MODEL, TINY_FEATURES, len(LABELS)), "feature_config": TINY_FEATURES.to_dict(), "label_names": list(LABELS)}
+    return {
+        "model_config": build_model_config(TINY_MODEL, TINY_FEATURES, len(LABELS)),
+        "feature_config": TINY_FEATURES.to_dict(),
+        "label_names": list(LABELS),
+    }

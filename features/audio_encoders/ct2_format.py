@@ -13,7 +13,8 @@ the file is executed: it is parsed into numpy arrays, and a malformed file raise
 from __future__ import annotations
 
 import struct
-from typing import BinaryIO, Callable
+from collections.abc import Callable
+from typing import BinaryIO
 
 import numpy as np
 

@@ -97,7 +97,9 @@ def read_checkpoint(directory: str | Path) -> CheckpointInfo:
     config = read_json(Path(directory) / "config.json")
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_TYPES:
-        raise CheckpointError(f"{directory}: model_type {model_type!r} is not a supported speech encoder; expected one of {list(SUPPORTED_TYPES)}")
+        raise CheckpointError(
+            f"{directory}: model_type {model_type!r} is not a supported speech encoder; expected one of {list(SUPPORTED_TYPES)}"
+        )
     if model_type == "whisper":
         n_layers, width = config.get("encoder_layers", 6), config.get("d_model", 384)  # WhisperConfig's defaults
     else:
@@ -131,14 +133,14 @@ class FrameGeometry:
     @property
     def receptive_field(self) -> int:
         field, jump = 1, 1
-        for kernel, stride in zip(self.kernels, self.strides):
+        for kernel, stride in zip(self.kernels, self.strides, strict=False):
             field += (kernel - 1) * jump
             jump *= stride
         return field
 
     def n_frames(self, n_samples: int) -> int:
         n = n_samples
-        for kernel, stride in zip(self.kernels, self.strides):
+        for kernel, stride in zip(self.kernels, self.strides, strict=False):
             if n < kernel:
                 return 0
             n = (n - kernel) // stride + 1
@@ -176,7 +178,9 @@ def load_model(directory: str | Path, expected_sha256: str, device: str = "cpu")
     transformers.utils.logging.disable_progress_bar()  # no per-clip tqdm bars in preprocessing logs
     config = AutoConfig.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
     if config.model_type not in SUPPORTED_TYPES:
-        raise CheckpointError(f"{directory}: model_type {config.model_type!r} is not a supported speech encoder; expected one of {list(SUPPORTED_TYPES)}")
+        raise CheckpointError(
+            f"{directory}: model_type {config.model_type!r} is not a supported speech encoder; expected one of {list(SUPPORTED_TYPES)}"
+        )
     # AutoModel gives the base model (WhisperModel, Wav2Vec2Model...), dropping a CTC or seq2seq head.
     model = AutoModel.from_pretrained(
         directory, config=config, use_safetensors=True, local_files_only=True, trust_remote_code=False, dtype="float32"
@@ -230,7 +234,9 @@ def whisper_port(model: Any) -> Any:
     return WhisperEncoder.from_ct2(ct2)
 
 
-def encode_wav2vec2_family(model: Any, wave: np.ndarray, geometry: FrameGeometry, layers: list[int], window_samples: int, normalise: bool, device: Any) -> tuple[np.ndarray, np.ndarray]:
+def encode_wav2vec2_family(
+    model: Any, wave: np.ndarray, geometry: FrameGeometry, layers: list[int], window_samples: int, normalise: bool, device: Any
+) -> tuple[np.ndarray, np.ndarray]:
     """States (T, L, D) float16 and frame-centre times (T,) of a wav2vec2 / HuBERT / WavLM model.
 
     Long waves are encoded in windows of ``window_samples`` that advance by whole frames

@@ -92,7 +92,9 @@ def encode_wave(wave: np.ndarray, config: AudioEncoderConfig, device: torch.devi
     return _encode_whisper(model, wave, config, layers, device)
 
 
-def _encode_whisper(model: WhisperEncoder, wave: np.ndarray, config: AudioEncoderConfig, layers: list[int], device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+def _encode_whisper(
+    model: WhisperEncoder, wave: np.ndarray, config: AudioEncoderConfig, layers: list[int], device: torch.device
+) -> tuple[np.ndarray, np.ndarray]:
     step = window_samples(config)
     pieces: list[np.ndarray] = []
     for start in range(0, wave.shape[0], step):

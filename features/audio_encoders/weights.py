@@ -18,7 +18,6 @@ from features.audio_encoders.ct2_format import read_ct2_variables
 from features.audio_encoders.registry import CheckpointEncoder, PackagedEncoder
 
 
-
 def weight_files(encoder: PackagedEncoder | CheckpointEncoder) -> list[Path]:
     """The installed files of ``encoder`` in concatenation order; WeightsError naming the fix when absent.
 
@@ -38,7 +37,9 @@ def weight_files(encoder: PackagedEncoder | CheckpointEncoder) -> list[Path]:
             )
         path = Path(next(iter(spec.submodule_search_locations))) / relative
         if not path.is_file():
-            raise WeightsError(f"audio encoder {encoder.name!r}: {path} is missing from package {package!r}; reinstall it: `{encoder.install_hint}`")
+            raise WeightsError(
+                f"audio encoder {encoder.name!r}: {path} is missing from package {package!r}; reinstall it: `{encoder.install_hint}`"
+            )
         files.append(path)
     return files
 

@@ -106,7 +106,7 @@ class WhisperEncoder(nn.Module):
         return states
 
     @classmethod
-    def from_ct2(cls, tensors: dict[str, np.ndarray]) -> "WhisperEncoder":
+    def from_ct2(cls, tensors: dict[str, np.ndarray]) -> WhisperEncoder:
         """Build from the ``encoder/...`` tensors of a CTranslate2 Whisper model (fp16 -> float32)."""
         n_layers = len({name.split("/")[1] for name in tensors if re.match(r"encoder/layer_\d+/", name)})
         conv1 = tensors["encoder/conv1/weight"]  # (D, n_mels, 3)

@@ -61,9 +61,7 @@ def _relative(raw: str) -> PurePosixPath | str:
     return rel
 
 
-def prepare_folder(
-    root: str | os.PathLike[str], csv_path: str | os.PathLike[str] | None = None, dataset: str = DATASET
-) -> RecipeResult:
+def prepare_folder(root: str | os.PathLike[str], csv_path: str | os.PathLike[str] | None = None, dataset: str = DATASET) -> RecipeResult:
     """Clips listed in ``csv_path`` (default ``root/labels.csv``), sorted by clip_id."""
     base = Path(root).expanduser().absolute()
     if not base.is_dir():
@@ -128,9 +126,7 @@ def prepare_folder(
             continue
         taken.add(record.clip_id)
         records.append(record)
-    return RecipeResult(
-        records=sorted(records, key=lambda r: r.clip_id), rejected=sorted(rejected, key=lambda r: r.path)
-    )
+    return RecipeResult(records=sorted(records, key=lambda r: r.clip_id), rejected=sorted(rejected, key=lambda r: r.path))
 
 
 def _row_problem(media: Path, values: dict[str, str]) -> str | None:

@@ -88,9 +88,7 @@ def _check_file(path: Path, fields: dict[str, str]) -> str | None:
     return None
 
 
-def prepare_ravdess(
-    root: str | os.PathLike[str], vocal_channel: Literal["speech", "song", "all"] = "speech"
-) -> RecipeResult:
+def prepare_ravdess(root: str | os.PathLike[str], vocal_channel: Literal["speech", "song", "all"] = "speech") -> RecipeResult:
     """All takes under a RAVDESS root (searched recursively), sorted by clip_id; speaker = actor."""
     if vocal_channel not in ("speech", "song", "all"):
         raise ValueError(f"vocal_channel must be 'speech', 'song' or 'all', got {vocal_channel!r}")
@@ -150,8 +148,6 @@ def _resolve(by_modality: dict[str, list[Path]]) -> tuple[Path | None, Path | No
         not_used.extend(Rejection(str(p), f"duplicate of {first} (same take and modality)") for p in duplicates)
     if "01" in chosen:
         both = chosen["01"]
-        not_used.extend(
-            Rejection(str(chosen[m]), f"superseded by the audio-video file {both}") for m in ("02", "03") if m in chosen
-        )
+        not_used.extend(Rejection(str(chosen[m]), f"superseded by the audio-video file {both}") for m in ("02", "03") if m in chosen)
         return both, both, not_used
     return chosen.get("02"), chosen.get("03"), not_used

@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields, replace
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -40,7 +40,6 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from features.clip import ClipFeatures
 from features.config import FeatureConfig
 from modeling.network.batch import ClipExample, collate
-
 
 DEFAULT_CACHE_BYTES = 1 << 30  # 1 GiB per loader: <= 3 GiB of cache per training process
 # Detector outputs no training example is made of: never read for training (about a tenth of
@@ -210,7 +209,9 @@ def features_to_example(
     frames = features.video_features  # crops or blendshapes, whichever the store holds
     if frames is not None and features.video_times is not None:
         if tuple(frames.shape[1:]) != video_shape:
-            raise ValueError(f"clip {features.clip_id!r}: video frames of shape {tuple(frames.shape[1:])}, the feature config gives {video_shape}")
+            raise ValueError(
+                f"clip {features.clip_id!r}: video frames of shape {tuple(frames.shape[1:])}, the feature config gives {video_shape}"
+            )
         keep = _select(np.asarray(features.video_times), t0, t1)
         video = np.asarray(frames, dtype=video_dtype)[keep]  # (Tv, S, S, 3) uint8 or (Tv, 52) float32
         video_times = np.asarray(features.video_times)[keep] - t0
@@ -334,7 +335,7 @@ class ClipDataset(Dataset):
         if self._speaker_stats is None:
             assert self.speakers is not None
             by_speaker: dict[str, list[str]] = {}
-            for clip_id, spk in zip(self.clip_ids, self.speakers):
+            for clip_id, spk in zip(self.clip_ids, self.speakers, strict=False):
                 by_speaker.setdefault(spk, []).append(clip_id)
             self._speaker_stats = {spk: audio_statistics(self._features(c) for c in ids) for spk, ids in by_speaker.items()}
         return self._speaker_stats[speaker]
@@ -451,7 +452,9 @@ def make_loader(
         workers |= {"persistent_workers": True, "prefetch_factor": prefetch_factor}
     if dataset.train:
         return DataLoader(dataset, batch_sampler=ShardedBatchSampler(len(dataset), batch_size, seed, rank, world_size), **workers)
-    return DataLoader(dataset, batch_size=batch_size, sampler=StridedSampler(len(dataset), rank, world_size), shuffle=False, drop_last=False, **workers)
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=StridedSampler(len(dataset), rank, world_size), shuffle=False, drop_last=False, **workers
+    )
 
 
 def steps_per_epoch(n_examples: int, batch_size: int) -> int:

@@ -36,8 +36,6 @@ class ProtocolError(ValueError):
     """The data cannot support the requested evaluation protocol."""
 
 
-
-
 @dataclass(frozen=True)
 class SplitConfig:
     n_folds: int = 5  # CREMA-D: 5; RAVDESS: 5 or 6 (24 actors -> 4 per fold with 6)
@@ -156,7 +154,9 @@ def _fold_from_speakers(index: int, manifest: pd.DataFrame, train_spk: list[str]
     def ids(group: list[str]) -> tuple[str, ...]:
         return tuple(sorted(manifest.loc[spk.isin(group), "clip_id"].astype(str)))
 
-    return Fold(index, ids(train_spk), ids(val_spk), ids(test_spk), tuple(sorted(train_spk)), tuple(sorted(val_spk)), tuple(sorted(test_spk)))
+    return Fold(
+        index, ids(train_spk), ids(val_spk), ids(test_spk), tuple(sorted(train_spk)), tuple(sorted(val_spk)), tuple(sorted(test_spk))
+    )
 
 
 def speaker_folds(manifest: pd.DataFrame, config: SplitConfig) -> list[Fold]:
@@ -198,8 +198,13 @@ def given_split_fold(manifest: pd.DataFrame, splits: pd.Series, config: SplitCon
     fold = _fold_from_speakers(0, train_rows, sorted(set(train_speakers) - set(val_spk)), val_spk, [])
     test_rows = manifest[part == "test"]
     return Fold(
-        0, fold.train_ids, fold.val_ids, tuple(sorted(test_rows["clip_id"].astype(str))),
-        fold.train_speakers, fold.val_speakers, tuple(sorted(set(test_rows["speaker"].astype(str)))),
+        0,
+        fold.train_ids,
+        fold.val_ids,
+        tuple(sorted(test_rows["clip_id"].astype(str))),
+        fold.train_speakers,
+        fold.val_speakers,
+        tuple(sorted(set(test_rows["speaker"].astype(str)))),
     )
 
 
@@ -216,7 +221,15 @@ def splits_frame(folds: Iterable[Fold], manifest: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for fold in folds:
         for cid, part in fold.assignment().items():
-            rows.append({"clip_id": cid, "speaker": str(meta.at[cid, "speaker"]), "label": str(meta.at[cid, "label"]), "fold": fold.index, "split": part})
+            rows.append(
+                {
+                    "clip_id": cid,
+                    "speaker": str(meta.at[cid, "speaker"]),
+                    "label": str(meta.at[cid, "label"]),
+                    "fold": fold.index,
+                    "split": part,
+                }
+            )
     return pd.DataFrame(rows, columns=["clip_id", "speaker", "label", "fold", "split"]).sort_values(["fold", "clip_id"], ignore_index=True)
 
 

@@ -146,4 +146,6 @@ def predictions_frame(predictions: Sequence[FilePrediction], label_names: Sequen
         rows.append(row)
     columns = ["path", "label", *(PROB_PREFIX + n for n in label_names), "n_windows", "modalities", "duration_s", "warnings", "error"]
     frame = pd.DataFrame(rows, columns=columns)
-    return frame.astype({"path": "string", "label": "string", "modalities": "string", "warnings": "string", "error": "string", "n_windows": "int64"})
+    return frame.astype(
+        {"path": "string", "label": "string", "modalities": "string", "warnings": "string", "error": "string", "n_windows": "int64"}
+    )

@@ -38,11 +38,11 @@ from features.clip import ClipError, ClipFeatures
 from features.config import FeatureConfig
 from features.manifest import ClipRecord
 from features.recipes.folder import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS, clip_id_for
-from modeling.network.batch import collate
 from modeling.data.dataset import features_to_example
-from modeling.network.encoder import MsataConfig, MsataModel
 from modeling.inference.model_source import resolve_checkpoint
 from modeling.inference.predictions import FaceTrace, FilePrediction, Thumbnail, WindowPrediction
+from modeling.network.batch import collate
+from modeling.network.encoder import MsataConfig, MsataModel
 
 MODALITIES = ("audio", "video")
 DEFAULT_CROP_S = 4.0  # TrainConfig.max_duration_s default, for checkpoints without a train_config
@@ -199,7 +199,9 @@ class Predictor:
         if unknown or not modalities:
             raise ValueError(f"modalities={list(modalities)}; expected a non-empty subset of {MODALITIES}")
         if clip_max_s <= 0 or clip_window_s <= 0 or batch_size < 1:
-            raise ValueError(f"clip_max_s and clip_window_s must be > 0 and batch_size >= 1, got {clip_max_s}, {clip_window_s}, {batch_size}")
+            raise ValueError(
+                f"clip_max_s and clip_window_s must be > 0 and batch_size >= 1, got {clip_max_s}, {clip_window_s}, {batch_size}"
+            )
         self.model = model.to(device).eval()
         self.feature_config = feature_config
         self.label_names = list(label_names)
@@ -208,7 +210,9 @@ class Predictor:
         # ablations) is not even decoded.
         self.modalities = tuple(m for m in MODALITIES if m in modalities and m in model.config.modalities)
         if not self.modalities:
-            raise ValueError(f"the model reads {list(model.config.modalities)} but was trained on a store holding {list(modalities)}: nothing to feed it")
+            raise ValueError(
+                f"the model reads {list(model.config.modalities)} but was trained on a store holding {list(modalities)}: nothing to feed it"
+            )
         self.clip_max_s = float(clip_max_s)
         self.clip_window_s = float(clip_window_s)
         self.batch_size = batch_size
@@ -305,7 +309,7 @@ class Predictor:
         if not np.all(np.isfinite(clip_probs)):
             raise ClipError(f"{path}: no window holds an audio frame or a face")
         timeline = []
-        for (t0, t1), p in zip(timeline_windows, probs[len(clip_windows) :]):
+        for (t0, t1), p in zip(timeline_windows, probs[len(clip_windows) :], strict=False):
             end = _OPEN_END if t1 >= duration - _EPS else t1
             timeline.append(
                 WindowPrediction(
@@ -362,7 +366,7 @@ class Predictor:
         return torch.softmax(logits, dim=-1).cpu().numpy().astype(np.float64)
 
     def _as_dict(self, probs: np.ndarray) -> dict[str, float]:
-        return {name: float(p) for name, p in zip(self.label_names, probs)}
+        return {name: float(p) for name, p in zip(self.label_names, probs, strict=False)}
 
 
 def load_predictor(model: str | Path, device: str = "auto", tracking_uri: str | None = None, **kwargs: Any) -> Predictor:
@@ -409,7 +413,9 @@ def predict_files(
 MIN_SPEAKER_FILES = 10  # below this, a speaker's statistics are noisy (training saw ~60 clips per speaker)
 
 
-def _predict_one_speaker(predictor: Predictor, paths: Sequence[str | Path], window_s: float, hop_s: float, on_result) -> list[FilePrediction]:
+def _predict_one_speaker(
+    predictor: Predictor, paths: Sequence[str | Path], window_s: float, hop_s: float, on_result
+) -> list[FilePrediction]:
     """Transductive prediction for a model trained with per-speaker normalisation: every
     file is taken to be one speaker, whose audio statistics come from all the files."""
     from modeling.data.dataset import audio_statistics, speaker_normalised
@@ -429,11 +435,13 @@ def _predict_one_speaker(predictor: Predictor, paths: Sequence[str | Path], wind
     if len(usable) < MIN_SPEAKER_FILES:
         note += f"; fewer than {MIN_SPEAKER_FILES} files make noisy statistics"
     out: list[FilePrediction] = []
-    for i, (path, item) in enumerate(zip(paths, extracted)):
-        pred = item if isinstance(item, FilePrediction) else predictor.predict_features(speaker_normalised(item[0], stats), str(path), window_s, hop_s, [*item[1], note])
+    for i, (path, item) in enumerate(zip(paths, extracted, strict=False)):
+        pred = (
+            item
+            if isinstance(item, FilePrediction)
+            else predictor.predict_features(speaker_normalised(item[0], stats), str(path), window_s, hop_s, [*item[1], note])
+        )
         out.append(pred)
         if on_result is not None:
             on_result(pred, i, len(paths))
     return out
-
-

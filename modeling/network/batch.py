@@ -71,7 +71,9 @@ def collate(examples: list[ClipExample]) -> Batch:
         # Padding needs one frame shape per stream; a mix means examples from different feature configs.
         shapes = {(tuple(getattr(e, name).shape[1:]), getattr(e, name).dtype) for e in examples}
         if len(shapes) > 1:
-            raise ValueError(f"collate() got {name} frames of different shapes/dtypes {sorted(map(str, shapes))}: examples from different feature configs")
+            raise ValueError(
+                f"collate() got {name} frames of different shapes/dtypes {sorted(map(str, shapes))}: examples from different feature configs"
+            )
     ta = max(e.audio.shape[0] for e in examples)
     tv = max(e.video.shape[0] for e in examples)
     audio_mask = torch.zeros(len(examples), ta, dtype=torch.bool)

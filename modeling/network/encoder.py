@@ -87,7 +87,9 @@ class MsataConfig:
         if self.pooling not in POOLING_KINDS:
             raise ValueError(f"pooling={self.pooling!r}; expected one of {POOLING_KINDS}")
         if (self.audio_layers > 0) != (self.audio_width > 0):
-            raise ValueError(f"audio_layers={self.audio_layers} and audio_width={self.audio_width}: set both (encoder states) or neither (log-mel)")
+            raise ValueError(
+                f"audio_layers={self.audio_layers} and audio_width={self.audio_width}: set both (encoder states) or neither (log-mel)"
+            )
         if self.audio_finetune_blocks and not 0 < self.audio_finetune_blocks < self.audio_layers:
             raise ValueError(
                 f"audio_finetune_blocks={self.audio_finetune_blocks} needs a store of every hidden state of a packaged "
@@ -109,7 +111,7 @@ class MsataConfig:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "MsataConfig":
+    def from_dict(cls, data: dict[str, Any]) -> MsataConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
@@ -241,7 +243,13 @@ class MsataModel(nn.Module):
         d = config.d_model
         if config.audio_layers > 0:
             self.audio_frontend: nn.Module = EncoderStatesFrontend(
-                config.audio_layers, config.audio_width, d, config.audio_downsample, config.dropout, config.audio_finetune_blocks, config.audio_heads
+                config.audio_layers,
+                config.audio_width,
+                d,
+                config.audio_downsample,
+                config.dropout,
+                config.audio_finetune_blocks,
+                config.audio_heads,
             )
         else:
             self.audio_frontend = AudioFrontend(config.n_mels, d, config.audio_downsample, config.dropout)

@@ -127,7 +127,9 @@ class EncoderStatesFrontend(nn.Module):
         self.finetune_blocks = finetune_blocks
         if finetune_blocks:
             if not 0 < finetune_blocks < n_layers:
-                raise ValueError(f"audio_finetune_blocks={finetune_blocks}: the store holds {n_layers} hidden states, so at most {n_layers - 1} blocks")
+                raise ValueError(
+                    f"audio_finetune_blocks={finetune_blocks}: the store holds {n_layers} hidden states, so at most {n_layers - 1} blocks"
+                )
             if encoder_heads < 1 or width % encoder_heads:
                 raise ValueError(f"audio_heads={encoder_heads} cannot split width {width}: fine-tuning needs the encoder's head count")
             from features.audio_encoders.whisper import WhisperBlock
@@ -147,7 +149,7 @@ class EncoderStatesFrontend(nn.Module):
                 f"encoder with {len(blocks)} blocks of width {encoder.shape.width} does not match a store of "
                 f"{self.n_layers} hidden states of width {self.width}"
             )
-        for mine, theirs in zip(self.top_blocks, blocks[-self.finetune_blocks :]):
+        for mine, theirs in zip(self.top_blocks, blocks[-self.finetune_blocks :], strict=False):
             if mine.n_heads != theirs.n_heads:
                 raise ValueError(f"encoder blocks have {theirs.n_heads} heads, the model was built with {mine.n_heads}")
             mine.load_state_dict(theirs.state_dict())
@@ -168,7 +170,7 @@ class EncoderStatesFrontend(nn.Module):
             x = block(x, key_mask=mask)
             outputs.append(x)
         outputs[-1] = self.top_norm(x)  # the last hidden state is after the final LayerNorm
-        return torch.cat([states[:, :, : -k], torch.stack(outputs, dim=2)], dim=2)
+        return torch.cat([states[:, :, :-k], torch.stack(outputs, dim=2)], dim=2)
 
     def forward(self, states: torch.Tensor, times: torch.Tensor, mask: torch.Tensor) -> Tokens:
         b, t = states.shape[:2]
@@ -176,7 +178,9 @@ class EncoderStatesFrontend(nn.Module):
             empty = states.new_zeros((b, 0, self.d_model), dtype=torch.float32)
             return Tokens(empty, times.new_zeros(b, 0), mask.new_zeros(b, 0), times.new_zeros(b, 0))
         if tuple(states.shape[2:]) != (self.n_layers, self.width):
-            raise ValueError(f"audio encoder states have shape {tuple(states.shape[2:])} per frame, the model expects ({self.n_layers}, {self.width})")
+            raise ValueError(
+                f"audio encoder states have shape {tuple(states.shape[2:])} per frame, the model expects ({self.n_layers}, {self.width})"
+            )
         x = states.to(torch.float32)  # (B, Ta, L, D_in)
         if self.finetune_blocks:
             x = self._rerun_top(x, mask)
@@ -218,10 +222,7 @@ class VideoFrontend(nn.Module):
     def forward(self, crops: torch.Tensor, times: torch.Tensor, mask: torch.Tensor) -> Tokens:
         b, t = crops.shape[:2]
         if t > 0 and tuple(crops.shape[2:]) != (self.crop_size, self.crop_size, 3):
-            raise ValueError(
-                f"video crops have shape {tuple(crops.shape[2:])}, the model expects "
-                f"({self.crop_size}, {self.crop_size}, 3)"
-            )
+            raise ValueError(f"video crops have shape {tuple(crops.shape[2:])}, the model expects ({self.crop_size}, {self.crop_size}, 3)")
         frames = crops[mask]  # (N, S, S, 3) valid frames only
         feats = frames.new_zeros((0, self.d_model), dtype=torch.float32)
         if frames.shape[0] > 0:

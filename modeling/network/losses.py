@@ -33,9 +33,7 @@ DEFAULT_MAX_OFFSET_SIGMAS = 3.0
 _NEG = -1e9  # finite "minus infinity": keeps 0 * log q finite in the masked entries
 
 
-def _soft_cross_entropy(
-    logits: torch.Tensor, log_weights: torch.Tensor, pair: torch.Tensor, dim: int
-) -> torch.Tensor:
+def _soft_cross_entropy(logits: torch.Tensor, log_weights: torch.Tensor, pair: torch.Tensor, dim: int) -> torch.Tensor:
     """-sum p log q along ``dim``, p = softmax(log_weights), q = softmax(logits), both over valid pairs.
 
     logits, log_weights (B, Ta, Tv) float32, pair (B, Ta, Tv) bool -> (B, Ta) or (B, Tv).

@@ -37,9 +37,7 @@ def inverse_frequencies(dim: int, base: float = DEFAULT_BASE) -> torch.Tensor:
     return base ** (-torch.arange(0, dim, 2, dtype=torch.float32) / dim)
 
 
-def rotary_angles(
-    times: torch.Tensor, dim: int, rate: float = DEFAULT_RATE, base: float = DEFAULT_BASE
-) -> torch.Tensor:
+def rotary_angles(times: torch.Tensor, dim: int, rate: float = DEFAULT_RATE, base: float = DEFAULT_BASE) -> torch.Tensor:
     """Angles t * rate * base^(-2i/dim): times (..., T) seconds -> (..., T, dim/2) float32."""
     inv_freq = inverse_frequencies(dim, base).to(times.device)
     return (times.to(torch.float32) * rate).unsqueeze(-1) * inv_freq
@@ -73,9 +71,7 @@ def rotate(x: torch.Tensor, rotation: Rotation) -> torch.Tensor:
     return out.to(x.dtype)
 
 
-def apply_rotary(
-    x: torch.Tensor, times: torch.Tensor, rate: float = DEFAULT_RATE, base: float = DEFAULT_BASE
-) -> torch.Tensor:
+def apply_rotary(x: torch.Tensor, times: torch.Tensor, rate: float = DEFAULT_RATE, base: float = DEFAULT_BASE) -> torch.Tensor:
     """Time-aligned rotary embedding of x (B, H, T, Dh) at times (B, T) seconds.
 
     Times may be any floats: variable frame rates, offsets, gaps of missing frames.
@@ -99,9 +95,7 @@ class TimeRotary(nn.Module):
         angles = (times.to(torch.float32) * self.rate).unsqueeze(-1) * self.inv_freq  # (B, T, Dh/2)
         return rotation_from_angles(angles)
 
-    def forward(
-        self, q: torch.Tensor, k: torch.Tensor, rotation: Rotation | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, rotation: Rotation | None) -> tuple[torch.Tensor, torch.Tensor]:
         if rotation is None:
             raise ValueError("TimeRotary needs the Rotation returned by precompute()")
         return rotate(q, rotation), rotate(k, rotation)
@@ -122,9 +116,7 @@ class IndexRotary(nn.Module):
         angles = index_positions.to(torch.float32).unsqueeze(-1) * self.inv_freq  # (B, T, Dh/2)
         return rotation_from_angles(angles)
 
-    def forward(
-        self, q: torch.Tensor, k: torch.Tensor, rotation: Rotation | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, rotation: Rotation | None) -> tuple[torch.Tensor, torch.Tensor]:
         if rotation is None:
             raise ValueError("IndexRotary needs the Rotation returned by precompute()")
         return rotate(q, rotation), rotate(k, rotation)
@@ -136,9 +128,7 @@ class NoRotary(nn.Module):
     def precompute(self, times: torch.Tensor, index_positions: torch.Tensor) -> Rotation | None:
         return None
 
-    def forward(
-        self, q: torch.Tensor, k: torch.Tensor, rotation: Rotation | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, rotation: Rotation | None) -> tuple[torch.Tensor, torch.Tensor]:
         return q, k
 
 

@@ -66,8 +66,8 @@ class MsataPyfunc(mlflow.pyfunc.PythonModel):
         self.predictor = load_predictor(context.artifacts["checkpoint"], device="auto")
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        from modeling.inference.predictor import predict_files
         from modeling.inference.predictions import paths_from_input, predictions_frame
+        from modeling.inference.predictor import predict_files
 
         params = params or {}
         paths = paths_from_input(model_input)

@@ -50,7 +50,9 @@ def pip_requirements(audio_encoder: AudioEncoderConfig | None = None) -> list[st
     return [f"{name}=={version(name)}" for name in names] + extra
 
 
-def log_pyfunc_model(run_id: str, checkpoint_path: str | Path, label_names: Sequence[str], audio_encoder: AudioEncoderConfig | None = None) -> str:
+def log_pyfunc_model(
+    run_id: str, checkpoint_path: str | Path, label_names: Sequence[str], audio_encoder: AudioEncoderConfig | None = None
+) -> str:
     """Log the checkpoint as an MLflow pyfunc (models-from-code) in ``run_id``; returns the model URI.
     ``audio_encoder`` (the model's feature config's) adds the packages it needs to the environment."""
     import mlflow
@@ -68,7 +70,11 @@ def log_pyfunc_model(run_id: str, checkpoint_path: str | Path, label_names: Sequ
             code_paths=[str(REPO_ROOT / "modeling"), str(REPO_ROOT / "features"), str(REPO_ROOT / "storage")],  # what inference imports
             # The environment spelled out: MLflow's own conda.yaml builder warns when pip itself is
             # not installed (a uv environment), at every registration.
-            conda_env={"name": "msata", "channels": ["conda-forge"], "dependencies": [f"python={platform.python_version()}", "pip", {"pip": pip_requirements(audio_encoder)}]},
+            conda_env={
+                "name": "msata",
+                "channels": ["conda-forge"],
+                "dependencies": [f"python={platform.python_version()}", "pip", {"pip": pip_requirements(audio_encoder)}],
+            },
             metadata={"label_names": list(label_names)},
         )
     return info.model_uri
@@ -160,7 +166,9 @@ def register_and_promote(model_uri: str, dataset: str, tags: dict[str, Any]) -> 
     return RegistrationResult(name=name, version=str(version.version), champion=promote, reason=reason, model_uri=model_uri)
 
 
-def register_experiment_model(spec: dict[str, Any], parent_run_id: str, selected: Any, folds: Sequence[Any], summary: dict[str, float]) -> RegistrationResult:
+def register_experiment_model(
+    spec: dict[str, Any], parent_run_id: str, selected: Any, folds: Sequence[Any], summary: dict[str, float]
+) -> RegistrationResult:
     """Log the selected fold's model in the experiment's parent run and register it, once.
 
     Finalizing an experiment that already registered (``--resume`` of a finished
@@ -277,7 +285,12 @@ def compare_models(dataset: str | None = None) -> pd.DataFrame:
         for alias, ver in aliases.items():
             by_version.setdefault(str(ver), []).append(alias)
         for mv in client.search_model_versions(f"name='{name}'"):
-            row: dict[str, Any] = {"model": name, "version": int(mv.version), "aliases": ",".join(sorted(by_version.get(str(mv.version), []))), "run_id": mv.run_id}
+            row: dict[str, Any] = {
+                "model": name,
+                "version": int(mv.version),
+                "aliases": ",".join(sorted(by_version.get(str(mv.version), []))),
+                "run_id": mv.run_id,
+            }
             for key, value in mv.tags.items():
                 row[key] = _maybe_float(value)
             rows.append(row)
@@ -293,5 +306,3 @@ def _maybe_float(value: str) -> Any:
         return float(value)
     except ValueError:
         return value
-
-

@@ -112,7 +112,18 @@ def log_history(run_id: str, history: Sequence[Any]) -> None:
     metrics = [
         Metric(name, float(getattr(record, name)), now, int(record.epoch))
         for record in history
-        for name in ("train_loss", "train_ce", "train_ctm", "val_loss", "val_wa", "val_uar", "val_macro_f1", "lr", "train_clips_per_s", "data_wait_share")
+        for name in (
+            "train_loss",
+            "train_ce",
+            "train_ctm",
+            "val_loss",
+            "val_wa",
+            "val_uar",
+            "val_macro_f1",
+            "lr",
+            "train_clips_per_s",
+            "data_wait_share",
+        )
     ]
     for start in range(0, len(metrics), 500):
         MlflowClient().log_batch(run_id, metrics=metrics[start : start + 500])
@@ -244,7 +255,10 @@ def source_tags() -> dict[str, str]:
     if commit:
         tags["mlflow.source.git.commit"] = commit
         tags["msata.git.dirty"] = str(bool(git("status", "--porcelain", "--untracked-files=no"))).lower()
-        for key, args in (("mlflow.source.git.branch", ("rev-parse", "--abbrev-ref", "HEAD")), ("mlflow.source.git.repoURL", ("remote", "get-url", "origin"))):
+        for key, args in (
+            ("mlflow.source.git.branch", ("rev-parse", "--abbrev-ref", "HEAD")),
+            ("mlflow.source.git.repoURL", ("remote", "get-url", "origin")),
+        ):
             value = git(*args)
             if value:
                 tags[key] = value
@@ -269,7 +283,12 @@ def log_store_input(run_id: str, store_path: str, dataset: str, feature_config_h
     else:
         source = LocalArtifactDatasetSource(str(Path(store_path).resolve()) if "://" not in store_path else store_path)
     entity = MetaDataset(source, name=f"msata-{dataset}-features", digest=feature_config_hash[:36])._to_mlflow_entity()
-    tags = {"mlflow.data.context": "training", "store_path": store_path, "feature_config_hash": feature_config_hash, "n_clips": str(n_clips)}
+    tags = {
+        "mlflow.data.context": "training",
+        "store_path": store_path,
+        "feature_config_hash": feature_config_hash,
+        "n_clips": str(n_clips),
+    }
     MlflowClient().log_inputs(run_id, datasets=[DatasetInput(entity, tags=[InputTag(k, v) for k, v in tags.items()])])
 
 
@@ -286,4 +305,3 @@ def write_json(path: str | Path, data: Any) -> Path:
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str))
     os.replace(tmp, path)
     return path
-

@@ -46,7 +46,13 @@ def capture_rng() -> dict[str, Any]:
     name, key, pos, has_gauss, gauss = np.random.get_state()
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": {"bit_generator": str(name), "key": torch.from_numpy(np.asarray(key, dtype=np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "numpy": {
+            "bit_generator": str(name),
+            "key": torch.from_numpy(np.asarray(key, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -93,7 +99,9 @@ def plain_data(value: Any, where: str = "payload") -> Any:
         items = [plain_data(item, f"{where}[{i}]") for i, item in enumerate(value)]
         return items if isinstance(value, list) else tuple(items)
     kind = "function" if callable(value) and not isinstance(value, type) else type(value).__name__
-    raise CheckpointError(f"cannot save {where}: {where} is a {kind}, and checkpoints hold only tensors and plain data (dict, list, tuple, str, int, float, bool, None)")
+    raise CheckpointError(
+        f"cannot save {where}: {where} is a {kind}, and checkpoints hold only tensors and plain data (dict, list, tuple, str, int, float, bool, None)"
+    )
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
@@ -140,7 +148,9 @@ def safe_torch_load(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     if not zipfile.is_zipfile(path):
-        raise CheckpointError(f"cannot read checkpoint {path}: not a torch.save archive (msata checkpoints are; raw pickles are never loaded)")
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: not a torch.save archive (msata checkpoints are; raw pickles are never loaded)"
+        )
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
@@ -171,7 +181,9 @@ def upgrade_checkpoint(src: str | Path, dst: str | Path, *, trust_source: bool) 
     a downloaded one.
     """
     if not trust_source:
-        raise CheckpointError(f"not upgrading {src}: unpickling it could run code; pass trust_source=True only for a file you wrote yourself")
+        raise CheckpointError(
+            f"not upgrading {src}: unpickling it could run code; pass trust_source=True only for a file you wrote yourself"
+        )
     payload = torch.load(Path(src), map_location="cpu", weights_only=False)
     if not isinstance(payload, dict):
         raise CheckpointError(f"checkpoint {src} holds a {type(payload).__name__}, not a dict")

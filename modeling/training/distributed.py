@@ -69,7 +69,9 @@ def context_from_env() -> DistContext:
     try:
         ctx = DistContext(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", os.environ["RANK"])))
     except (KeyError, ValueError) as err:
-        raise ValueError(f"torchrun environment is incomplete or not integers: {err} (RANK={os.environ.get('RANK')!r}, WORLD_SIZE={os.environ.get('WORLD_SIZE')!r})") from err
+        raise ValueError(
+            f"torchrun environment is incomplete or not integers: {err} (RANK={os.environ.get('RANK')!r}, WORLD_SIZE={os.environ.get('WORLD_SIZE')!r})"
+        ) from err
     if not 0 <= ctx.rank < ctx.world_size:
         raise ValueError(f"RANK={ctx.rank} is outside WORLD_SIZE={ctx.world_size}")
     return ctx

@@ -30,8 +30,8 @@ import numpy as np
 from features.config import FeatureConfig
 from features.recipes import canonical_name
 from modeling.data import splits as sp
-from modeling.training.metrics import metrics_from_confusion, summarize_folds
 from modeling.training.fold_run import RESULT_FILE, FoldResult, train_and_test_fold
+from modeling.training.metrics import metrics_from_confusion, summarize_folds
 from modeling.training.run_dir import SPEC_FILE, RunDirError, check_run_dir, clear_run_dir  # noqa: F401  (RunDirError: re-exported)
 from modeling.training.train_loop import ProgressCallback, TrainConfig
 
@@ -60,9 +60,8 @@ def _hash(data: Any) -> str:
 
 
 def build_model_config(overrides: dict[str, Any] | None, feature_config: FeatureConfig, n_classes: int) -> dict[str, Any]:
-    from modeling.network.encoder import MsataConfig
-
     from modeling.data.dataset import model_input_settings
+    from modeling.network.encoder import MsataConfig
 
     forced = {"n_classes": n_classes, **model_input_settings(feature_config)}
     overrides = dict(overrides or {})
@@ -89,8 +88,8 @@ def prepare_experiment(
     ``run_tags`` go on the MLflow parent run, new or resumed (``train-msata`` passes its
     Prefect flow-run id: a resumed experiment carries the id of the run that resumed it).
     """
-    from storage.feature_store import FeatureStore
     from modeling.tracking import runs as tracking
+    from storage.feature_store import FeatureStore
 
     split_config = split_config or sp.SplitConfig()
     store = FeatureStore.open(store_path)
@@ -101,9 +100,13 @@ def prepare_experiment(
     folds = sp.make_folds(manifest, split_config)
     model_config = build_model_config(model_overrides, store.config, len(label_names))
     if model_config["audio_finetune_blocks"] and train_config.speaker_norm:
-        raise sp.ProtocolError("audio_finetune_blocks with train.speaker_norm: the fine-tuned blocks expect the encoder's own states, not standardised ones; choose one")
+        raise sp.ProtocolError(
+            "audio_finetune_blocks with train.speaker_norm: the fine-tuned blocks expect the encoder's own states, not standardised ones; choose one"
+        )
     fold_dicts = [sp.fold_to_dict(f) for f in folds]
-    train_key = {k: v for k, v in train_config.to_dict().items() if k not in ("num_workers", "cache_bytes")}  # results do not depend on them
+    train_key = {
+        k: v for k, v in train_config.to_dict().items() if k not in ("num_workers", "cache_bytes")
+    }  # results do not depend on them
     spec = {
         "store_path": str(store_path),
         "dataset": canonical_name(dataset),
@@ -140,12 +143,21 @@ def prepare_experiment(
     if track and not spec.get("mlflow"):
         tracking.configure_tracking()
         experiment_id = tracking.get_or_create_experiment(spec["dataset"])
-        tags = {"msata.dataset": spec["dataset"], "msata.protocol": spec["protocol"], "msata.run_dir": str(run_dir)} | tracking.source_tags()
+        tags = {
+            "msata.dataset": spec["dataset"],
+            "msata.protocol": spec["protocol"],
+            "msata.run_dir": str(run_dir),
+        } | tracking.source_tags()
         parent = tracking.create_run(experiment_id, f"cv-{spec['dataset']}-{key}", tags=tags)
         spec["mlflow"] = {"experiment_id": experiment_id, "parent_run_id": parent}
         with tracking.ended_on_failure(parent):
             tracking.log_store_input(parent, str(store_path), spec["dataset"], spec["feature_config_hash"], len(manifest))
-            params = tracking.flatten({k: spec[k] for k in ("dataset", "store_path", "train", "splits", "model", "feature_config_hash", "splits_hash", "protocol")})
+            params = tracking.flatten(
+                {
+                    k: spec[k]
+                    for k in ("dataset", "store_path", "train", "splits", "model", "feature_config_hash", "splits_hash", "protocol")
+                }
+            )
             params["n_clips"], params["label_names"] = str(len(manifest)), json.dumps(label_names)
             tracking.log_params(parent, params)
             for path in split_files:
@@ -160,7 +172,7 @@ def prepare_experiment(
     return run_dir
 
 
-def trained_modalities(manifest: "pd.DataFrame") -> list[str]:
+def trained_modalities(manifest: pd.DataFrame) -> list[str]:
     """The streams the store holds: a model trained without faces is never shown faces at prediction time."""
     out = ["audio"] if bool(manifest["has_audio"].any()) else []
     if bool((manifest["has_video"] & (manifest["face_ratio"] > 0)).any()):
@@ -168,11 +180,15 @@ def trained_modalities(manifest: "pd.DataFrame") -> list[str]:
     return out
 
 
-def _protocol_name(folds: list[sp.Fold], split_config: sp.SplitConfig, manifest: "pd.DataFrame", train_config: TrainConfig) -> str:
+def _protocol_name(folds: list[sp.Fold], split_config: sp.SplitConfig, manifest: pd.DataFrame, train_config: TrainConfig) -> str:
     """The evaluation protocol, as the registry compares it. Per-speaker normalisation is
     transductive (it uses the test speakers' unlabelled clips), so it is a protocol of its own:
     such a model is never compared with, nor promoted over, an inductive one."""
-    base = "given-split" if len(folds) == 1 and split_config.use_given_split and sp.given_splits(manifest) is not None else f"speaker-{len(folds)}fold"
+    base = (
+        "given-split"
+        if len(folds) == 1 and split_config.use_given_split and sp.given_splits(manifest) is not None
+        else f"speaker-{len(folds)}fold"
+    )
     return f"{base}+speaker-norm-transductive" if train_config.speaker_norm else base
 
 
@@ -283,7 +299,11 @@ def _log_and_register(spec: dict[str, Any], run_dir: Path, result: CVResult, sel
 
     parent, summary, folds = result.parent_run_id, result.summary, result.folds
     tracking.log_metrics(parent, {f"test_{k}": v for k, v in summary.items()} | {f"test_{k}": v for k, v in result.extra.items()})
-    tracking.log_artifact(parent, tracking.plot_confusion(np.asarray(result.confusion), spec["label_names"], run_dir / "confusion_pooled.png", "test, all folds"), "plots")
+    tracking.log_artifact(
+        parent,
+        tracking.plot_confusion(np.asarray(result.confusion), spec["label_names"], run_dir / "confusion_pooled.png", "test, all folds"),
+        "plots",
+    )
     if not register:
         return
     reg = register_experiment_model(spec, parent, selected, folds, summary)
@@ -305,7 +325,9 @@ def run_cross_validation(
     nproc: int = 1,
 ) -> CVResult:
     """Full speaker-independent cross-validation; see the module docstring."""
-    run_dir = prepare_experiment(store_path, dataset, train_config or TrainConfig(), split_config, model_overrides, expected_feature_config, run_dir, resume, track)
+    run_dir = prepare_experiment(
+        store_path, dataset, train_config or TrainConfig(), split_config, model_overrides, expected_feature_config, run_dir, resume, track
+    )
     for index in range(len(load_spec(run_dir)["folds"])):
         run_fold(run_dir, index, progress, nproc)
     return finalize_experiment(run_dir, register=register and track)

@@ -13,10 +13,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from modeling.training import distributed as dist
 from modeling.data import splits as sp
+from modeling.training import distributed as dist
 from modeling.training.metrics import compute_metrics
-from modeling.training.train_loop import ProgressCallback, ProgressEvent, TrainConfig, predict, seed_everything, train_model, training_device
+from modeling.training.train_loop import (
+    ProgressCallback,
+    ProgressEvent,
+    TrainConfig,
+    predict,
+    seed_everything,
+    train_model,
+    training_device,
+)
 
 if TYPE_CHECKING:
     from modeling.network.encoder import MsataModel
@@ -37,27 +45,32 @@ class FoldResult:
     run_id: str | None = None
 
 
-
 def loaders(spec: dict[str, Any], fold: sp.Fold, config: TrainConfig, ctx: dist.DistContext = dist.SINGLE):
     from modeling.data.dataset import ClipDataset, make_loader
     from storage.feature_store import FeatureStore
 
     store = FeatureStore.open(spec["store_path"])
     manifest = store.manifest()
-    label_of = dict(zip(manifest["clip_id"].astype(str), manifest["label"].astype(str)))
-    speaker_of = dict(zip(manifest["clip_id"].astype(str), manifest["speaker"].astype(str)))  # for train.speaker_norm
+    label_of = dict(zip(manifest["clip_id"].astype(str), manifest["label"].astype(str), strict=False))
+    speaker_of = dict(zip(manifest["clip_id"].astype(str), manifest["speaker"].astype(str), strict=False))  # for train.speaker_norm
     index = {name: i for i, name in enumerate(spec["label_names"])}
     data_config = config.data_config()
     pin = training_device(config, ctx).type == "cuda"
 
     def loader(ids: tuple[str, ...], train: bool, workers: int):
-        ds = ClipDataset(spec["store_path"], ids, [index[label_of[c]] for c in ids], store.config, data_config, train, [speaker_of[c] for c in ids])
+        ds = ClipDataset(
+            spec["store_path"], ids, [index[label_of[c]] for c in ids], store.config, data_config, train, [speaker_of[c] for c in ids]
+        )
         return make_loader(ds, config.batch_size, workers, config.seed, pin, ctx.rank, ctx.world_size)
 
-    return loader(fold.train_ids, True, config.num_workers), loader(fold.val_ids, False, config.num_workers), loader(fold.test_ids, False, 0)
+    return (
+        loader(fold.train_ids, True, config.num_workers),
+        loader(fold.val_ids, False, config.num_workers),
+        loader(fold.test_ids, False, 0),
+    )
 
 
-def start_pretrained_blocks(model: "MsataModel", feature_config: dict[str, Any]) -> None:
+def start_pretrained_blocks(model: MsataModel, feature_config: dict[str, Any]) -> None:
     """Fine-tuned encoder blocks start from the packaged weights (sha256-checked on load); a
     resumed fold then overwrites them from its checkpoint."""
     if not model.config.audio_finetune_blocks:
@@ -70,18 +83,34 @@ def start_pretrained_blocks(model: "MsataModel", feature_config: dict[str, Any])
 
 
 def train_and_test_fold(
-    spec: dict[str, Any], fold: sp.Fold, fold_dir: Path, run_id: str | None, progress: ProgressCallback | None, ctx: dist.DistContext = dist.SINGLE
+    spec: dict[str, Any],
+    fold: sp.Fold,
+    fold_dir: Path,
+    run_id: str | None,
+    progress: ProgressCallback | None,
+    ctx: dist.DistContext = dist.SINGLE,
 ) -> FoldResult:
     """Every rank runs this with the same arguments; only rank 0 logs to MLflow and writes result.json."""
+    from modeling.network.encoder import MsataConfig, MsataModel
     from modeling.tracking import runs as tracking
     from modeling.training.checkpoint import load_trained_model
-    from modeling.network.encoder import MsataConfig, MsataModel
 
     fold_index = fold.index
     run_id = run_id if ctx.is_main else None
     if run_id:
         tracking.set_tags(run_id, {"msata.world_size": str(ctx.world_size)})  # a tag, not a param: a resume may use another world size
-        tracking.log_params(run_id, {"fold": str(fold_index), "train_speakers": json.dumps(fold.train_speakers), "val_speakers": json.dumps(fold.val_speakers), "test_speakers": json.dumps(fold.test_speakers), "n_train": str(len(fold.train_ids)), "n_val": str(len(fold.val_ids)), "n_test": str(len(fold.test_ids))})
+        tracking.log_params(
+            run_id,
+            {
+                "fold": str(fold_index),
+                "train_speakers": json.dumps(fold.train_speakers),
+                "val_speakers": json.dumps(fold.val_speakers),
+                "test_speakers": json.dumps(fold.test_speakers),
+                "n_train": str(len(fold.train_ids)),
+                "n_val": str(len(fold.val_ids)),
+                "n_test": str(len(fold.test_ids)),
+            },
+        )
     config = TrainConfig.from_dict(spec["train"])
     train_loader, val_loader, test_loader = loaders(spec, fold, config, ctx)
     label_names = spec["label_names"]
@@ -124,9 +153,18 @@ def train_and_test_fold(
     if not ctx.is_main:
         return fold_result
     if run_id:
-        tracking.log_metrics(run_id, {f"test_{k}": v for k, v in metrics.scalars().items()} | {"best_epoch": result.best_epoch, "best_val_uar": result.best_val_uar})
-        tracking.log_artifact(run_id, tracking.plot_confusion(metrics.confusion, label_names, fold_dir / "confusion_test.png", f"fold {fold_index} test"), "plots")
-        tracking.log_artifact(run_id, tracking.plot_learning_curves(result.history, fold_dir / "learning_curves.png", f"fold {fold_index}"), "plots")
+        tracking.log_metrics(
+            run_id,
+            {f"test_{k}": v for k, v in metrics.scalars().items()} | {"best_epoch": result.best_epoch, "best_val_uar": result.best_val_uar},
+        )
+        tracking.log_artifact(
+            run_id,
+            tracking.plot_confusion(metrics.confusion, label_names, fold_dir / "confusion_test.png", f"fold {fold_index} test"),
+            "plots",
+        )
+        tracking.log_artifact(
+            run_id, tracking.plot_learning_curves(result.history, fold_dir / "learning_curves.png", f"fold {fold_index}"), "plots"
+        )
         tracking.end_run(run_id)
     tracking.write_json(fold_dir / RESULT_FILE, asdict(fold_result))  # last: marks the fold as done
     return fold_result

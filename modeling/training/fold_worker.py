@@ -17,8 +17,8 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from modeling.training import distributed as dist
 from modeling.data import splits as sp
+from modeling.training import distributed as dist
 from modeling.training.experiment import RUN_FILE, load_spec
 from modeling.training.fold_run import train_and_test_fold
 from modeling.training.train_loop import ProgressEvent, TrainConfig, training_device

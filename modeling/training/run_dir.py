@@ -40,7 +40,9 @@ def check_run_dir(run_dir: str | Path) -> None:
     found = sorted(p.name for p in run_dir.iterdir())
     if found:
         shown = ", ".join(found[:5]) + (f" (+{len(found) - 5} more)" if len(found) > 5 else "")
-        raise RunDirError(f"run directory {run_dir} is not an msata run directory (no {SPEC_FILE}) and is not empty ({shown}): choose an empty or new --run-dir")
+        raise RunDirError(
+            f"run directory {run_dir} is not an msata run directory (no {SPEC_FILE}) and is not empty ({shown}): choose an empty or new --run-dir"
+        )
 
 
 def clear_run_dir(run_dir: str | Path) -> list[str]:

@@ -19,19 +19,20 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from modeling.training import distributed as dist
-from modeling.network.batch import Batch
-from modeling.training.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from modeling.data.dataset import DEFAULT_CACHE_BYTES, DataConfig, ShardedBatchSampler
+from modeling.network.batch import Batch
+from modeling.training import distributed as dist
+from modeling.training.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from modeling.training.metrics import ClassificationMetrics, compute_metrics
 
 
@@ -71,7 +72,7 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> "TrainConfig":
+    def from_dict(cls, data: dict[str, Any] | None) -> TrainConfig:
         data = dict(data or {})
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
@@ -181,7 +182,9 @@ def _objective(model: nn.Module, output: Any, labels: torch.Tensor, lambda_ctm: 
     from modeling.network.losses import training_objective
 
     cfg = getattr(model, "config", None)
-    kwargs = {"projector": model.ctm_head, "sigma": cfg.ctm_sigma, "tau": cfg.ctm_tau} if cfg is not None and hasattr(model, "ctm_head") else {}
+    kwargs = (
+        {"projector": model.ctm_head, "sigma": cfg.ctm_sigma, "tau": cfg.ctm_tau} if cfg is not None and hasattr(model, "ctm_head") else {}
+    )
     result = training_objective(output, labels, lambda_ctm, **kwargs)
     return result.total, float(result.ce.detach()), float(result.ctm.detach())
 

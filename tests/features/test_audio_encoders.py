@@ -112,7 +112,9 @@ def test_torch_port_matches_ctranslate2_on_the_same_weights(name: str, tmp_path:
     for extra in ("config.json", "vocabulary.txt", "tokenizer.json"):
         shutil.copy(files[0].parent / extra, model_dir / extra)
     t = np.arange(16_000 * 30) / 16_000  # 30 s: CTranslate2 takes Whisper's fixed 3000-frame input
-    wave = (0.3 * np.sin(2 * np.pi * 220 * t) * (1 + np.sin(2 * np.pi * 3 * t)) + 0.01 * np.random.default_rng(0).standard_normal(t.size)).astype(np.float32)
+    wave = (
+        0.3 * np.sin(2 * np.pi * 220 * t) * (1 + np.sin(2 * np.pi * 3 * t)) + 0.01 * np.random.default_rng(0).standard_normal(t.size)
+    ).astype(np.float32)
     mel = whisper_log_mel(torch.from_numpy(wave))  # (80, 3000)
     reference = ctranslate2.models.Whisper(str(model_dir), device="cpu", compute_type="float32")
     theirs = np.array(reference.encode(ctranslate2.StorageView.from_array(np.ascontiguousarray(mel[None].numpy())), to_cpu=True))
@@ -141,7 +143,7 @@ def test_long_audio_is_encoded_in_windows_with_continuous_times() -> None:
     states, times = encode_wave(wave, config)
     assert states.shape[0] == 252  # 2 + 2 + 1.03 s: 100 + 100 + ceil(103 mel frames / 2) = 52 frames
     assert np.allclose(np.diff(times), 0.02) and times[0] == 0.0
-    first, _ = encode_wave(wave[: 32_000], config)  # one window alone gives the same states
+    first, _ = encode_wave(wave[:32_000], config)  # one window alone gives the same states
     assert np.array_equal(states[:100], first)
 
 
@@ -152,7 +154,9 @@ def test_weights_never_go_through_pickle() -> None:
         "from features.audio_encoders.stage import load_packaged_encoder\n"
         "load_packaged_encoder('whisper-tiny.en'); print('ok')"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2], timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2], timeout=300
+    )
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 
 

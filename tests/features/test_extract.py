@@ -65,9 +65,7 @@ def test_no_face_anywhere_keeps_audio(make_clip, detector: FaceDetector) -> None
     f = extract_clip(_record(clip.path, clip.path), CFG, detector)
     assert f.has_audio and not f.has_video and f.face_mask is None
     assert any("no face in any of the 10 frames" in n for n in f.notes)
-    silent = make_clip(
-        "empty_silent.mp4", duration_s=0.4, fps=25, width=320, height=240, blank_frames=range(10), with_audio=False
-    )
+    silent = make_clip("empty_silent.mp4", duration_s=0.4, fps=25, width=320, height=240, blank_frames=range(10), with_audio=False)
     with pytest.raises(ClipError, match="empty_silent.mp4: nothing usable: .*no face"):
         extract_clip(_record(silent.path, silent.path), CFG, detector)
 

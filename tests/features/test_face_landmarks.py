@@ -58,7 +58,9 @@ def test_crema_d_clip_stored_as_blendshapes(shared_data, tmp_path) -> None:
     assert back.face_mask.shape == (n,) and back.face_mask.mean() > 0.9  # a frontal face in every frame
     assert np.all(np.diff(back.video_times) > 0) and abs(np.median(np.diff(back.video_times)) - 1 / 29.97) < 1e-3
     assert np.all(back.face_blendshapes[~back.face_mask] == 0) and 0 <= back.face_blendshapes.min() <= back.face_blendshapes.max() <= 1
-    smile = back.face_blendshapes[back.face_mask][:, [face_landmarks.BLENDSHAPE_NAMES.index(k) for k in ("mouthSmileLeft", "mouthSmileRight")]]
+    smile = back.face_blendshapes[back.face_mask][
+        :, [face_landmarks.BLENDSHAPE_NAMES.index(k) for k in ("mouthSmileLeft", "mouthSmileRight")]
+    ]
     assert smile.mean() > 0.3  # the happy take smiles (measured 0.62)
     row = store.manifest().iloc[0]
     assert bool(row.has_video) and row.n_video_frames == n

@@ -41,7 +41,9 @@ def _make(kind: str, directory: Path, seed: int = 0) -> Path:
     if kind == "hubert":
         return _save(transformers.HubertModel(transformers.HubertConfig(**TINY, **HALF_HOP_STACK)), directory)
     if kind == "wavlm":
-        return _save(transformers.WavLMModel(transformers.WavLMConfig(**TINY, **STANDARD_STACK, num_buckets=16, max_bucket_distance=64)), directory)
+        return _save(
+            transformers.WavLMModel(transformers.WavLMConfig(**TINY, **STANDARD_STACK, num_buckets=16, max_bucket_distance=64)), directory
+        )
     config = transformers.WhisperConfig(
         d_model=32, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=128, decoder_layers=1, decoder_attention_heads=2,
         decoder_ffn_dim=64, vocab_size=64, max_target_positions=16, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
@@ -63,7 +65,12 @@ N = 16_037  # 1 s and a bit: the trailing samples make no whole frame
 # (frames, first frame's centre in s, hop in s) for N samples, worked out by hand from each conv stack:
 # 320-sample hop, 400-sample receptive field: (N - 400) // 320 + 1 = 49 frames, centred at (399 / 2 + 320 j) / 16 kHz;
 # 160-sample hop, 240-sample receptive field: (N - 240) // 160 + 1 = 99 frames; Whisper: ceil((N // 160) / 2) = 50 at 0.02 j.
-EXPECTED = {"wav2vec2": (49, 199.5 / 16_000, 0.02), "hubert": (99, 119.5 / 16_000, 0.01), "wavlm": (49, 199.5 / 16_000, 0.02), "whisper": (50, 0.0, 0.02)}
+EXPECTED = {
+    "wav2vec2": (49, 199.5 / 16_000, 0.02),
+    "hubert": (99, 119.5 / 16_000, 0.01),
+    "wavlm": (49, 199.5 / 16_000, 0.02),
+    "whisper": (50, 0.0, 0.02),
+}
 
 
 @pytest.mark.parametrize("kind", list(EXPECTED))
@@ -101,7 +108,7 @@ def test_whisper_checkpoint_runs_unpadded_on_msata_port_which_matches_transforme
     with torch.inference_mode():
         ours, theirs = port(mel), model.encoder(mel, output_hidden_states=True).hidden_states
     assert len(ours) == len(theirs) == 3
-    for a, b in zip(ours, theirs):
+    for a, b in zip(ours, theirs, strict=False):
         assert torch.allclose(a, b, atol=1e-5), float((a - b).abs().max())
 
 
@@ -204,7 +211,9 @@ def _write_clips(root: Path, n: int = 2) -> list[ClipRecord]:
         path = root / f"clip{i}.wav"
         t = np.arange(int(16_000 * (0.8 + 0.3 * i))) / 16_000
         soundfile.write(path, (0.3 * np.sin(2 * np.pi * (180 + 60 * i) * t)).astype(np.float32), 16_000)
-        records.append(ClipRecord(clip_id=f"c{i}", dataset="folder", speaker=f"s{i}", label=("happy", "sad")[i], audio_path=str(path), video_path=None))
+        records.append(
+            ClipRecord(clip_id=f"c{i}", dataset="folder", speaker=f"s{i}", label=("happy", "sad")[i], audio_path=str(path), video_path=None)
+        )
     return records
 
 
@@ -213,8 +222,8 @@ def test_preprocess_and_predict_with_a_checkpoint(tmp_path: Path, checkpoints: d
     then msata predict's Predictor recomputing the states from the recorded feature config."""
     from flows.preprocess import process_clip
     from modeling.data.dataset import model_input_settings
-    from modeling.network.encoder import MsataConfig, MsataModel
     from modeling.inference.predictor import Predictor, predict_files
+    from modeling.network.encoder import MsataConfig, MsataModel
     from storage import FeatureStore
 
     directory = tmp_path / "ckpt"
@@ -225,7 +234,7 @@ def test_preprocess_and_predict_with_a_checkpoint(tmp_path: Path, checkpoints: d
     assert [o.status for o in outcomes] == ["done", "done"], outcomes
     store = FeatureStore.open(tmp_path / "store")
     assert store.config == config
-    for record, seconds in zip(records, (0.8, 1.1)):
+    for record, seconds in zip(records, (0.8, 1.1), strict=False):
         clip = store.read(record.clip_id)
         frames = (int(16_000 * seconds) - 400) // 320 + 1
         assert clip.logmel is None and clip.audio_states.shape == (frames, 3, 32) and clip.audio_states.dtype == np.float16
@@ -247,19 +256,36 @@ def test_preprocess_and_predict_with_a_checkpoint(tmp_path: Path, checkpoints: d
 def test_cli_preprocess_with_a_checkpoint(tmp_path: Path, checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "flows"))  # the CLI tests' helpers
     from flow_servers import MSATA, REPO, clean_env
+
     from storage import FeatureStore
 
     root = tmp_path / "corpus"
     root.mkdir()
     records = _write_clips(root)
-    (root / "labels.csv").write_text("path,label,speaker\n" + "".join(f"{Path(r.audio_path).name},{r.label},{r.speaker}\n" for r in records))
-    args = ["preprocess", "--dataset", "folder", "--root", str(root), "--store", str(tmp_path / "store"), "--audio-encoder", f"hf:{checkpoints['hubert']}"]
-    done = subprocess.run([MSATA, *args], env=clean_env(tmp_path) | {"COLUMNS": "200"}, cwd=REPO, capture_output=True, text=True, timeout=600)
+    (root / "labels.csv").write_text(
+        "path,label,speaker\n" + "".join(f"{Path(r.audio_path).name},{r.label},{r.speaker}\n" for r in records)
+    )
+    args = [
+        "preprocess",
+        "--dataset",
+        "folder",
+        "--root",
+        str(root),
+        "--store",
+        str(tmp_path / "store"),
+        "--audio-encoder",
+        f"hf:{checkpoints['hubert']}",
+    ]
+    done = subprocess.run(
+        [MSATA, *args], env=clean_env(tmp_path) | {"COLUMNS": "200"}, cwd=REPO, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     store = FeatureStore.open(tmp_path / "store")
     assert store.config.audio_encoder.model_type == "hubert" and len(store.clip_ids()) == 2
     assert store.read(store.clip_ids()[0]).audio_states.shape[1:] == (3, 32)
-    bad = subprocess.run([MSATA, *args[:-1], f"hf:{tmp_path / 'nowhere'}"], env=clean_env(tmp_path), cwd=REPO, capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(
+        [MSATA, *args[:-1], f"hf:{tmp_path / 'nowhere'}"], env=clean_env(tmp_path), cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert bad.returncode == 2 and "does not exist" in bad.stdout + bad.stderr and "Traceback" not in bad.stdout + bad.stderr
 
 

@@ -58,7 +58,14 @@ def test_crema_d_join_rules_and_rejections(tmp_path: Path) -> None:
     result = prepare_crema_d(tmp_path)
     assert_well_formed(result)
     clips = by_id(result)
-    assert sorted(clips) == ["1001_DFA_ANG_XX", "1001_IEO_HAP_HI", "1002_MTI_FEA_MD", "1003_TIE_SAD_LO", "1004_ITS_NEU_XX", "1005_WSI_DIS_XX"]
+    assert sorted(clips) == [
+        "1001_DFA_ANG_XX",
+        "1001_IEO_HAP_HI",
+        "1002_MTI_FEA_MD",
+        "1003_TIE_SAD_LO",
+        "1004_ITS_NEU_XX",
+        "1005_WSI_DIS_XX",
+    ]
     both = clips["1001_DFA_ANG_XX"]
     assert both.audio_path == str(tmp_path / "AudioWAV/1001_DFA_ANG_XX.wav")
     assert both.video_path == str(tmp_path / "VideoFlash/1001_DFA_ANG_XX.flv")
@@ -132,7 +139,14 @@ def test_ravdess_pairing_and_rejections(tmp_path: Path) -> None:
     result = prepare_ravdess(tmp_path)
     assert_well_formed(result)
     clips = by_id(result)
-    assert sorted(clips) == ["01-02-02-01-02-03", "01-03-01-01-01-01", "01-04-02-02-02-02", "01-05-02-01-01-01", "01-06-01-01-01-02", "01-08-01-01-01-01"]
+    assert sorted(clips) == [
+        "01-02-02-01-02-03",
+        "01-03-01-01-01-01",
+        "01-04-02-02-02-02",
+        "01-05-02-01-01-01",
+        "01-06-01-01-01-02",
+        "01-08-01-01-01-01",
+    ]
     av = clips["01-03-01-01-01-01"]
     assert av.audio_path == av.video_path == str(tmp_path / "Actor_01/01-01-03-01-01-01-01.mp4")
     assert (av.dataset, av.speaker, av.label, av.intensity, av.sentence) == ("ravdess", "01", "happy", "normal", "01")
@@ -224,8 +238,19 @@ def test_folder_recipe(tmp_path: Path) -> None:
 
     got = [r.reason for r in result.rejected]
     assert len(got) == 11
-    for expected in ("empty label", "listed twice", "file not found", "zero-length", "not a known media type",
-                     "leaves the folder", "absolute path", "empty path", "empty speaker", "unknown split", "fields"):
+    for expected in (
+        "empty label",
+        "listed twice",
+        "file not found",
+        "zero-length",
+        "not a known media type",
+        "leaves the folder",
+        "absolute path",
+        "empty path",
+        "empty speaker",
+        "unknown split",
+        "fields",
+    ):
         assert sum(expected in reason for reason in got) == 1, (expected, got)
     assert all(str(tmp_path) in r.path for r in result.rejected)
 

@@ -92,8 +92,24 @@ def start_dask_cluster(tmp: Path, env: dict[str, str], started: list[subprocess.
     spawn([DASK, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"], env, tmp / "dask-scheduler.log", tmp, started)
     for i in range(n_workers):
         spawn(
-            [DASK, "worker", address, "--nthreads", "1", "--nworkers", "1", "--no-dashboard", "--name", f"w{i}", "--local-directory", str(tmp / f"w{i}")],
-            env, tmp / f"dask-worker-{i}.log", tmp, started,
+            [
+                DASK,
+                "worker",
+                address,
+                "--nthreads",
+                "1",
+                "--nworkers",
+                "1",
+                "--no-dashboard",
+                "--name",
+                f"w{i}",
+                "--local-directory",
+                str(tmp / f"w{i}"),
+            ],
+            env,
+            tmp / f"dask-worker-{i}.log",
+            tmp,
+            started,
         )
     with Client(address, timeout=120) as client:
         client.wait_for_workers(n_workers, timeout=240)

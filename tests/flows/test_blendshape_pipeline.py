@@ -20,11 +20,13 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    from modeling.training.experiment import run_cross_validation
     from modeling.data.splits import SplitConfig
+    from modeling.training.experiment import run_cross_validation
     from modeling.training.train_loop import TrainConfig
 
-    raw = make_synthetic_dataset(tmp_path_factory.mktemp("raw"), n_speakers=4, clips_per_class=1, classes=("happy", "sad"), duration_s=1.0, size=(160, 120))
+    raw = make_synthetic_dataset(
+        tmp_path_factory.mktemp("raw"), n_speakers=4, clips_per_class=1, classes=("happy", "sad"), duration_s=1.0, size=(160, 120)
+    )
     tmp = tmp_path_factory.mktemp("cli")
     store = tmp / "store"
     args = ["preprocess", "--dataset", "folder", "--root", str(raw), "--store", str(store), "--face-representation", "blendshapes"]
@@ -52,7 +54,9 @@ def test_predict_recomputes_blendshapes_and_plots_them(trained: dict) -> None:
     clip = sorted((trained["raw"] / "clips").glob("*happy*.mp4"))[0]
     plot = trained["tmp"] / "timeline.png"
     args = ["predict", str(clip), "--model", str(trained["checkpoint"]), "--plot", str(plot), "--window", "0.5", "--hop", "0.25"]
-    done = subprocess.run([MSATA, *args], env=clean_env(trained["tmp"]) | {"COLUMNS": "200"}, cwd=REPO, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [MSATA, *args], env=clean_env(trained["tmp"]) | {"COLUMNS": "200"}, cwd=REPO, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "audio+video" in done.stdout and "no face" not in done.stdout
     with Image.open(plot) as image:

@@ -78,7 +78,9 @@ def test_wrong_dataset_for_a_folder_is_one_line(tmp_path: Path) -> None:
         lines = result.output.splitlines()
         assert lines[0].startswith(f"error: {expected}") and dataset in lines[0] and "--dataset" in lines[0], result.output
         assert len(lines) == 2 and "Traceback" not in result.output
-    flat_folder = runner.invoke(app, ["preprocess", "--dataset", "crema-d", "--root", str(root / "AudioWAV"), "--store", str(tmp_path / "store")])
+    flat_folder = runner.invoke(
+        app, ["preprocess", "--dataset", "crema-d", "--root", str(root / "AudioWAV"), "--store", str(tmp_path / "store")]
+    )
     assert flat_folder.exit_code == 2 and flat_folder.output.startswith("error:") and "CREMA-D" in flat_folder.output, flat_folder.output
     assert not (tmp_path / "store").exists()
 
@@ -90,9 +92,21 @@ def _register_versions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     client.create_registered_model("msata-crema-d")
     tags = {
-        "dataset": "crema-d", "n_folds": "5", "splits_hash": "a" * 12, "feature_config_hash": "b" * 12, "protocol": "speaker-5fold",
-        "val_uar_mean": "0.61", "test_uar_mean": "0.5", "test_uar_std": "0.1", "test_wa_mean": "0.52", "test_wa_std": "0.08",
-        "test_macro_f1_mean": "0.48", "test_macro_f1_std": "0.09", "selected_fold": "2", "selected_fold_val_uar": "0.66", "parent_run_id": "c" * 32,
+        "dataset": "crema-d",
+        "n_folds": "5",
+        "splits_hash": "a" * 12,
+        "feature_config_hash": "b" * 12,
+        "protocol": "speaker-5fold",
+        "val_uar_mean": "0.61",
+        "test_uar_mean": "0.5",
+        "test_uar_std": "0.1",
+        "test_wa_mean": "0.52",
+        "test_wa_std": "0.08",
+        "test_macro_f1_mean": "0.48",
+        "test_macro_f1_std": "0.09",
+        "selected_fold": "2",
+        "selected_fold_val_uar": "0.66",
+        "parent_run_id": "c" * 32,
     }
     source = tmp_path / "model"
     source.mkdir()
@@ -137,7 +151,9 @@ def test_feature_config_from_file_and_overrides(tmp_path: Path) -> None:
     path.write_text("[face\n")
     with pytest.raises(UserError, match="not valid TOML"):
         feature_config_from(path)
-    result = runner.invoke(app, ["preprocess", "--dataset", "folder", "--root", str(tmp_path), "--store", str(tmp_path / "s"), "--feature-config", str(path)])
+    result = runner.invoke(
+        app, ["preprocess", "--dataset", "folder", "--root", str(tmp_path), "--store", str(tmp_path / "s"), "--feature-config", str(path)]
+    )
     assert result.exit_code == 2 and result.output.startswith("error:") and "not valid TOML" in result.output, result.output
 
 
@@ -152,7 +168,20 @@ def test_preprocess_sets_feature_settings_from_file_and_option(tmp_path: Path) -
     settings.write_text("[face]\ncrop_size = 64\ndetect_every = 2\n")
     store = tmp_path / "store"
     result = runner.invoke(
-        app, ["preprocess", "--dataset", "folder", "--root", str(root), "--store", str(store), "--feature-config", str(settings), "--detect-every", "3"]
+        app,
+        [
+            "preprocess",
+            "--dataset",
+            "folder",
+            "--root",
+            str(root),
+            "--store",
+            str(store),
+            "--feature-config",
+            str(settings),
+            "--detect-every",
+            "3",
+        ],
     )
     assert result.exit_code == 0, result.output
     config = FeatureStore.open(store).config

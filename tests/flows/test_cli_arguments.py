@@ -92,7 +92,20 @@ def test_preprocess_argument_errors(corpus: Path, tmp_path: Path, change: dict, 
 
 
 def test_bad_dask_address_is_one_line_before_any_work(corpus: Path, tmp_path: Path) -> None:
-    result = runner.invoke(app, ["preprocess", "--dataset", "crema-d", "--root", str(corpus), "--store", str(tmp_path / "store"), "--dask-address", "localhost:8786"])
+    result = runner.invoke(
+        app,
+        [
+            "preprocess",
+            "--dataset",
+            "crema-d",
+            "--root",
+            str(corpus),
+            "--store",
+            str(tmp_path / "store"),
+            "--dask-address",
+            "localhost:8786",
+        ],
+    )
     assert result.exit_code == 2, result.output
     lines = result.output.splitlines()
     assert lines[0] == "error: dask_address must be a scheduler address such as tcp://host:8786, got 'localhost:8786'", result.output
@@ -142,11 +155,15 @@ def test_predict_with_a_model_that_does_not_exist_is_one_line(tmp_path: Path) ->
     model = tmp_path / ("a-long-folder-name-so-that-the-message-is-wider-than-a-terminal" * 2) / "none.pt"
     result = runner.invoke(app, ["predict", str(clip), "--model", str(model)])
     assert result.exit_code == 2, result.output
-    assert result.output.splitlines() == [f"cannot load model: model {str(model)!r}: no such checkpoint file or model folder"], result.output
+    assert result.output.splitlines() == [f"cannot load model: model {str(model)!r}: no such checkpoint file or model folder"], (
+        result.output
+    )
 
 
 def test_compare_and_demo_argument_errors() -> None:
-    assert "Invalid value for '--format': Value error, 'xml' is not one of 'table', 'json', 'csv'." in usage_error(["compare", "--format", "xml"])
+    assert "Invalid value for '--format': Value error, 'xml' is not one of 'table', 'json', 'csv'." in usage_error(
+        ["compare", "--format", "xml"]
+    )
     assert "Invalid value for '--epochs'" in usage_error(["demo", "--epochs", "0"])
     assert "No such command 'trian'." in usage_error(["trian"])
 
@@ -157,7 +174,9 @@ def test_ablate_argument_errors(tmp_path: Path) -> None:
         assert result.exit_code != 0 and "Traceback" not in result.output, result.output
         return flat(result.output)
 
-    assert "--variants: unknown ablation variant(s) ['rope']" in error(["--store", str(tmp_path), "--dataset", "x", "--variants", "tarope,rope"])
+    assert "--variants: unknown ablation variant(s) ['rope']" in error(
+        ["--store", str(tmp_path), "--dataset", "x", "--variants", "tarope,rope"]
+    )
     assert "--seeds '0,a': expected comma-separated integers" in error(["--store", str(tmp_path), "--dataset", "x", "--seeds", "0,a"])
     assert "give --store and --dataset (got store=None, dataset='x'), or --demo" in error(["--dataset", "x"])
     assert "--demo builds its own store" in error(["--demo", "--store", str(tmp_path)])

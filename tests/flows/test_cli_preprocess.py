@@ -54,7 +54,9 @@ def test_cli_preprocess_on_an_external_dask_cluster(servers, small_dataset: Path
 def test_cli_preprocess_with_local_workers_and_a_temporary_api(small_dataset: Path, tmp_path: Path) -> None:
     """`--workers 2` without PREFECT_API_URL: msata starts the temporary API itself."""
     store = tmp_path / "store"
-    done = run_cli(clean_env(tmp_path), "preprocess", "--dataset", "folder", "--root", str(small_dataset), "--store", str(store), "--workers", "2")
+    done = run_cli(
+        clean_env(tmp_path), "preprocess", "--dataset", "folder", "--root", str(small_dataset), "--store", str(store), "--workers", "2"
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "4 done" in done.stdout, done.stdout
     assert len(FeatureStore.open(store).clip_ids()) == 4

@@ -21,7 +21,9 @@ N_CLIPS = 4
 @pytest.fixture(scope="module")
 def slow_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Clips long enough (8 s of 25 fps video, a face per frame) that one takes many seconds to extract."""
-    return make_synthetic_dataset(tmp_path_factory.mktemp("raw"), n_speakers=2, clips_per_class=1, classes=("happy", "sad"), duration_s=8.0, size=(320, 240))
+    return make_synthetic_dataset(
+        tmp_path_factory.mktemp("raw"), n_speakers=2, clips_per_class=1, classes=("happy", "sad"), duration_s=8.0, size=(320, 240)
+    )
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,11 @@ def test_cli_train_is_a_flow_run_with_logs_artifacts_and_a_tagged_mlflow_run(tmp
         config.write_text(json.dumps({"train": TRAIN, "model": TINY_MODEL}))
         done = subprocess.run(
             [MSATA, "train", "--store", str(store), "--dataset", "crema-d", "--folds", "2", "--config", str(config)],
-            env=env | {"COLUMNS": "200"}, cwd=tmp_path, capture_output=True, text=True, timeout=900,
+            env=env | {"COLUMNS": "200"},
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=900,
         )
         terminal = done.stdout + done.stderr
         assert done.returncode == 0, terminal[-4000:]
@@ -55,13 +59,19 @@ def test_cli_train_is_a_flow_run_with_logs_artifacts_and_a_tagged_mlflow_run(tmp
             assert len(runs) == 1 and runs[0].state is not None and runs[0].state.is_completed(), runs
             run = runs[0]
             assert run.parameters["train"]["epochs"] == 1 and run.parameters["splits"]["n_folds"] == 2
-            messages = "\n".join(entry.message for entry in client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id]))))
+            messages = "\n".join(
+                entry.message for entry in client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+            )
             artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
         assert "fold 0 epoch 1/1" in messages and "fold 1: test UAR" in messages and "crema-d: test UAR" in messages, messages
         assert {a.key for a in artifacts} == {"cv-crema-d", "mlflow-run-crema-d"}
 
         mlflow = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'home' / 'mlflow' / 'mlflow.db'}")
-        parents = [r for r in mlflow.search_runs([mlflow.get_experiment_by_name("msata-crema-d").experiment_id]) if "mlflow.parentRunId" not in r.data.tags]
+        parents = [
+            r
+            for r in mlflow.search_runs([mlflow.get_experiment_by_name("msata-crema-d").experiment_id])
+            if "mlflow.parentRunId" not in r.data.tags
+        ]
         assert len(parents) == 1 and parents[0].data.tags["prefect.flow_run_id"] == str(run.id)
         assert parents[0].data.tags["prefect.flow_run_name"] == run.name
     finally:

@@ -48,7 +48,11 @@ def prefect_env(tmp_path: Path):
     log = open(tmp_path / "server.log", "wb")
     server = subprocess.Popen(
         [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env=env,
+        cwd=tmp_path,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     started: list[subprocess.Popen] = [server]
     try:
@@ -126,7 +130,11 @@ def test_deployment_run_on_a_process_worker(prefect_env, tmp_path: Path) -> None
     worker_log = open(tmp_path / "worker.log", "wb")
     worker = subprocess.Popen(
         [PREFECT, "worker", "start", "--pool", POOL, "--run-once", "--type", "process"],
-        env=env, cwd=tmp_path, stdout=worker_log, stderr=subprocess.STDOUT, start_new_session=True,
+        env=env,
+        cwd=tmp_path,
+        stdout=worker_log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     started.append(worker)
     try:

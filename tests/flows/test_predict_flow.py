@@ -36,7 +36,12 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
     features = FeatureConfig(face=FaceConfig(crop_size=32, detect_every=5))
     config = MsataConfig(n_classes=len(LABELS), d_model=16, n_heads=2, n_layers=1, video_channels=(8,), crop_size=32, dropout=0.0)
     path = tmp_path_factory.mktemp("model") / "best.pt"
-    payload = {"model_config": config.to_dict(), "feature_config": features.to_dict(), "label_names": LABELS, "state_dict": MsataModel(config).state_dict()}
+    payload = {
+        "model_config": config.to_dict(),
+        "feature_config": features.to_dict(),
+        "label_names": LABELS,
+        "state_dict": MsataModel(config).state_dict(),
+    }
     return str(save_checkpoint(path, payload))
 
 
@@ -69,8 +74,10 @@ def test_model_is_loaded_once_per_worker(checkpoint: str, tmp_path: Path) -> Non
 
 def test_chunks_and_collect_without_prefect(checkpoint: str, media: Path, tmp_path: Path) -> None:
     wav, broken = str(media / "sub" / "voice.wav"), str(media / "sub" / "broken.mp4")
-    parts = [predict_chunk(checkpoint, [broken], str(tmp_path / PARTS_DIR / "0.jsonl"), str(media), device="cpu"),
-             predict_chunk(checkpoint, [wav], str(tmp_path / PARTS_DIR / "1.jsonl"), str(media), device="cpu")]
+    parts = [
+        predict_chunk(checkpoint, [broken], str(tmp_path / PARTS_DIR / "0.jsonl"), str(media), device="cpu"),
+        predict_chunk(checkpoint, [wav], str(tmp_path / PARTS_DIR / "1.jsonl"), str(media), device="cpu"),
+    ]
     summary = collect_results(parts, str(tmp_path), LABELS)
     frame = pd.read_parquet(summary.parquet_path)
     assert frame["path"].tolist() == [broken, wav]
@@ -83,12 +90,28 @@ def test_chunks_and_collect_without_prefect(checkpoint: str, media: Path, tmp_pa
 def test_predict_folder_flow(checkpoint: str, media: Path, tmp_path: Path) -> None:
     progress: list[tuple[int, int]] = []
     summary = run_prediction(
-        checkpoint, media, tmp_path / "out", window_s=0.5, hop_s=0.25, device="cpu", files_per_task=2, plots=True,
+        checkpoint,
+        media,
+        tmp_path / "out",
+        window_s=0.5,
+        hop_s=0.25,
+        device="cpu",
+        files_per_task=2,
+        plots=True,
         on_progress=lambda done, total: progress.append((done, total)),
     )
     assert (summary.n_files, summary.n_ok, summary.n_failed) == (3, 2, 1)
     frame = pd.read_parquet(summary.parquet_path)
-    assert list(frame.columns) == ["path", "label", *(f"prob_{c}" for c in LABELS), "n_windows", "modalities", "duration_s", "warnings", "error"]
+    assert list(frame.columns) == [
+        "path",
+        "label",
+        *(f"prob_{c}" for c in LABELS),
+        "n_windows",
+        "modalities",
+        "duration_s",
+        "warnings",
+        "error",
+    ]
     assert [Path(p).name for p in frame["path"]] == ["broken.mp4", "voice.wav", "talk.mp4"]
     ok = frame[frame["error"].isna()]
     np.testing.assert_allclose(ok[[f"prob_{c}" for c in LABELS]].sum(axis=1), 1.0, atol=1e-5)

@@ -70,7 +70,9 @@ def test_flow_builds_store_records_failures_and_resumes(folder_dataset: Path, tm
     from prefect.client.schemas.sorting import ArtifactSort
 
     with get_client(sync_client=True) as client:
-        latest = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["preprocess-folder"])), sort=ArtifactSort.CREATED_DESC, limit=1)
+        latest = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["preprocess-folder"])), sort=ArtifactSort.CREATED_DESC, limit=1
+        )
     assert latest and latest[0].type == "markdown" and latest[0].flow_run_id is not None
     text = latest[0].data
     assert f"| {summary.done} | 0 | {summary.failed} | {summary.rejected} |" in text and str(store_path) in text
@@ -126,7 +128,9 @@ def test_flow_called_as_a_deployment_runs_a_bounded_number_of_clips(folder_datas
     summary = preprocess_dataset("folder", str(folder_dataset), str(tmp_path / "store"))
     assert summary.done == 6
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="clip-"), start_time=TaskRunFilterStartTime(after_=before)))
+        runs = client.read_task_runs(
+            task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="clip-"), start_time=TaskRunFilterStartTime(after_=before))
+        )
     intervals = [(r.start_time.timestamp(), r.end_time.timestamp()) for r in runs if r.start_time and r.end_time]
     assert len(intervals) == summary.done + summary.failed, [r.name for r in runs]
     assert _max_overlap(intervals) == 1

@@ -17,10 +17,10 @@ from features.config import AudioEncoderConfig, FeatureConfig
 from features.recipes import fixed_labels
 from flows.cli import _load_overrides
 from flows.train import train_msata
+from modeling.data.splits import SplitConfig
 from modeling.network.batch import ClipExample, collate
 from modeling.network.encoder import MsataConfig, MsataModel
 from modeling.training.experiment import build_model_config
-from modeling.data.splits import SplitConfig
 from modeling.training.train_loop import TrainConfig
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "infra" / "configs").glob("*.toml"))
@@ -45,7 +45,13 @@ def test_run_config_parses_into_the_typed_configs_and_builds_a_model(path: Path)
     assert labels, f"{path.name}: --dataset {dataset.group(1)} is not a corpus with a fixed label set"
 
     overrides = _load_overrides(path)  # what `msata train --config` does: [train], [model], [splits] only
-    params = {"store_path": "unused", "dataset": dataset.group(1), "train": overrides.get("train", {}), "splits": overrides.get("splits", {}), "model": overrides.get("model", {})}
+    params = {
+        "store_path": "unused",
+        "dataset": dataset.group(1),
+        "train": overrides.get("train", {}),
+        "splits": overrides.get("splits", {}),
+        "model": overrides.get("model", {}),
+    }
     validated = train_msata.validate_parameters(params)  # the flow's own check: unknown keys and wrong types fail here
     train, splits = validated["train"].to_config(), validated["splits"].to_config()
     assert isinstance(train, TrainConfig) and isinstance(splits, SplitConfig)
@@ -66,8 +72,13 @@ def test_run_config_parses_into_the_typed_configs_and_builds_a_model(path: Path)
         audio = torch.randn(frames, model_config.n_mels)
     crop = model_config.crop_size
     example = ClipExample(
-        audio=audio, audio_times=torch.arange(frames) / 50.0, video=torch.zeros(0, crop, crop, 3, dtype=torch.uint8),
-        video_times=torch.zeros(0), face_mask=torch.zeros(0, dtype=torch.bool), label=0, clip_id="one-second",
+        audio=audio,
+        audio_times=torch.arange(frames) / 50.0,
+        video=torch.zeros(0, crop, crop, 3, dtype=torch.uint8),
+        video_times=torch.zeros(0),
+        face_mask=torch.zeros(0, dtype=torch.bool),
+        label=0,
+        clip_id="one-second",
     )
     with torch.no_grad():
         logits = model(collate([example])).logits

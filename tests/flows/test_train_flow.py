@@ -43,9 +43,9 @@ def test_flow_trains_logs_registers_and_serves(home: Path, tmp_path: Path) -> No
     from mlflow import MlflowClient
 
     from flows.train import progress_hook, train_msata
-    from modeling.training.experiment import compare_models
     from modeling.tracking.registry import register_and_promote
     from modeling.tracking.runs import configure_tracking
+    from modeling.training.experiment import compare_models
 
     store = tmp_path / "store"
     build_tiny_store(store, n_speakers=5, clips_per_speaker=4)
@@ -120,7 +120,9 @@ def assert_cv_artifacts(flow_run_id: str, result: dict) -> None:
     assert rows[0]["test UAR"] == pytest.approx(result["folds"][0]["test"]["uar"], abs=1e-4)
     assert rows[-1]["test UAR"] == f"{result['summary']['uar_mean']:.4f} ± {result['summary']['uar_std']:.4f}"
     link = by_key["mlflow-run-crema-d"]
-    assert link.type == "markdown" and result["parent_run_id"] in link.data and "mlflow ui --backend-store-uri sqlite:///" in link.description
+    assert (
+        link.type == "markdown" and result["parent_run_id"] in link.data and "mlflow ui --backend-store-uri sqlite:///" in link.description
+    )
 
 
 def test_resume_skips_finished_folds(home: Path, tmp_path: Path) -> None:
@@ -148,7 +150,9 @@ def test_rerun_reproduces_the_fold_models(home: Path, tmp_path: Path) -> None:
     runs = []
     for name in ("a", "b"):
         torch.rand(17)  # whatever ran before in the process must not change the initial weights
-        runs.append(run_cross_validation(str(store), "crema-d", cfg, SplitConfig(n_folds=2), TINY_MODEL, run_dir=tmp_path / name, track=False))
+        runs.append(
+            run_cross_validation(str(store), "crema-d", cfg, SplitConfig(n_folds=2), TINY_MODEL, run_dir=tmp_path / name, track=False)
+        )
     assert runs[0].summary == runs[1].summary
     for fold in range(2):
         a, b = (load_checkpoint(tmp_path / name / f"fold_{fold}" / "best.pt")["state_dict"] for name in ("a", "b"))

@@ -11,8 +11,8 @@ def test_flow_parameters_are_typed_configs_with_every_field() -> None:
     from prefect.utilities.callables import parameter_schema
 
     from flows.train import train_msata
-    from modeling.network.encoder import MsataConfig
     from modeling.data.splits import SplitConfig
+    from modeling.network.encoder import MsataConfig
     from modeling.training.train_loop import TrainConfig
 
     schema = parameter_schema(train_msata).model_dump_for_openapi()

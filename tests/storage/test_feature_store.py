@@ -54,8 +54,14 @@ def make_features(clip_id: str, n_audio: int | None = 120, n_video: int | None =
 
 def make_record(clip_id: str, **overrides: str | None) -> ClipRecord:
     fields = dict(
-        clip_id=clip_id, dataset="unit", speaker=f"spk{len(clip_id) % 3}", label="happy",
-        audio_path=f"/media/{clip_id}.wav", video_path=f"/media/{clip_id}.mp4", intensity="high", sentence=None,
+        clip_id=clip_id,
+        dataset="unit",
+        speaker=f"spk{len(clip_id) % 3}",
+        label="happy",
+        audio_path=f"/media/{clip_id}.wav",
+        video_path=f"/media/{clip_id}.mp4",
+        intensity="high",
+        sentence=None,
     )
     fields.update(overrides)
     return ClipRecord(**fields)
@@ -113,7 +119,9 @@ def test_write_casts_to_contract_dtypes_and_rejects_bad_features(store_path: str
 
 
 @pytest.mark.parametrize(
-    ("n_audio", "n_video"), [(120, None), (None, 75), (0, None), (50, 0)], ids=["audio-only", "video-only", "empty-audio", "zero-frames-video"]
+    ("n_audio", "n_video"),
+    [(120, None), (None, 75), (0, None), (50, 0)],
+    ids=["audio-only", "video-only", "empty-audio", "zero-frames-video"],
 )
 def test_single_modality_and_empty_clips(store_path: str, n_audio: int | None, n_video: int | None) -> None:
     store = FeatureStore.create(store_path, CONFIG)
@@ -134,7 +142,14 @@ def test_manifest_columns_and_values(store_path: str) -> None:
     table = store.manifest()
     record_fields = list(make_record("x").to_dict())
     assert list(table.columns) == record_fields + [
-        "has_audio", "has_video", "n_audio_frames", "n_video_frames", "duration_s", "face_ratio", "notes", "config_hash",
+        "has_audio",
+        "has_video",
+        "n_audio_frames",
+        "n_video_frames",
+        "duration_s",
+        "face_ratio",
+        "notes",
+        "config_hash",
     ]
     assert table["clip_id"].tolist() == ["a_first", "b_audio", "c_last"]
     for _, row in table.iterrows():

@@ -109,7 +109,9 @@ def test_cache_is_bounded_in_bytes_and_least_recently_used() -> None:
     rng = np.random.default_rng(0)
     clips = [tiny_clip(f"c{i}", i % 6, 6, 2.0, rng) for i in range(5)]
     size = clip_nbytes(clips[0])
-    assert size == sum(a.nbytes for a in (clips[0].logmel, clips[0].audio_times, clips[0].face_crops, clips[0].video_times, clips[0].face_mask))
+    assert size == sum(
+        a.nbytes for a in (clips[0].logmel, clips[0].audio_times, clips[0].face_crops, clips[0].video_times, clips[0].face_mask)
+    )
     cache = ClipCache(int(2.5 * size))  # room for two clips
     for clip in clips[:2]:
         cache.put(clip.clip_id, clip)
@@ -176,7 +178,7 @@ def test_worker_loader_matches_single_process(store_path: str) -> None:
         loader.batch_sampler.set_epoch(3)
         batches[workers] = list(loader)
     assert len(batches[0]) == 3
-    for b0, b2 in zip(batches[0], batches[2]):
+    for b0, b2 in zip(batches[0], batches[2], strict=False):
         assert b0.clip_ids == b2.clip_ids
         assert torch.equal(b0.audio, b2.audio) and torch.equal(b0.video, b2.video)
         assert torch.equal(b0.audio_mask, b2.audio_mask)
@@ -187,7 +189,12 @@ def test_speaker_statistics_standardise_each_channel() -> None:
     from modeling.data.dataset import audio_statistics, speaker_normalised
 
     rng = np.random.default_rng(0)
-    clips = [ClipFeatures(f"c{i}", 1.0, audio_states=(3.0 + 2.0 * rng.standard_normal((50, 2, 4))).astype(np.float16), audio_times=np.arange(50) * 0.02) for i in range(4)]
+    clips = [
+        ClipFeatures(
+            f"c{i}", 1.0, audio_states=(3.0 + 2.0 * rng.standard_normal((50, 2, 4))).astype(np.float16), audio_times=np.arange(50) * 0.02
+        )
+        for i in range(4)
+    ]
     stats = audio_statistics(clips)
     assert stats is not None and stats[0].shape == (2, 4)
     joined = np.concatenate([speaker_normalised(c, stats).audio_states.astype(np.float64) for c in clips])

@@ -42,7 +42,7 @@ def test_folds_partition_speakers_and_clips(n_speakers: int, n_folds: int) -> No
     assert set().union(*test_speakers) == set(m["speaker"])
     assert sum(len(s) for s in test_speakers) == n_speakers
     assert max(map(len, test_speakers)) - min(map(len, test_speakers)) <= 1
-    speaker_of = dict(zip(m["clip_id"], m["speaker"]))
+    speaker_of = dict(zip(m["clip_id"], m["speaker"], strict=False))
     for f in folds:
         parts = [set(f.train_speakers), set(f.val_speakers), set(f.test_speakers)]
         assert not (parts[0] & parts[1]) and not (parts[0] & parts[2]) and not (parts[1] & parts[2])

@@ -17,11 +17,11 @@ from features.config import FaceConfig, FeatureConfig
 from features.extract import extract_clip
 from features.recipes.folder import prepare_folder
 from features.synthetic import make_synthetic_dataset, make_talking_face_clip
-from modeling.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from modeling.inference.predictor import Predictor, load_predictor, predict_files, record_for_file, sliding_windows
 from modeling.inference.model_source import find_checkpoint
 from modeling.inference.predictions import FilePrediction, paths_from_input, predictions_frame, read_jsonl, write_jsonl
+from modeling.inference.predictor import Predictor, load_predictor, predict_files, record_for_file, sliding_windows
 from modeling.inference.timeline_plot import plot_timeline
+from modeling.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 LABELS = ("happy", "sad")
 # Sparse face detection and small crops keep MTCNN and the model cheap on a busy CPU.
@@ -51,7 +51,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     labels = [LABELS.index(r.label) for r in records]
     config = TrainConfig(epochs=2, batch_size=4, num_workers=0, device="cpu", max_duration_s=0.8, warmup_epochs=0.5, lambda_ctm=0.1)
     loader = lambda train: make_loader(ClipDataset(str(root / "store"), ids, labels, FEATURES, config.data_config(), train), 4, 0, 0)  # noqa: E731
-    model_config = MsataConfig.from_dict({**MODEL, "n_classes": len(LABELS), "n_mels": FEATURES.audio.n_mels, "crop_size": FEATURES.face.crop_size})
+    model_config = MsataConfig.from_dict(
+        {**MODEL, "n_classes": len(LABELS), "n_mels": FEATURES.audio.n_mels, "crop_size": FEATURES.face.crop_size}
+    )
     meta = {"model_config": model_config.to_dict(), "feature_config": FEATURES.to_dict(), "label_names": list(LABELS)}
     result = train_model(MsataModel(model_config), loader(True), loader(False), config, root / "run", meta)
     assert result.best_path is not None and result.best_path.is_file()
@@ -59,10 +61,20 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     clips = {
         "video": data / "clips" / f"spk00_{LABELS[0]}_00.mp4",
         "wav": make_talking_face_clip(media / "voice.wav", duration_s=1.0, with_video=False, audio_codec="pcm_s16le", label="sad").path,
-        "silent": make_talking_face_clip(media / "silent.mp4", duration_s=1.0, fps=15, width=SIZE[0], height=SIZE[1], with_audio=False).path,
-        "blank": make_talking_face_clip(media / "blank.mp4", duration_s=1.0, fps=15, width=SIZE[0], height=SIZE[1], blank_frames=range(1000)).path,
+        "silent": make_talking_face_clip(
+            media / "silent.mp4", duration_s=1.0, fps=15, width=SIZE[0], height=SIZE[1], with_audio=False
+        ).path,
+        "blank": make_talking_face_clip(
+            media / "blank.mp4", duration_s=1.0, fps=15, width=SIZE[0], height=SIZE[1], blank_frames=range(1000)
+        ).path,
     }
-    return {"root": root, "checkpoint": result.best_path, "store": root / "store", "clips": clips, "predictor": load_predictor(str(result.best_path), device="cpu")}
+    return {
+        "root": root,
+        "checkpoint": result.best_path,
+        "store": root / "store",
+        "clips": clips,
+        "predictor": load_predictor(str(result.best_path), device="cpu"),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -203,8 +215,12 @@ def test_windows_without_any_token_are_left_empty(trained: dict, stored_features
     # Keep only the first 0.4 s of faces and drop the audio: later windows see nothing.
     keep = stored_features.video_times < 0.4
     faces_only = replace(
-        stored_features, logmel=None, audio_times=None,
-        face_crops=stored_features.face_crops[keep], video_times=stored_features.video_times[keep], face_mask=stored_features.face_mask[keep],
+        stored_features,
+        logmel=None,
+        audio_times=None,
+        face_crops=stored_features.face_crops[keep],
+        video_times=stored_features.video_times[keep],
+        face_mask=stored_features.face_mask[keep],
     )
     pred = trained["predictor"].predict_features(faces_only, "x", window_s=0.4, hop_s=0.4)
     assert pred.timeline[0].probabilities is not None and pred.timeline[-1].probabilities is None
@@ -241,7 +257,7 @@ def test_bad_files_get_an_error_and_the_others_are_predicted(trained: dict, tmp_
     paths = [good, tmp_path / "missing.mp4", notes, corrupt, truncated, empty, good]
     preds = predict_files(trained["predictor"], paths, window_s=0.5, hop_s=0.5)
     assert [p.ok for p in preds] == [True, False, False, False, False, False, True]
-    for pred, path in zip(preds[1:-1], paths[1:-1]):
+    for pred, path in zip(preds[1:-1], paths[1:-1], strict=False):
         assert str(path) in pred.error and pred.label is None and pred.probabilities == {}
     assert "not found" in preds[1].error and "unsupported file type '.txt'" in preds[2].error
     assert "zero-length" in preds[5].error
@@ -314,7 +330,6 @@ def test_mlflow_registry_round_trip(trained: dict, tmp_path: Path, monkeypatch: 
     from mlflow import MlflowClient
 
     from modeling.tracking import registry
-
     from modeling.tracking import runs as tracking
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -323,13 +338,22 @@ def test_mlflow_registry_round_trip(trained: dict, tmp_path: Path, monkeypatch: 
         experiment = MlflowClient().create_experiment("msata-test", artifact_location=(tmp_path / "artifacts").as_uri())
         run_id = tracking.create_run(experiment, "inference-test")
         model_uri = registry.log_pyfunc_model(run_id, trained["checkpoint"], list(LABELS))
-        tags = {"dataset": "crema_d", "n_folds": 1, "splits_hash": "x", "feature_config_hash": FEATURES.config_hash(), "val_uar_mean": 0.5, "test_uar_mean": 0.5}
+        tags = {
+            "dataset": "crema_d",
+            "n_folds": 1,
+            "splits_hash": "x",
+            "feature_config_hash": FEATURES.config_hash(),
+            "val_uar_mean": 0.5,
+            "test_uar_mean": 0.5,
+        }
         registered = registry.register_and_promote(model_uri, "crema-d", tags)
         expected = trained["predictor"].window_probabilities(stored_features, [(0.0, stored_features.duration_s)])
         for uri in (f"models:/{registered.name}@champion", f"models:/{registered.name}/{registered.version}", f"runs:/{run_id}/model"):
             predictor = load_predictor(uri, device="cpu")
             assert predictor.label_names == list(LABELS) and predictor.feature_config == FEATURES
-            np.testing.assert_allclose(predictor.window_probabilities(stored_features, [(0.0, stored_features.duration_s)]), expected, atol=1e-6)
+            np.testing.assert_allclose(
+                predictor.window_probabilities(stored_features, [(0.0, stored_features.duration_s)]), expected, atol=1e-6
+            )
         for bad in (f"models:/{registered.name}@no-such-alias", "models:/no-such-model/1", f"models:/{registered.name}/99"):
             with pytest.raises(ValueError, match="cannot load MLflow model"):
                 load_predictor(bad)

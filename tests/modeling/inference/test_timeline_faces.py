@@ -8,8 +8,8 @@ import numpy as np
 
 from features.clip import ClipFeatures
 from features.face_landmarks import BLENDSHAPE_NAMES
-from modeling.inference.predictor import face_trace
 from modeling.inference.predictions import FilePrediction, WindowPrediction
+from modeling.inference.predictor import face_trace
 from modeling.inference.timeline_plot import plot_timeline, timeline_figure
 
 SMILE = BLENDSHAPE_NAMES.index("mouthSmileLeft")
@@ -43,7 +43,14 @@ def test_blendshape_trace_keeps_the_ones_that_move_with_gaps_without_a_face() ->
 
 def test_crop_trace_is_the_detector_probability() -> None:
     mask = np.array([True, False, True])
-    clip = ClipFeatures("c", 0.1, face_crops=np.zeros((3, 8, 8, 3), np.uint8), video_times=np.arange(3) / 30, face_mask=mask, face_probs=np.array([0.99, 0.4, 0.97], np.float32))
+    clip = ClipFeatures(
+        "c",
+        0.1,
+        face_crops=np.zeros((3, 8, 8, 3), np.uint8),
+        video_times=np.arange(3) / 30,
+        face_mask=mask,
+        face_probs=np.array([0.99, 0.4, 0.97], np.float32),
+    )
     trace = face_trace(clip)
     assert trace.names == ["face probability"] and np.allclose(trace.values[:, 0], [0.99, 0.0, 0.97])
     assert face_trace(ClipFeatures("a", 1.0)) is None

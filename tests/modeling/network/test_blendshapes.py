@@ -15,8 +15,8 @@ from features.clip import ClipFeatures
 from features.config import AudioConfig, FaceConfig, FeatureConfig
 from features.face_landmarks import BLENDSHAPE_NAMES, N_BLENDSHAPES
 from features.manifest import ClipRecord
-from modeling.network.batch import ClipExample, collate
 from modeling.data.dataset import features_to_example, model_input_settings, video_frame_shape
+from modeling.network.batch import ClipExample, collate
 from modeling.network.encoder import MsataConfig, MsataModel
 from modeling.network.frontends import BlendshapeFrontend
 from modeling.network.losses import ctm_loss_from_output
@@ -27,7 +27,9 @@ SMILE = [BLENDSHAPE_NAMES.index("mouthSmileLeft"), BLENDSHAPE_NAMES.index("mouth
 FPS = 30.0
 
 
-def blend_clip(clip_id: str, label: int, duration_s: float, rng: np.random.Generator, audio: bool = True, video: bool = True) -> ClipFeatures:
+def blend_clip(
+    clip_id: str, label: int, duration_s: float, rng: np.random.Generator, audio: bool = True, video: bool = True
+) -> ClipFeatures:
     """Scores near 0.1 with noise; "happy" (0) smiles (mouthSmile ~0.8), "sad" does not. 10 % of frames have no face."""
     out = ClipFeatures(clip_id=clip_id, duration_s=duration_s)
     if audio:
@@ -55,9 +57,13 @@ def example(tv: int, seed: int, faces_every: int = 1) -> ClipExample:
     mask = torch.zeros(tv, dtype=torch.bool)
     mask[::faces_every] = True
     return ClipExample(
-        audio=torch.randn(tv * 2, 16, generator=g), audio_times=torch.arange(tv * 2) / 50.0,
-        video=torch.rand(tv, N_BLENDSHAPES, generator=g), video_times=torch.arange(tv) / FPS, face_mask=mask,
-        label=seed % 2, clip_id=f"c{seed}",
+        audio=torch.randn(tv * 2, 16, generator=g),
+        audio_times=torch.arange(tv * 2) / 50.0,
+        video=torch.rand(tv, N_BLENDSHAPES, generator=g),
+        video_times=torch.arange(tv) / FPS,
+        face_mask=mask,
+        label=seed % 2,
+        clip_id=f"c{seed}",
     )
 
 
@@ -166,16 +172,18 @@ def build_blend_store(path: Path, n_speakers: int = 4, clips_per_speaker: int = 
 
 
 def test_cross_validation_and_prediction_on_a_blendshape_store(tmp_path: Path) -> None:
-    from modeling.training.experiment import run_cross_validation
-    from modeling.inference.predictor import load_predictor
     from modeling.data.splits import SplitConfig
+    from modeling.inference.predictor import load_predictor
+    from modeling.training.experiment import run_cross_validation
     from modeling.training.train_loop import TrainConfig
     from storage.feature_store import FeatureStore
 
     build_blend_store(tmp_path / "store")
     model = {"d_model": 32, "n_heads": 2, "n_layers": 1, "audio_downsample": 4, "ctm_dim": 16}
     train = TrainConfig(epochs=8, batch_size=4, num_workers=0, max_duration_s=1.0, lr=3e-3, lambda_ctm=0.1)
-    result = run_cross_validation(str(tmp_path / "store"), "folder", train, SplitConfig(n_folds=2), model, run_dir=tmp_path / "run", track=False)
+    result = run_cross_validation(
+        str(tmp_path / "store"), "folder", train, SplitConfig(n_folds=2), model, run_dir=tmp_path / "run", track=False
+    )
     assert len(result.folds) == 2
     predictor = load_predictor(result.folds[0].best_path, device="cpu")
     assert predictor.model.config.video_input == "blendshapes" and predictor.feature_config == BLEND

@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from features.audio_encoders.whisper import WhisperEncoder, WhisperEncoderShape
 from modeling.network.batch import Batch, ClipExample, collate
 from modeling.network.encoder import MsataConfig, MsataModel
 from modeling.network.frontends import merge_times, normalise_utterance
@@ -12,8 +13,15 @@ N_MELS, CROP = 16, 16
 
 def tiny_config(**overrides: object) -> MsataConfig:
     base = dict(
-        n_classes=3, n_mels=N_MELS, d_model=32, n_heads=2, n_layers=2, dropout=0.0,
-        crop_size=CROP, video_channels=(8, 16), ctm_dim=16,
+        n_classes=3,
+        n_mels=N_MELS,
+        d_model=32,
+        n_heads=2,
+        n_layers=2,
+        dropout=0.0,
+        crop_size=CROP,
+        video_channels=(8, 16),
+        ctm_dim=16,
     )
     base.update(overrides)
     return MsataConfig(**base)  # type: ignore[arg-type]
@@ -119,9 +127,14 @@ def test_tarope_model_sees_relative_time_only() -> None:
 def _empty_video(batch: Batch) -> Batch:
     b = len(batch)
     return Batch(
-        audio=batch.audio, audio_times=batch.audio_times, audio_mask=batch.audio_mask,
-        video=torch.zeros(b, 0, CROP, CROP, 3, dtype=torch.uint8), video_times=torch.zeros(b, 0),
-        video_mask=torch.zeros(b, 0, dtype=torch.bool), labels=batch.labels, clip_ids=batch.clip_ids,
+        audio=batch.audio,
+        audio_times=batch.audio_times,
+        audio_mask=batch.audio_mask,
+        video=torch.zeros(b, 0, CROP, CROP, 3, dtype=torch.uint8),
+        video_times=torch.zeros(b, 0),
+        video_mask=torch.zeros(b, 0, dtype=torch.bool),
+        labels=batch.labels,
+        clip_ids=batch.clip_ids,
     )
 
 
@@ -199,9 +212,7 @@ def test_encoder_states_of_the_wrong_shape_are_refused() -> None:
         tiny_config(audio_layers=3)
 
 
-def small_whisper(n_layers: int = 3, width: int = 16, heads: int = 2) -> "WhisperEncoder":
-    from features.audio_encoders.whisper import WhisperEncoder, WhisperEncoderShape
-
+def small_whisper(n_layers: int = 3, width: int = 16, heads: int = 2) -> WhisperEncoder:
     torch.manual_seed(3)
     encoder = WhisperEncoder(WhisperEncoderShape(n_mels=8, width=width, n_heads=heads, n_layers=n_layers))
     with torch.no_grad():
@@ -209,7 +220,7 @@ def small_whisper(n_layers: int = 3, width: int = 16, heads: int = 2) -> "Whispe
     return encoder.eval()
 
 
-def whisper_states_clip(encoder: "WhisperEncoder", n_mel: int, seed: int) -> ClipExample:
+def whisper_states_clip(encoder: WhisperEncoder, n_mel: int, seed: int) -> ClipExample:
     mel = torch.randn(1, 8, n_mel, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         states = torch.stack([s[0] for s in encoder(mel)], dim=1)  # (T, L, D), as the store keeps them

@@ -13,17 +13,19 @@ from modeling.network.losses import ctm_loss, ctm_loss_from_output, training_obj
 def tiny_model() -> MsataModel:
     torch.manual_seed(0)
     return MsataModel(
-        MsataConfig(n_classes=3, n_mels=8, d_model=32, n_heads=2, n_layers=1, dropout=0.0,
-                    crop_size=16, video_channels=(8, 16), ctm_dim=16)
+        MsataConfig(n_classes=3, n_mels=8, d_model=32, n_heads=2, n_layers=1, dropout=0.0, crop_size=16, video_channels=(8, 16), ctm_dim=16)
     )
 
 
 def clip(ta: int, tv: int, label: int) -> ClipExample:
     return ClipExample(
-        audio=torch.randn(ta, 8), audio_times=torch.arange(ta) / 50.0,
+        audio=torch.randn(ta, 8),
+        audio_times=torch.arange(ta) / 50.0,
         video=torch.randint(0, 256, (tv, 16, 16, 3), dtype=torch.uint8),
-        video_times=torch.arange(tv) / 30.0, face_mask=torch.ones(tv, dtype=torch.bool),
-        label=label, clip_id=f"c{label}",
+        video_times=torch.arange(tv) / 30.0,
+        face_mask=torch.ones(tv, dtype=torch.bool),
+        label=label,
+        clip_id=f"c{label}",
     )
 
 
@@ -39,8 +41,12 @@ def aligned_pair(ta: int = 100, tv: int = 60) -> dict[str, torch.Tensor]:
     at = (torch.arange(ta, dtype=torch.float32) / 50).unsqueeze(0)
     vt = (torch.arange(tv, dtype=torch.float32) / 30).unsqueeze(0)
     return dict(
-        audio_tokens=timeline_features(at), audio_times=at, audio_mask=torch.ones(1, ta, dtype=torch.bool),
-        video_tokens=timeline_features(vt), video_times=vt, video_mask=torch.ones(1, tv, dtype=torch.bool),
+        audio_tokens=timeline_features(at),
+        audio_times=at,
+        audio_mask=torch.ones(1, ta, dtype=torch.bool),
+        video_tokens=timeline_features(vt),
+        video_times=vt,
+        video_mask=torch.ones(1, tv, dtype=torch.bool),
     )
 
 
@@ -55,8 +61,12 @@ def test_aligned_features_score_lower_than_time_shuffled() -> None:
 def test_directions_are_symmetric() -> None:
     pair = aligned_pair()
     swapped = dict(
-        audio_tokens=pair["video_tokens"], audio_times=pair["video_times"], audio_mask=pair["video_mask"],
-        video_tokens=pair["audio_tokens"], video_times=pair["audio_times"], video_mask=pair["audio_mask"],
+        audio_tokens=pair["video_tokens"],
+        audio_times=pair["video_times"],
+        audio_mask=pair["video_mask"],
+        video_tokens=pair["audio_tokens"],
+        video_times=pair["audio_times"],
+        video_mask=pair["audio_mask"],
     )
     torch.testing.assert_close(ctm_loss(**swapped), ctm_loss(**pair))
 
@@ -107,8 +117,9 @@ def test_missing_modality_contributes_nothing_and_no_pair_gives_zero() -> None:
     torch.testing.assert_close(ctm_loss(**two), ctm_loss(**pair))
 
     a = pair["audio_tokens"].clone().requires_grad_(True)
-    no_video = ctm_loss(a, pair["audio_times"], pair["audio_mask"], torch.zeros(1, 0, 32), torch.zeros(1, 0),
-                        torch.zeros(1, 0, dtype=torch.bool))
+    no_video = ctm_loss(
+        a, pair["audio_times"], pair["audio_mask"], torch.zeros(1, 0, 32), torch.zeros(1, 0), torch.zeros(1, 0, dtype=torch.bool)
+    )
     assert no_video.item() == 0.0 and no_video.requires_grad
     no_video.backward()
     assert a.grad is not None and a.grad.abs().max() == 0
@@ -135,8 +146,20 @@ def test_ctm_form_decides_which_weights_it_trains(ctm_on: str) -> None:
     """Front-end CTM reaches the front-ends and its head, never the encoder or classifier (it cannot be
     met through attention); the first form, on the encoder outputs, reaches the encoder."""
     torch.manual_seed(0)
-    model = MsataModel(MsataConfig(n_classes=3, n_mels=8, d_model=32, n_heads=2, n_layers=1, dropout=0.0,
-                                   crop_size=16, video_channels=(8, 16), ctm_dim=16, ctm_on=ctm_on))
+    model = MsataModel(
+        MsataConfig(
+            n_classes=3,
+            n_mels=8,
+            d_model=32,
+            n_heads=2,
+            n_layers=1,
+            dropout=0.0,
+            crop_size=16,
+            video_channels=(8, 16),
+            ctm_dim=16,
+            ctm_on=ctm_on,
+        )
+    )
     batch = collate([clip(50, 30, 0), clip(40, 25, 1)])
     out = model(batch)
     assert (out.ctm_audio is not None) == (ctm_on == "frontend")

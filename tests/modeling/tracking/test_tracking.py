@@ -27,8 +27,8 @@ def mlflow_db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def tiny_checkpoint(path: Path) -> Path:
-    from modeling.training.checkpoint import save_checkpoint
     from modeling.network.encoder import MsataConfig, MsataModel
+    from modeling.training.checkpoint import save_checkpoint
 
     meta = tiny_meta()
     model = MsataModel(MsataConfig.from_dict(meta["model_config"]))
@@ -76,7 +76,9 @@ def test_champion_rule_and_a_registry_it_cannot_read(mlflow_db: Path, logged_mod
 
 
 @pytest.mark.slow
-def test_pyfunc_is_logged_from_code_with_metadata_and_no_warnings(mlflow_db: Path, tmp_path: Path, recwarn: pytest.WarningsRecorder) -> None:
+def test_pyfunc_is_logged_from_code_with_metadata_and_no_warnings(
+    mlflow_db: Path, tmp_path: Path, recwarn: pytest.WarningsRecorder
+) -> None:
     import json
     import logging
     import math
@@ -88,7 +90,6 @@ def test_pyfunc_is_logged_from_code_with_metadata_and_no_warnings(mlflow_db: Pat
     from mlflow.pyfunc.scoring_server import predictions_to_json
 
     from modeling.tracking import registry
-
     from modeling.tracking import runs as tracking
 
     run_id = tracking.create_run(tracking.get_or_create_experiment("crema-d"), "pyfunc-test")
@@ -115,7 +116,15 @@ def test_pyfunc_is_logged_from_code_with_metadata_and_no_warnings(mlflow_db: Pat
     assert row["label"] is None and row["prob_happy"] is None and row["error"]
     assert not any(isinstance(v, float) and math.isnan(v) for v in row.values())
 
-    tags = {"dataset": "crema_d", "n_folds": 2, "splits_hash": "s", "feature_config_hash": "f", "val_uar_mean": 0.5, "test_uar_mean": 0.25, "parent_run_id": run_id}
+    tags = {
+        "dataset": "crema_d",
+        "n_folds": 2,
+        "splits_hash": "s",
+        "feature_config_hash": "f",
+        "val_uar_mean": 0.5,
+        "test_uar_mean": 0.25,
+        "parent_run_id": run_id,
+    }
     reg = registry.register_and_promote(uri, "crema-d", tags)
     client = MlflowClient()
     version = client.get_model_version(reg.name, reg.version)
@@ -140,7 +149,6 @@ def test_the_pyfunc_refuses_a_crafted_checkpoint(mlflow_db: Path, tmp_path: Path
     import torch
 
     from modeling.tracking import registry
-
     from modeling.tracking import runs as tracking
     from modeling.training.checkpoint import CheckpointError
 
@@ -164,19 +172,23 @@ def test_experiment_lineage_and_source(mlflow_db: Path, tmp_path: Path) -> None:
     from mlflow import MlflowClient
     from training_fixtures import TINY_MODEL, build_tiny_store
 
-    from modeling.training.experiment import prepare_experiment
     from modeling.data.splits import SplitConfig
+    from modeling.training.experiment import prepare_experiment
     from modeling.training.train_loop import TrainConfig
 
     store = build_tiny_store(tmp_path / "store", n_speakers=5, clips_per_speaker=4)
-    run_dir = prepare_experiment(str(tmp_path / "store"), "crema-d", TrainConfig(epochs=1), SplitConfig(n_folds=2), TINY_MODEL, run_dir=tmp_path / "run")
+    run_dir = prepare_experiment(
+        str(tmp_path / "store"), "crema-d", TrainConfig(epochs=1), SplitConfig(n_folds=2), TINY_MODEL, run_dir=tmp_path / "run"
+    )
     import json
 
     parent = MlflowClient().get_run(json.loads((run_dir / "experiment.json").read_text())["mlflow"]["parent_run_id"])
     [dataset_input] = parent.inputs.dataset_inputs
     assert dataset_input.dataset.digest == store.config.config_hash()[:36]
     tags = {t.key: t.value for t in dataset_input.tags}
-    assert tags["n_clips"] == "20" and tags["feature_config_hash"] == store.config.config_hash() and tags["mlflow.data.context"] == "training"
+    assert (
+        tags["n_clips"] == "20" and tags["feature_config_hash"] == store.config.config_hash() and tags["mlflow.data.context"] == "training"
+    )
     assert str(tmp_path / "store") in dataset_input.dataset.source
     assert len(parent.data.tags["mlflow.source.git.commit"]) == 40
 

@@ -15,7 +15,13 @@ from modeling.training.checkpoint import CheckpointError, capture_rng, load_chec
 
 
 def payload(epoch: int) -> dict:
-    return {"model_config": {"d": 4}, "feature_config": {}, "label_names": ["a", "b"], "state_dict": {"w": torch.full((2,), float(epoch))}, "epoch": epoch}
+    return {
+        "model_config": {"d": 4},
+        "feature_config": {},
+        "label_names": ["a", "b"],
+        "state_dict": {"w": torch.full((2,), float(epoch))},
+        "epoch": epoch,
+    }
 
 
 def test_round_trip(tmp_path) -> None:

@@ -78,8 +78,13 @@ def script(tmp_path_factory) -> Path:
 
 def run(script: Path, out: Path, nproc: int, epochs: int, resume: bool = False) -> dict:
     args = [str(out), str(epochs), "1" if resume else "0"]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else [sys.executable]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")} | {"OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else [sys.executable]
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")} | {
+        "OMP_NUM_THREADS": "1",
+        "PYTHONHASHSEED": "0",
+    }
     done = subprocess.run([*launcher, str(script), *args], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return json.loads((out / "summary.json").read_text())
@@ -122,8 +127,8 @@ def test_a_fold_trained_by_two_processes_logs_once_from_rank_zero(tmp_path: Path
     writes result.json and sends its training events back to the launching process's progress callback."""
     from mlflow import MlflowClient
 
-    from modeling.training.experiment import prepare_experiment, run_fold
     from modeling.data.splits import SplitConfig
+    from modeling.training.experiment import prepare_experiment, run_fold
     from modeling.training.train_loop import TrainConfig
 
     monkeypatch.setenv("MSATA_HOME", str(tmp_path / "home"))
@@ -131,11 +136,15 @@ def test_a_fold_trained_by_two_processes_logs_once_from_rank_zero(tmp_path: Path
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     build_tiny_store(tmp_path / "store", n_speakers=5, clips_per_speaker=4)
     config = TrainConfig(epochs=2, batch_size=4, num_workers=0, max_duration_s=1.5)
-    run_dir = prepare_experiment(str(tmp_path / "store"), "crema-d", config, SplitConfig(n_folds=2), TINY_MODEL, run_dir=tmp_path / "run", track=True)
+    run_dir = prepare_experiment(
+        str(tmp_path / "store"), "crema-d", config, SplitConfig(n_folds=2), TINY_MODEL, run_dir=tmp_path / "run", track=True
+    )
     events = []
     result = run_fold(run_dir, 0, events.append, nproc=2)
     assert json.loads((run_dir / "fold_0" / "result.json").read_text())["test"] == result.test
-    assert sum(sum(row) for row in result.confusion) == len(json.loads((run_dir / "experiment.json").read_text())["folds"][0]["test_ids"])  # gathered from both ranks
+    assert sum(sum(row) for row in result.confusion) == len(
+        json.loads((run_dir / "experiment.json").read_text())["folds"][0]["test_ids"]
+    )  # gathered from both ranks
     assert [e.epoch for e in events if e.kind == "epoch_end"] == [1, 2] and all(e.fold == 0 for e in events)
     client = MlflowClient()
     run = client.get_run(result.run_id)

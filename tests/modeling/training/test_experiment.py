@@ -44,7 +44,9 @@ def store(tmp_path):
 def _prepare(store, run_dir, resume=False):
     from modeling.training.experiment import prepare_experiment
 
-    return prepare_experiment(store, "crema-d", TrainConfig(epochs=1), SplitConfig(n_folds=2), TINY_MODEL, run_dir=run_dir, resume=resume, track=False)
+    return prepare_experiment(
+        store, "crema-d", TrainConfig(epochs=1), SplitConfig(n_folds=2), TINY_MODEL, run_dir=run_dir, resume=resume, track=False
+    )
 
 
 def test_a_foreign_folder_is_refused_and_left_alone(home, store, tmp_path):
@@ -132,7 +134,9 @@ def test_stopped_runs_are_marked_and_a_resumed_experiment_registers_once(home, s
         return progress
 
     def cv(progress=None, resume=True):
-        return run_cross_validation(store, "crema-d", cfg, SplitConfig(n_folds=2), TINY_MODEL, run_dir=run_dir, resume=resume, progress=progress)
+        return run_cross_validation(
+            store, "crema-d", cfg, SplitConfig(n_folds=2), TINY_MODEL, run_dir=run_dir, resume=resume, progress=progress
+        )
 
     with pytest.raises(KeyboardInterrupt):  # Ctrl-C
         cv(stop_in_fold_1(KeyboardInterrupt()), resume=False)
@@ -156,13 +160,23 @@ def test_stopped_runs_are_marked_and_a_resumed_experiment_registers_once(home, s
 def test_speaker_normalised_experiments_are_a_protocol_of_their_own(tmp_path) -> None:
     from training_fixtures import TINY_MODEL, build_tiny_store
 
-    from modeling.training.experiment import load_spec, prepare_experiment
     from modeling.data.splits import SplitConfig
+    from modeling.training.experiment import load_spec, prepare_experiment
     from modeling.training.train_loop import TrainConfig
 
     store = build_tiny_store(tmp_path / "store")
     specs = [
-        load_spec(prepare_experiment(store.url, "crema_d", TrainConfig(epochs=1, speaker_norm=norm), SplitConfig(n_folds=2), TINY_MODEL, run_dir=tmp_path / f"run{norm}", track=False))
+        load_spec(
+            prepare_experiment(
+                store.url,
+                "crema_d",
+                TrainConfig(epochs=1, speaker_norm=norm),
+                SplitConfig(n_folds=2),
+                TINY_MODEL,
+                run_dir=tmp_path / f"run{norm}",
+                track=False,
+            )
+        )
         for norm in (False, True)
     ]
     assert specs[0]["protocol"] == "speaker-2fold"

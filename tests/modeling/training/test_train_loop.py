@@ -14,8 +14,8 @@ import pytest
 import torch
 from training_fixtures import build_tiny_store, tiny_loaders, tiny_meta
 
-from modeling.training.checkpoint import load_checkpoint
 from modeling.network.encoder import MsataConfig, MsataModel
+from modeling.training.checkpoint import load_checkpoint
 from modeling.training.train_loop import TrainConfig, train_model, warmup_cosine
 
 TESTS_DIR = Path(__file__).resolve().parents[2]
@@ -108,7 +108,9 @@ def test_sigkill_then_resume_reproduces_uninterrupted_run(store_path: str, tmp_p
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"} | {"PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
     killed_dir, full_dir = tmp_path / "killed", tmp_path / "full"
 
-    proc = subprocess.Popen([sys.executable, str(script), str(killed_dir), "0", "1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(killed_dir), "0", "1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     deadline = time.monotonic() + 240
     while not (killed_dir / "last.pt").exists():
         assert proc.poll() is None, proc.stdout.read().decode()
