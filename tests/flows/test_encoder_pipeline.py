@@ -22,7 +22,9 @@ TINY_EN = AudioEncoderConfig(name="whisper-tiny.en")
 
 @pytest.fixture(scope="module")
 def encoder_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    raw = make_synthetic_dataset(tmp_path_factory.mktemp("raw"), n_speakers=4, clips_per_class=1, classes=("happy", "sad"), duration_s=1.0, size=(160, 120))
+    raw = make_synthetic_dataset(
+        tmp_path_factory.mktemp("raw"), n_speakers=4, clips_per_class=1, classes=("happy", "sad"), duration_s=1.0, size=(160, 120)
+    )
     tmp = tmp_path_factory.mktemp("cli")
     store = tmp / "store"
     args = ["preprocess", "--dataset", "folder", "--root", str(raw), "--store", str(store), "--audio-encoder", "whisper-tiny.en"]
@@ -43,8 +45,23 @@ def test_preprocess_stores_encoder_states_with_their_times(encoder_store: tuple[
 
 def test_unknown_encoder_is_one_line(tmp_path: Path) -> None:
     done = subprocess.run(
-        [MSATA, "preprocess", "--dataset", "folder", "--root", str(tmp_path), "--store", str(tmp_path / "s"), "--audio-encoder", "whisper-huge"],
-        env=clean_env(tmp_path), cwd=REPO, capture_output=True, text=True, timeout=300,
+        [
+            MSATA,
+            "preprocess",
+            "--dataset",
+            "folder",
+            "--root",
+            str(tmp_path),
+            "--store",
+            str(tmp_path / "s"),
+            "--audio-encoder",
+            "whisper-huge",
+        ],
+        env=clean_env(tmp_path),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode != 0 and "unknown audio encoder 'whisper-huge'" in done.stdout + done.stderr
     assert "Traceback" not in done.stdout + done.stderr
@@ -52,13 +69,21 @@ def test_unknown_encoder_is_one_line(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("speaker_norm", [False, True])
 def test_train_and_predict_on_encoder_states(encoder_store: tuple[Path, Path], tmp_path: Path, speaker_norm: bool) -> None:
-    from modeling.experiment import run_cross_validation
-    from modeling.inference import load_predictor, predict_files
-    from modeling.splits import SplitConfig
-    from modeling.train_loop import TrainConfig
+    from modeling.data.splits import SplitConfig
+    from modeling.inference.predictor import load_predictor, predict_files
+    from modeling.training.experiment import run_cross_validation
+    from modeling.training.train_loop import TrainConfig
 
     raw, store = encoder_store
-    model = {"d_model": 32, "n_heads": 2, "n_layers": 1, "video_channels": [8, 16], "audio_downsample": 2, "pooling": "attention", "ctm_dim": 16}
+    model = {
+        "d_model": 32,
+        "n_heads": 2,
+        "n_layers": 1,
+        "video_channels": [8, 16],
+        "audio_downsample": 2,
+        "pooling": "attention",
+        "ctm_dim": 16,
+    }
     train = TrainConfig(epochs=2, batch_size=4, num_workers=0, speaker_norm=speaker_norm, max_duration_s=1.0)
     result = run_cross_validation(str(store), "folder", train, SplitConfig(n_folds=2), model, run_dir=tmp_path / "run", track=False)
     assert len(result.folds) == 2 and all(0.0 <= f.test["uar"] <= 1.0 for f in result.folds)
@@ -68,3 +93,32 @@ def test_train_and_predict_on_encoder_states(encoder_store: tuple[Path, Path], t
     predictions = predict_files(predictor, clips)
     assert all(p.error is None and p.label in ("happy", "sad") and "audio" in p.modalities for p in predictions), predictions
     assert any("transductive" in w for w in predictions[0].warnings) is speaker_norm
+
+
+def test_finetuning_the_top_block_starts_from_the_packaged_weights_and_predicts(encoder_store: tuple[Path, Path], tmp_path: Path) -> None:
+    import torch
+
+    from features.audio_encoders.stage import load_packaged_encoder
+    from modeling.data.splits import SplitConfig
+    from modeling.inference.predictor import load_predictor, predict_files
+    from modeling.training.checkpoint import load_checkpoint
+    from modeling.training.experiment import run_cross_validation
+    from modeling.training.train_loop import TrainConfig
+
+    raw, store = encoder_store
+    model = {"d_model": 32, "n_heads": 2, "n_layers": 1, "video_channels": [8, 16], "audio_finetune_blocks": 1, "ctm_dim": 16}
+    train = TrainConfig(epochs=1, batch_size=4, num_workers=0, max_duration_s=1.0, encoder_lr_scale=0.5)
+    result = run_cross_validation(str(store), "folder", train, SplitConfig(n_folds=2), model, run_dir=tmp_path / "run", track=False)
+    payload = load_checkpoint(result.folds[0].best_path)
+    packaged = load_packaged_encoder("whisper-tiny.en", "cpu").blocks[-1].state_dict()
+    trained = {
+        k.removeprefix("audio_frontend.top_blocks.0."): v
+        for k, v in payload["state_dict"].items()
+        if k.startswith("audio_frontend.top_blocks.0.")
+    }
+    assert trained.keys() == packaged.keys()
+    moved = [k for k in packaged if not torch.equal(trained[k].float(), packaged[k].float())]
+    assert moved, "the fine-tuned block never left the packaged weights"
+    assert max((trained[k].float() - packaged[k].float()).abs().max().item() for k in packaged) < 0.5  # started there, moved a little
+    predictions = predict_files(load_predictor(result.folds[0].best_path, device="cpu"), sorted((raw / "clips").glob("*.mp4"))[:2])
+    assert all(p.error is None and p.label in ("happy", "sad") for p in predictions), predictions
