@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from modeling.network.batch import Batch  # noqa: E402
-from modeling.network.encoder import MsataConfig, MsataModel  # noqa: E402
+from modeling.network.encoder import MsataConfig, MsataModel, rotary_positions  # noqa: E402
 from modeling.network.frontends import Tokens  # noqa: E402
 
 VARIANTS = ("tarope", "index", "none")
@@ -97,18 +97,16 @@ def main() -> None:
         x=torch.randn(args.batch, t_all, cfg.d_model, device=device, requires_grad=True),
         times=token_times,
         mask=torch.ones(args.batch, t_all, dtype=torch.bool, device=device),
-        index=torch.cat([torch.arange(args.audio_frames, device=device), torch.arange(args.video_frames, device=device)])
-        .float()
-        .expand(args.batch, t_all),
     )
 
     def make_step(kind: str, part: str) -> Callable[[], None]:
         model = models[kind]
+        positions = rotary_positions(kind, [batch.audio_times, batch.video_times], cfg.rotary_rate)
 
         def step() -> None:
             model.zero_grad(set_to_none=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-                out = model(batch).logits if part == "model" else model.encoder(tokens)
+                out = model(batch).logits if part == "model" else model.encoder(tokens, positions)
             out.float().square().mean().backward()
 
         return step

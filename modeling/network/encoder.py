@@ -6,8 +6,10 @@
       or blendshapes (B, Tv, 52) --BlendshapeFrontend (MLP)--> (B, Tv, D) + times
     [audio; video] + modality embeddings --N pre-norm blocks (rotary q/k)--> pooling (mean | attention) --> logits
 
-The position module (TaRoPE / index RoPE / none, see ``modeling.network.tarope``) is
-built once and injected into every attention layer. ``fusion="late"`` is the
+Rotary positions are chosen once, here (:func:`rotary_positions`: ``rate * times`` for TaRoPE,
+each token's index within its own stream for the index ablation, none at all); each encoder's
+``Rotary`` turns them into one rotation per forward, and every attention layer applies it with
+the pure ``rotate`` (``modeling.network.tarope``). ``fusion="late"`` is the
 ablation without cross-modal attention: one encoder per modality, each pooled,
 concatenated, classified.
 """
@@ -15,6 +17,7 @@ concatenated, classified.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -25,7 +28,16 @@ from torch import nn
 from features.face_landmarks import N_BLENDSHAPES
 from modeling.network.batch import Batch
 from modeling.network.frontends import AudioFrontend, BlendshapeFrontend, EncoderStatesFrontend, Tokens, VideoFrontend
-from modeling.network.tarope import DEFAULT_BASE, DEFAULT_RATE, POSITION_KINDS, Rotation, build_rotary
+from modeling.network.tarope import (
+    DEFAULT_BASE,
+    DEFAULT_RATE,
+    POSITION_KINDS,
+    Rotary,
+    Rotation,
+    index_positions,
+    rotate,
+    time_positions,
+)
 
 FUSION_KINDS = ("joint", "late")
 POOLING_KINDS = ("mean", "attention", "stats")
@@ -134,20 +146,38 @@ class ModelOutput:
     ctm_video: torch.Tensor | None = None  # (B, Tv, D)
 
 
+def rotary_positions(kind: str, stream_times: Sequence[torch.Tensor], rate: float = DEFAULT_RATE) -> torch.Tensor | None:
+    """The rotary positions of streams placed one after another in one sequence (MsataConfig.positions).
+
+    ``stream_times``: each stream's token times (B, T_s) seconds, in sequence order. Returns
+    (B, sum T_s) float32: ``rate * t`` ("tarope"), each token's index within its own stream
+    ("index": audio 0..Ta'-1, video 0..Tv-1, so the streams drift apart at 50 vs 30 tokens/s),
+    or None ("none": no rotation, attention sees a bag of tokens).
+    """
+    if kind == "none":
+        return None
+    if kind == "tarope":
+        parts = [time_positions(t, rate) for t in stream_times]
+    elif kind == "index":
+        parts = [index_positions(t) for t in stream_times]
+    else:
+        raise ValueError(f"unknown positions {kind!r}; expected one of {POSITION_KINDS}")
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
 class SelfAttention(nn.Module):
-    def __init__(self, config: MsataConfig, rotary: nn.Module) -> None:
+    def __init__(self, config: MsataConfig) -> None:
         super().__init__()
         self.n_heads = config.n_heads
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
         self.proj = nn.Linear(config.d_model, config.d_model)
-        self.rotary = rotary  # injected; shared by all layers, holds no parameters
         self.dropout = config.dropout
         self.resid_drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor, rotation: Rotation | None) -> torch.Tensor:
         b, t, d = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)  # (B, H, T, Dh)
-        q, k = self.rotary(q, k, rotation)
+        q, k = rotate(q, rotation), rotate(k, rotation)  # rotation None: no positions
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=key_mask[:, None, None, :], dropout_p=self.dropout if self.training else 0.0
         )  # (B, H, T, Dh)
@@ -155,11 +185,11 @@ class SelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: MsataConfig, rotary: nn.Module) -> None:
+    def __init__(self, config: MsataConfig) -> None:
         super().__init__()
         hidden = int(config.mlp_ratio * config.d_model)
         self.ln1 = nn.LayerNorm(config.d_model)
-        self.attn = SelfAttention(config, rotary)
+        self.attn = SelfAttention(config)
         self.ln2 = nn.LayerNorm(config.d_model)
         self.mlp = nn.Sequential(
             nn.Linear(config.d_model, hidden),
@@ -174,15 +204,16 @@ class Block(nn.Module):
 
 
 class Encoder(nn.Module):
-    """N pre-norm blocks over tokens with times, validity mask and index positions."""
+    """N pre-norm blocks over tokens with a validity mask, rotated at the given positions."""
 
     def __init__(self, config: MsataConfig) -> None:
         super().__init__()
-        self.rotary = build_rotary(config.positions, config.head_dim, config.rotary_rate, config.rotary_base)
-        self.blocks = nn.ModuleList(Block(config, self.rotary) for _ in range(config.n_layers))
+        self.rotary = Rotary(config.head_dim, config.rotary_base)  # holds no parameters, nothing in the state_dict
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = nn.LayerNorm(config.d_model)
 
-    def forward(self, tokens: Tokens) -> torch.Tensor:
+    def forward(self, tokens: Tokens, positions: torch.Tensor | None) -> torch.Tensor:
+        """tokens.x (B, T, D), positions (B, T) from :func:`rotary_positions` (None: no rotation)."""
         x = tokens.x  # (B, T, D)
         if x.shape[1] == 0:
             return x
@@ -190,7 +221,7 @@ class Encoder(nn.Module):
         # attends to everything instead of nothing: softmax over an empty set is NaN.
         # Its outputs are masked out downstream anyway.
         key_mask = tokens.mask | ~tokens.mask.any(dim=1, keepdim=True)  # (B, T)
-        rotation = self.rotary.precompute(tokens.times, tokens.index)  # once for all layers
+        rotation = self.rotary(positions)  # once for all layers
         for block in self.blocks:
             x = block(x, key_mask, rotation)
         return self.norm(x)
@@ -232,7 +263,6 @@ def _concat(a: Tokens, v: Tokens) -> Tokens:
         x=torch.cat([a.x, v.x.to(a.x.dtype)], dim=1),
         times=torch.cat([a.times, v.times], dim=1),
         mask=torch.cat([a.mask, v.mask], dim=1),
-        index=torch.cat([a.index, v.index], dim=1),
     )
 
 
@@ -284,12 +314,14 @@ class MsataModel(nn.Module):
         ctm_audio, ctm_video = (a.x, v.x) if self.config.ctm_on == "frontend" else (None, None)
         a.x = a.x + self.modality[0]
         v.x = v.x + self.modality[1]
+        kind, rate = self.config.positions, self.config.rotary_rate
         if self.video_encoder is None:  # joint: one sequence, cross-modal attention
-            h = self.encoder(_concat(a, v))  # (B, Ta' + Tv, D)
+            h = self.encoder(_concat(a, v), rotary_positions(kind, [a.times, v.times], rate))  # (B, Ta' + Tv, D)
             audio_out, video_out = h[:, : a.x.shape[1]], h[:, a.x.shape[1] :]
             pooled = self.pool(h, torch.cat([a.mask, v.mask], dim=1))  # (B, D)
         else:  # late: no attention across modalities
-            audio_out, video_out = self.encoder(a), self.video_encoder(v)
+            audio_out = self.encoder(a, rotary_positions(kind, [a.times], rate))
+            video_out = self.video_encoder(v, rotary_positions(kind, [v.times], rate))
             pooled = torch.cat([self.pool(audio_out, a.mask), self.video_pool(video_out, v.mask)], dim=-1)  # (B, 2D)
         logits = self.classifier(self.head_drop(pooled))  # (B, C)
         return ModelOutput(

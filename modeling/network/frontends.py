@@ -1,7 +1,7 @@
 """Per-modality front-ends: turn frames into timestamped tokens of width d_model.
 
-Each front-end returns ``Tokens``: features, times (seconds), validity mask and
-per-modality index positions (for the "index" RoPE ablation). Padded frames and
+Each front-end returns ``Tokens``: features, times (seconds) and validity mask (the
+encoder chooses rotary positions from the times). Padded frames and
 frames without a face come out masked; their feature values are irrelevant
 because attention, pooling and the CTM loss all ignore masked tokens.
 """
@@ -24,11 +24,6 @@ class Tokens:
     x: torch.Tensor  # (B, T, D)
     times: torch.Tensor  # (B, T) float32 seconds
     mask: torch.Tensor  # (B, T) bool, True = real token
-    index: torch.Tensor  # (B, T) float32 token index within its modality
-
-
-def _index_positions(batch: int, length: int, device: torch.device) -> torch.Tensor:
-    return torch.arange(length, device=device, dtype=torch.float32).expand(batch, length)
 
 
 def normalise_utterance(logmel: torch.Tensor, mask: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -85,7 +80,7 @@ class AudioFrontend(nn.Module):
         d = self.conv1.out_channels
         if t == 0:
             empty = logmel.new_zeros(b, 0, d)
-            return Tokens(empty, times.new_zeros(b, 0), mask.new_zeros(b, 0), times.new_zeros(b, 0))
+            return Tokens(empty, times.new_zeros(b, 0), mask.new_zeros(b, 0))
         if f != self.n_mels:
             raise ValueError(f"audio has {f} mel channels, the model expects {self.n_mels}")
         m = mask.unsqueeze(1).to(logmel.dtype)  # (B, 1, Ta)
@@ -97,7 +92,7 @@ class AudioFrontend(nn.Module):
             x = F.gelu(self.merge(F.pad(x, (0, (-t) % self.downsample))))  # (B, D, Ta')
             times, mask = merge_times(times, mask, self.downsample)
         x = self.drop(self.out(x.transpose(1, 2)))  # (B, Ta', D)
-        return Tokens(x, times.to(torch.float32), mask, _index_positions(b, x.shape[1], x.device))
+        return Tokens(x, times.to(torch.float32), mask)
 
 
 class EncoderStatesFrontend(nn.Module):
@@ -176,7 +171,7 @@ class EncoderStatesFrontend(nn.Module):
         b, t = states.shape[:2]
         if t == 0:
             empty = states.new_zeros((b, 0, self.d_model), dtype=torch.float32)
-            return Tokens(empty, times.new_zeros(b, 0), mask.new_zeros(b, 0), times.new_zeros(b, 0))
+            return Tokens(empty, times.new_zeros(b, 0), mask.new_zeros(b, 0))
         if tuple(states.shape[2:]) != (self.n_layers, self.width):
             raise ValueError(
                 f"audio encoder states have shape {tuple(states.shape[2:])} per frame, the model expects ({self.n_layers}, {self.width})"
@@ -193,7 +188,7 @@ class EncoderStatesFrontend(nn.Module):
             x = F.pad(x, (0, 0, 0, pad)).view(b, -1, self.downsample, self.width).sum(2) / m.sum(-1, keepdim=True).clamp_min(1.0)
             times, mask = merge_times(times, mask, self.downsample)
         x = self.drop(self.proj(x))  # (B, Ta', d_model)
-        return Tokens(x, times.to(torch.float32), mask, _index_positions(b, x.shape[1], x.device))
+        return Tokens(x, times.to(torch.float32), mask)
 
 
 class VideoFrontend(nn.Module):
@@ -231,7 +226,7 @@ class VideoFrontend(nn.Module):
             feats = self.out(x)  # (N, D)
         tokens = feats.new_zeros(b, t, self.d_model)
         tokens[mask] = feats
-        return Tokens(self.drop(tokens), times.to(torch.float32), mask, _index_positions(b, t, crops.device))
+        return Tokens(self.drop(tokens), times.to(torch.float32), mask)
 
 
 class BlendshapeFrontend(nn.Module):
@@ -256,4 +251,4 @@ class BlendshapeFrontend(nn.Module):
             raise ValueError(f"video frames have shape {tuple(scores.shape[2:])}, the model expects ({self.n_features},) blendshape scores")
         # (B, Tv, K) -> (B, Tv, D); zeroed where invalid so padded or faceless frames carry nothing.
         tokens = self.mlp(scores.to(torch.float32)) * mask.unsqueeze(-1)
-        return Tokens(self.drop(tokens), times.to(torch.float32), mask, _index_positions(b, t, scores.device))
+        return Tokens(self.drop(tokens), times.to(torch.float32), mask)

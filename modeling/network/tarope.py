@@ -7,12 +7,18 @@ same instant get exactly the same rotation, and q.k after rotation depends only
 on t_q - t_k whatever the frame rates. With ``rate = 50`` an audio frame k at
 t = k/50 keeps position k, i.e. TaRoPE reduces to plain RoPE on the audio stream.
 
-The maths are pure functions with positions passed explicitly (float32 inside,
-cast back to the input dtype). Three interchangeable modules with one interface
-are injected into attention, which never knows which one it holds:
+One formula, in three steps, each a pure function with positions passed explicitly
+(as in torchtune and rotary-embedding-torch):
 
-    rotation = module.precompute(times, index_positions)  # once per forward
-    q, k = module(q, k, rotation)                           # in every layer
+    positions = time_positions(times, rate)         # TaRoPE; index_positions(times) for the ablation
+    rotation  = Rotary(head_dim, base)(positions)   # once per forward: cos/sin of positions * base^(-2i/d)
+    q, k      = rotate(q, rotation), rotate(k, rotation)   # in every attention layer
+
+The encoder (``modeling.network.encoder.rotary_positions``) chooses the positions once
+per forward ("tarope", "index" or "none" = no rotation at all); :class:`Rotary` only turns
+positions into a rotation and holds no parameters (its inverse frequencies are a derived,
+non-persistent buffer, so checkpoints hold none of it). Angles and the rotation are
+computed in float32 and cast back to the input dtype.
 
 Pairing convention: feature i is paired with feature i + d/2 ("rotate half",
 as in GPT-NeoX / rotary-embedding-torch); the angle of pair i is the i-th
@@ -28,6 +34,18 @@ from torch import nn
 
 DEFAULT_RATE = 50.0  # position ids per second: one per 20 ms audio frame
 DEFAULT_BASE = 10_000.0
+POSITION_KINDS = ("tarope", "index", "none")
+
+
+def time_positions(times: torch.Tensor, rate: float = DEFAULT_RATE) -> torch.Tensor:
+    """TaRoPE positions ``rate * t``: times (..., T) seconds -> (..., T) float32."""
+    return times.to(torch.float32) * rate
+
+
+def index_positions(times: torch.Tensor) -> torch.Tensor:
+    """Standard RoPE positions of one stream: each token's index 0..T-1 in it, times (B, T) -> (B, T) float32."""
+    b, t = times.shape
+    return torch.arange(t, device=times.device, dtype=torch.float32).expand(b, t)
 
 
 def inverse_frequencies(dim: int, base: float = DEFAULT_BASE) -> torch.Tensor:
@@ -37,10 +55,9 @@ def inverse_frequencies(dim: int, base: float = DEFAULT_BASE) -> torch.Tensor:
     return base ** (-torch.arange(0, dim, 2, dtype=torch.float32) / dim)
 
 
-def rotary_angles(times: torch.Tensor, dim: int, rate: float = DEFAULT_RATE, base: float = DEFAULT_BASE) -> torch.Tensor:
-    """Angles t * rate * base^(-2i/dim): times (..., T) seconds -> (..., T, dim/2) float32."""
-    inv_freq = inverse_frequencies(dim, base).to(times.device)
-    return (times.to(torch.float32) * rate).unsqueeze(-1) * inv_freq
+def rotary_angles(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Angles p * base^(-2i/dim): positions (..., T) -> (..., T, dim/2) float32."""
+    return positions.to(torch.float32).unsqueeze(-1) * inv_freq.to(positions.device)
 
 
 @dataclass
@@ -51,18 +68,22 @@ class Rotation:
     sin: torch.Tensor  # (B, 1, T, Dh/2) float32
 
 
-def rotation_from_angles(angles: torch.Tensor) -> Rotation:
-    """angles (B, T, Dh/2) -> Rotation with a head axis inserted."""
-    angles = angles.unsqueeze(1)  # (B, 1, T, Dh/2)
+def rotation_for(positions: torch.Tensor, inv_freq: torch.Tensor) -> Rotation:
+    """positions (B, T) -> Rotation with a head axis inserted."""
+    angles = rotary_angles(positions, inv_freq).unsqueeze(1)  # (B, 1, T, Dh/2)
     return Rotation(cos=angles.cos(), sin=angles.sin())
 
 
-def rotate(x: torch.Tensor, rotation: Rotation) -> torch.Tensor:
-    """Rotate pairs (x_i, x_{i+Dh/2}) of x (B, H, T, Dh) by the given angles.
+def rotate(x: torch.Tensor, rotation: Rotation | None) -> torch.Tensor:
+    """Rotate pairs (x_i, x_{i+Dh/2}) of x (B, H, T, Dh) by the given angles; None = no rotation (x itself).
 
     Computed in float32 (bf16 angles lose the phase of high positions) and cast
     back to x's dtype.
     """
+    if rotation is None:
+        return x
+    if rotation.cos.shape[-2] != x.shape[-2] or 2 * rotation.cos.shape[-1] != x.shape[-1]:
+        raise ValueError(f"x {tuple(x.shape)} does not match a rotation of (T, Dh/2) = {tuple(rotation.cos.shape[-2:])}")
     half = x.shape[-1] // 2
     xf = x.to(torch.float32)
     x1, x2 = xf[..., :half], xf[..., half:]  # (B, H, T, Dh/2) each
@@ -71,76 +92,13 @@ def rotate(x: torch.Tensor, rotation: Rotation) -> torch.Tensor:
     return out.to(x.dtype)
 
 
-def apply_rotary(x: torch.Tensor, times: torch.Tensor, rate: float = DEFAULT_RATE, base: float = DEFAULT_BASE) -> torch.Tensor:
-    """Time-aligned rotary embedding of x (B, H, T, Dh) at times (B, T) seconds.
-
-    Times may be any floats: variable frame rates, offsets, gaps of missing frames.
-    """
-    if x.shape[-2] != times.shape[-1] or x.shape[0] != times.shape[0]:
-        raise ValueError(f"x {tuple(x.shape)} and times {tuple(times.shape)} disagree on (B, T)")
-    return rotate(x, rotation_from_angles(rotary_angles(times, x.shape[-1], rate, base)))
-
-
-class TimeRotary(nn.Module):
-    """TaRoPE: the rotation of each token comes from its timestamp (seconds)."""
-
-    def __init__(self, head_dim: int, rate: float = DEFAULT_RATE, base: float = DEFAULT_BASE) -> None:
-        super().__init__()
-        self.rate = rate
-        # Not persistent: derived from head_dim/base, so checkpoints stay config-only.
-        self.register_buffer("inv_freq", inverse_frequencies(head_dim, base), persistent=False)
-
-    def precompute(self, times: torch.Tensor, index_positions: torch.Tensor) -> Rotation | None:
-        # times (B, T) seconds; index positions are ignored on purpose.
-        angles = (times.to(torch.float32) * self.rate).unsqueeze(-1) * self.inv_freq  # (B, T, Dh/2)
-        return rotation_from_angles(angles)
-
-    def forward(self, q: torch.Tensor, k: torch.Tensor, rotation: Rotation | None) -> tuple[torch.Tensor, torch.Tensor]:
-        if rotation is None:
-            raise ValueError("TimeRotary needs the Rotation returned by precompute()")
-        return rotate(q, rotation), rotate(k, rotation)
-
-
-class IndexRotary(nn.Module):
-    """Standard RoPE on per-modality token indices (audio 0..Ta-1, video 0..Tv-1).
-
-    The ablation: both streams start at position 0 and advance one position per
-    token, so at 50 vs 30 tokens/s they drift apart in time.
-    """
+class Rotary(nn.Module):
+    """Positions (B, T) -> the Rotation every attention layer applies; None -> None (no positions)."""
 
     def __init__(self, head_dim: int, base: float = DEFAULT_BASE) -> None:
         super().__init__()
+        # Not persistent: derived from head_dim/base, so checkpoints stay config-only.
         self.register_buffer("inv_freq", inverse_frequencies(head_dim, base), persistent=False)
 
-    def precompute(self, times: torch.Tensor, index_positions: torch.Tensor) -> Rotation | None:
-        angles = index_positions.to(torch.float32).unsqueeze(-1) * self.inv_freq  # (B, T, Dh/2)
-        return rotation_from_angles(angles)
-
-    def forward(self, q: torch.Tensor, k: torch.Tensor, rotation: Rotation | None) -> tuple[torch.Tensor, torch.Tensor]:
-        if rotation is None:
-            raise ValueError("IndexRotary needs the Rotation returned by precompute()")
-        return rotate(q, rotation), rotate(k, rotation)
-
-
-class NoRotary(nn.Module):
-    """No positional information at all: attention sees a bag of tokens."""
-
-    def precompute(self, times: torch.Tensor, index_positions: torch.Tensor) -> Rotation | None:
-        return None
-
-    def forward(self, q: torch.Tensor, k: torch.Tensor, rotation: Rotation | None) -> tuple[torch.Tensor, torch.Tensor]:
-        return q, k
-
-
-POSITION_KINDS = ("tarope", "index", "none")
-
-
-def build_rotary(kind: str, head_dim: int, rate: float = DEFAULT_RATE, base: float = DEFAULT_BASE) -> nn.Module:
-    """The position module for MsataConfig.positions."""
-    if kind == "tarope":
-        return TimeRotary(head_dim, rate=rate, base=base)
-    if kind == "index":
-        return IndexRotary(head_dim, base=base)
-    if kind == "none":
-        return NoRotary()
-    raise ValueError(f"unknown positions {kind!r}; expected one of {POSITION_KINDS}")
+    def forward(self, positions: torch.Tensor | None) -> Rotation | None:
+        return None if positions is None else rotation_for(positions, self.inv_freq)

@@ -4,9 +4,11 @@ import pytest
 import torch
 
 from features.audio_encoders.whisper import WhisperEncoder, WhisperEncoderShape
+from modeling.network import encoder as encoder_module
 from modeling.network.batch import Batch, ClipExample, collate
-from modeling.network.encoder import MsataConfig, MsataModel
+from modeling.network.encoder import MsataConfig, MsataModel, rotary_positions
 from modeling.network.frontends import merge_times, normalise_utterance
+from modeling.network.tarope import Rotary, Rotation, rotate
 
 N_MELS, CROP = 16, 16
 
@@ -268,3 +270,41 @@ def test_finetuning_settings_are_checked() -> None:
     model = model_for(audio_layers=4, audio_width=16, audio_heads=2, audio_finetune_blocks=1)
     with pytest.raises(ValueError, match="does not match a store of 4 hidden states"):
         model.audio_frontend.load_top_blocks(small_whisper(n_layers=2))
+
+
+@pytest.mark.parametrize("kind", ["tarope", "index", "none"])
+def test_the_model_rotates_q_and_k_at_the_chosen_positions(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every attention layer of the joint model calls ``rotate`` with ``Rotary(rotary_positions(...))``."""
+    seen: list = []
+
+    def spy(x: torch.Tensor, rotation: Rotation | None) -> torch.Tensor:
+        seen.append(rotation)
+        return rotate(x, rotation)
+
+    monkeypatch.setattr(encoder_module, "rotate", spy)
+    model = model_for(positions=kind, rotary_rate=40.0)
+    batch = collate([clip(20, 12, 1), clip(11, 7, 2, offset=0.3)])
+    model(batch)
+    assert len(seen) == 2 * model.config.n_layers  # q and k in every layer
+    positions = rotary_positions(kind, [batch.audio_times, batch.video_times], 40.0)
+    if kind == "tarope":
+        torch.testing.assert_close(positions, torch.cat([batch.audio_times, batch.video_times], dim=1) * 40.0)
+    expected = Rotary(model.config.head_dim, model.config.rotary_base)(positions)
+    for rotation in seen:
+        if expected is None:
+            assert rotation is None
+        else:
+            torch.testing.assert_close(rotation.cos, expected.cos, rtol=0, atol=0)
+            torch.testing.assert_close(rotation.sin, expected.sin, rtol=0, atol=0)
+
+
+def test_state_dict_keys_unchanged_by_the_rotary() -> None:
+    """Checkpoints written before the rotary was one module still load: the rotary holds no
+    state, and an encoder block's keys are exactly these for every kind of positions."""
+    expected = {
+        f"encoder.blocks.0.{name}.{p}" for name in ("ln1", "attn.qkv", "attn.proj", "ln2", "mlp.0", "mlp.2") for p in ("weight", "bias")
+    } | {"encoder.norm.weight", "encoder.norm.bias"}
+    for kind in ("tarope", "index", "none"):
+        keys = set(model_for(positions=kind, n_layers=1).state_dict())
+        assert {k for k in keys if k.startswith("encoder.")} == expected, kind
+        assert not [k for k in keys if "rotary" in k or "inv_freq" in k], kind

@@ -1,3 +1,7 @@
+"""Properties of TaRoPE, checked on the functions the model runs: ``time_positions`` /
+``index_positions`` -> ``Rotary`` -> ``rotate`` (``test_encoder`` checks that the model's attention
+does call them on the positions ``rotary_positions`` chose)."""
+
 from __future__ import annotations
 
 import math
@@ -7,14 +11,20 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from modeling.network.encoder import rotary_positions
 from modeling.network.tarope import (
-    IndexRotary,
-    NoRotary,
-    TimeRotary,
-    apply_rotary,
-    build_rotary,
+    Rotary,
+    index_positions,
+    inverse_frequencies,
     rotary_angles,
+    rotate,
+    time_positions,
 )
+
+
+def apply_rotary(x: torch.Tensor, times: torch.Tensor, rate: float = 50.0) -> torch.Tensor:
+    """TaRoPE of x (B, H, T, Dh) at times (B, T) seconds, through the model's own code path."""
+    return rotate(x, Rotary(x.shape[-1])(time_positions(times, rate)))
 
 
 def reference_rope(x: torch.Tensor, positions: torch.Tensor, base: float = 10_000.0) -> torch.Tensor:
@@ -35,7 +45,7 @@ def scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 def test_angles_formula() -> None:
     times = torch.tensor([[0.0, 0.02, 1.5]])
-    angles = rotary_angles(times, dim=8, rate=50.0, base=10_000.0)  # (1, 3, 4)
+    angles = rotary_angles(time_positions(times, rate=50.0), inverse_frequencies(8, base=10_000.0))  # (1, 3, 4)
     assert angles.shape == (1, 3, 4) and angles.dtype == torch.float32
     for t_idx, t in enumerate([0.0, 0.02, 1.5]):
         for i in range(4):
@@ -50,8 +60,9 @@ def test_equals_standard_rope_when_rate_times_t_is_the_index() -> None:
     times = index / 50.0  # audio frame k at k/50 s keeps position k
     ours = apply_rotary(x, times, rate=50.0)
     torch.testing.assert_close(ours.double(), reference_rope(x, index), atol=2e-4, rtol=1e-4)
-    # The index module is standard RoPE on indices.
-    q, _ = IndexRotary(16)(x, x, IndexRotary(16).precompute(times, index))
+    # Index positions are standard RoPE on indices.
+    torch.testing.assert_close(index_positions(times), index)
+    q = rotate(x, Rotary(16)(index_positions(times)))
     torch.testing.assert_close(q.double(), reference_rope(x, index), atol=2e-4, rtol=1e-4)
 
 
@@ -89,9 +100,9 @@ def test_same_instant_same_rotation_across_modalities() -> None:
         iv = 50 + int(round(t * 30))
         torch.testing.assert_close(rotated[0, 0, ia], rotated[0, 0, iv], atol=1e-5, rtol=1e-5)
     # ...while index positions (audio k, video j) do not line up at t = 0.5 s.
-    index = torch.cat([torch.arange(50.0), torch.arange(30.0)]).unsqueeze(0)
-    rot = IndexRotary(8)
-    qi, _ = rot(x, x, rot.precompute(times, index))
+    index = rotary_positions("index", [audio_t.unsqueeze(0), video_t.unsqueeze(0)])
+    torch.testing.assert_close(index, torch.cat([torch.arange(50.0), torch.arange(30.0)]).unsqueeze(0))
+    qi = rotate(x, Rotary(8)(index))
     assert not torch.allclose(qi[0, 0, 25], qi[0, 0, 50 + 15], atol=1e-3)
 
 
@@ -112,23 +123,22 @@ def test_bf16_close_to_float32_and_keeps_dtype() -> None:
     torch.testing.assert_close(out16.float(), out32, atol=3e-2, rtol=1e-2)
 
 
-def test_module_matches_pure_function_and_none_is_identity() -> None:
+def test_positions_per_kind_and_none_is_identity() -> None:
     torch.manual_seed(4)
-    q, k = torch.randn(2, 2, 10, 8), torch.randn(2, 2, 10, 8)
-    times = torch.rand(2, 10) * 3
-    index = torch.arange(10.0).expand(2, 10)
-    mod = TimeRotary(8, rate=50.0)
-    rq, rk = mod(q, k, mod.precompute(times, index))
-    torch.testing.assert_close(rq, apply_rotary(q, times))
-    torch.testing.assert_close(rk, apply_rotary(k, times))
-    none = NoRotary()
-    nq, nk = none(q, k, none.precompute(times, index))
-    assert nq is q and nk is k
-    assert not list(mod.state_dict())  # inv_freq is derived, not stored in checkpoints
+    q = torch.randn(2, 2, 10, 8)
+    audio_t, video_t = torch.rand(2, 6) * 3, torch.rand(2, 4) * 3
+    tarope = rotary_positions("tarope", [audio_t, video_t], rate=50.0)
+    torch.testing.assert_close(tarope, torch.cat([audio_t, video_t], dim=1) * 50.0, rtol=0, atol=0)
+    index = rotary_positions("index", [audio_t, video_t])
+    assert index.tolist() == [[0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 0.0, 1.0, 2.0, 3.0]] * 2
+    assert rotary_positions("none", [audio_t, video_t]) is None
+    rotary = Rotary(8)
+    assert rotary(None) is None and rotate(q, rotary(None)) is q
+    assert not list(rotary.state_dict())  # inv_freq is derived, not stored in checkpoints
 
 
-def test_build_rotary_rejects_unknown_kind() -> None:
+def test_rejects_unknown_kind_and_odd_width() -> None:
     with pytest.raises(ValueError, match="wavelet"):
-        build_rotary("wavelet", 8)
+        rotary_positions("wavelet", [torch.zeros(1, 1)])
     with pytest.raises(ValueError, match="even"):
-        rotary_angles(torch.zeros(1, 1), dim=7)
+        Rotary(7)
