@@ -42,7 +42,7 @@ from modeling.data.dataset import features_to_example
 from modeling.inference.model_source import resolve_checkpoint
 from modeling.inference.predictions import FaceTrace, FilePrediction, Thumbnail, WindowPrediction
 from modeling.network.batch import collate
-from modeling.network.encoder import MsataConfig, MsataModel
+from modeling.network.encoder import MsataModel
 
 MODALITIES = ("audio", "video")
 DEFAULT_CROP_S = 4.0  # TrainConfig.max_duration_s default, for checkpoints without a train_config
@@ -231,14 +231,12 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, payload: dict[str, Any], device: str | torch.device = "auto", source: str = "", **kwargs: Any) -> Predictor:
         """Build from a loaded checkpoint dict (``modeling.training.checkpoint.load_checkpoint``)."""
+        from modeling.training.checkpoint import model_from_checkpoint
         from modeling.training.train_loop import resolve_device
 
         resolved = resolve_device(device) if isinstance(device, str) else device
-        model = MsataModel(MsataConfig.from_dict(payload["model_config"]))
-        model.load_state_dict(payload["state_dict"])
+        model = model_from_checkpoint(payload, resolved, source)
         label_names = list(payload["label_names"])
-        if len(label_names) != model.config.n_classes:
-            raise ValueError(f"checkpoint {source}: {len(label_names)} label names for {model.config.n_classes} classes")
         train_config = payload.get("train_config") or {}
         kwargs.setdefault("modalities", payload.get("modalities") or train_config.get("modalities") or MODALITIES)
         crop_s = float(train_config.get("max_duration_s") or DEFAULT_CROP_S)

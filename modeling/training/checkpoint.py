@@ -4,7 +4,8 @@ A checkpoint is one ``torch.save`` dict. It is written to a temporary file in th
 same directory and moved into place with ``os.replace`` so a reader (or a resumed
 run after SIGKILL) sees either the previous complete file or the new one, never a
 torn write. Inference needs only ``model_config``, ``feature_config``,
-``label_names`` and ``state_dict``; the rest is for resuming.
+``label_names`` and ``state_dict`` (:func:`model_from_checkpoint` builds the model from
+them, for training and inference alike); the rest is for resuming.
 
 Users download and share checkpoints, and unpickling arbitrary objects runs code.
 So a checkpoint holds only tensors and plain data (dicts, lists, tuples, str,
@@ -32,6 +33,7 @@ import torch
 
 if TYPE_CHECKING:
     from features.config import FeatureConfig
+    from modeling.network.encoder import MsataModel
 
 REQUIRED_KEYS = ("model_config", "feature_config", "label_names", "state_dict")
 RESUME_KEYS = ("train_config", "epoch", "optimizer", "scheduler", "best_metric", "rng")
@@ -190,13 +192,26 @@ def upgrade_checkpoint(src: str | Path, dst: str | Path, *, trust_source: bool) 
     return save_checkpoint(dst, payload)
 
 
-def load_trained_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, FeatureConfig, list[str]]:
-    """(model in eval mode on ``device``, its feature config, label names) from a checkpoint."""
-    from features.config import FeatureConfig
+def model_from_checkpoint(payload: dict[str, Any], device: str | torch.device = "cpu", source: str = "") -> MsataModel:
+    """The trained model of a loaded checkpoint dict, in eval mode on ``device``.
+
+    The one place a model is built from a checkpoint (:func:`load_trained_model` and
+    ``Predictor.from_checkpoint`` both call it): the config, strict weights, and a label
+    list that agrees with the classifier. ``source`` names the checkpoint in errors."""
     from modeling.network.encoder import MsataConfig, MsataModel
 
-    payload = load_checkpoint(path, map_location=device)
     model = MsataModel(MsataConfig.from_dict(payload["model_config"]))
     model.load_state_dict(payload["state_dict"])
-    model.to(device).eval()
+    n_labels = len(payload["label_names"])
+    if n_labels != model.config.n_classes:
+        raise CheckpointError(f"checkpoint {source}: {n_labels} label names for {model.config.n_classes} classes")
+    return model.to(device).eval()
+
+
+def load_trained_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[MsataModel, FeatureConfig, list[str]]:
+    """(model in eval mode on ``device``, its feature config, label names) from a checkpoint file."""
+    from features.config import FeatureConfig
+
+    payload = load_checkpoint(path, map_location=device)
+    model = model_from_checkpoint(payload, device, source=str(path))
     return model, FeatureConfig.from_dict(payload["feature_config"]), list(payload["label_names"])

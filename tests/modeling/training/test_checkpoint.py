@@ -148,3 +148,52 @@ def test_a_trusted_legacy_checkpoint_can_be_upgraded(tmp_path) -> None:
         upgrade_checkpoint(legacy, tmp_path / "new.pt", trust_source=False)
     new = upgrade_checkpoint(legacy, tmp_path / "new.pt", trust_source=True)
     assert load_checkpoint(new)["best_metric"] == 0.5
+
+
+def test_training_and_inference_build_the_model_with_one_function(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """load_trained_model and Predictor.from_checkpoint both go through model_from_checkpoint:
+    same weights, same outputs, same refusal of a label list that disagrees with the classifier."""
+    from features.config import FeatureConfig
+    from modeling.inference.predictor import Predictor
+    from modeling.network.batch import ClipExample, collate
+    from modeling.network.encoder import MsataConfig, MsataModel
+    from modeling.training import checkpoint
+
+    torch.manual_seed(0)
+    config = MsataConfig(n_classes=2, n_mels=80, d_model=16, n_heads=2, n_layers=1, dropout=0.0, crop_size=16, video_channels=(4,))
+    model = MsataModel(config).eval()
+    state = {
+        "model_config": config.to_dict(),
+        "feature_config": FeatureConfig().to_dict(),
+        "label_names": ["a", "b"],
+        "state_dict": model.state_dict(),
+    }
+    path = save_checkpoint(tmp_path / "best.pt", state)
+    built = []
+    real = checkpoint.model_from_checkpoint
+    monkeypatch.setattr(checkpoint, "model_from_checkpoint", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+
+    trained, features, labels = checkpoint.load_trained_model(path)
+    predictor = Predictor.from_checkpoint(load_checkpoint(path), device="cpu")
+    assert built == [trained, predictor.model] and labels == predictor.label_names == ["a", "b"]
+    assert features == predictor.feature_config and not trained.training and not predictor.model.training
+    g = torch.Generator().manual_seed(1)
+    example = ClipExample(
+        audio=torch.randn(30, 80, generator=g),
+        audio_times=torch.arange(30.0) / 50,
+        video=torch.randint(0, 256, (9, 16, 16, 3), generator=g, dtype=torch.uint8),
+        video_times=torch.arange(9.0) / 30,
+        face_mask=torch.ones(9, dtype=torch.bool),
+        label=0,
+        clip_id="c",
+    )
+    with torch.no_grad():
+        expected = model(collate([example])).logits
+        torch.testing.assert_close(trained(collate([example])).logits, expected, rtol=0, atol=0)
+        torch.testing.assert_close(predictor.model(collate([example])).logits, expected, rtol=0, atol=0)
+
+    wrong = save_checkpoint(tmp_path / "wrong.pt", state | {"label_names": ["a", "b", "c"]})
+    with pytest.raises(CheckpointError, match="3 label names for 2 classes"):
+        checkpoint.load_trained_model(wrong)
+    with pytest.raises(CheckpointError, match="3 label names for 2 classes"):
+        Predictor.from_checkpoint(load_checkpoint(wrong), device="cpu")
