@@ -43,6 +43,7 @@ from modeling.inference.model_source import resolve_checkpoint
 from modeling.inference.predictions import FaceTrace, FilePrediction, Thumbnail, WindowPrediction
 from modeling.network.batch import collate
 from modeling.network.encoder import MsataModel
+from modeling.network.precision import autocast
 
 MODALITIES = ("audio", "video")
 DEFAULT_CROP_S = 4.0  # TrainConfig.max_duration_s default, for checkpoints without a train_config
@@ -358,8 +359,7 @@ class Predictor:
 
     def _forward(self, examples: list) -> np.ndarray:
         batch = collate(examples).to(self.device)
-        # bf16 on CUDA as in training; CPU stays fp32.
-        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        with autocast(self.device):  # bf16 on CUDA as in training; CPU stays fp32
             logits = self.model(batch).logits.float()  # (B, C)
         return torch.softmax(logits, dim=-1).cpu().numpy().astype(np.float64)
 

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 
 from modeling.data.dataset import DEFAULT_CACHE_BYTES, DataConfig, ShardedBatchSampler
 from modeling.network.batch import Batch
+from modeling.network.precision import autocast
 from modeling.training import distributed as dist
 from modeling.training.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from modeling.training.metrics import ClassificationMetrics, compute_metrics
@@ -172,11 +173,6 @@ def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]
     return factor
 
 
-def _autocast(device: torch.device) -> torch.autocast:
-    # bf16 needs no loss scaling; CPU stays in fp32 (CPU bf16 is slow and lossy here).
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
 def _objective(model: nn.Module, output: Any, labels: torch.Tensor, lambda_ctm: float) -> tuple[torch.Tensor, float, float]:
     """(total, ce, ctm) from modeling.network.losses.training_objective, with the model's CTM head and widths."""
     from modeling.network.losses import training_objective
@@ -201,7 +197,7 @@ def predict(
     labels, probs, ids, ce_sum = [], [], [], 0.0
     for batch in loader:
         batch = batch.to(device, non_blocking=True)
-        with _autocast(device):
+        with autocast(device):
             logits = model(batch).logits.float()  # (B, C)
         if (batch.labels >= 0).all():
             ce_sum += float(nn.functional.cross_entropy(logits, batch.labels, reduction="sum"))
@@ -300,7 +296,7 @@ def train_model(
                 batch: Batch = next(batches)
                 waited += time.perf_counter() - fetch_started
                 batch = batch.to(device, non_blocking=True)
-                with _autocast(device):
+                with autocast(device):
                     output = model(batch)
                 total, ce, ctm = _objective(model, output, batch.labels, config.lambda_ctm)
                 if not torch.isfinite(total):
