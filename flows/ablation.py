@@ -2,8 +2,8 @@
 
 Variants (``VARIANTS``): TaRoPE / index RoPE / no positions / late fusion, each with and
 without CTM, then audio only and video only. Every variant is the ``train-msata``
-machinery unchanged (``modeling.training.experiment``: prepare -> one task per fold -> finalize,
-never registered), on the **same folds** (one ``SplitConfig``, so one fold assignment) and
+machinery unchanged (``modeling.training.experiment.cross_validation_chain``: prepare -> one
+task per fold -> finalize, never registered), on the **same folds** (one ``SplitConfig``, so one fold assignment) and
 the **same training seeds** (``seeds``: each variant runs once per seed). Only the model
 settings and ``lambda_ctm`` differ from the base config:
 
@@ -36,7 +36,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.settings import configure_environment, flush_api_logs
 from flows.train import finalize_task, fold_task, progress_hook
-from flows.train_params import ModelOverrides, SplitParams, TrainParams
+from flows.train_params import DataParams, ModelOverrides, SplitParams, TrainParams
 
 TABLE_FILE, JSON_FILE, STATE_FILE = "ablation.md", "ablation.json", "ablation_run.json"
 METRICS = (("wa", "WA"), ("uar", "UAR"), ("macro_f1", "macro-F1"))
@@ -159,6 +159,7 @@ def prepare_variant_task(
     model: dict[str, Any],
     run_dir: str,
     parent: str | None,
+    data: dict[str, Any] | None = None,
 ) -> str:
     from modeling.data.splits import SplitConfig
     from modeling.training.experiment import prepare_experiment
@@ -181,6 +182,7 @@ def prepare_variant_task(
             resume=True,
             track=parent is not None,
             run_tags=tags,
+            data_overrides=data,
         )
     )
 
@@ -196,16 +198,18 @@ def ablate_msata(
     model: ModelOverrides = ModelOverrides(),  # noqa: B008
     out_dir: str | None = None,
     track: bool = True,
+    data: DataParams = DataParams(),  # noqa: B008
 ) -> dict[str, Any]:
     """Run the ablation grid on ``store_path``; returns ``{"out_dir", "table", "variants": [...]}``.
 
-    ``train`` / ``splits`` / ``model`` are the base config (as for ``train-msata``);
+    ``train`` / ``splits`` / ``model`` / ``data`` are the base config (as for ``train-msata``);
     ``variants`` picks rows of the grid (default all, see ``VARIANTS``); ``seeds`` are the
     training seeds every variant runs with (the folds are the same for all)."""
     from prefect.artifacts import create_markdown_artifact
 
     from flows.artifacts import artifact_key
     from modeling.tracking import runs as tracking
+    from modeling.training.experiment import cross_validation_chain
     from modeling.training.metrics import summarize_folds
 
     configure_environment()
@@ -215,6 +219,7 @@ def ablate_msata(
         raise ValueError(f"seeds={seeds}: give one or more distinct training seeds")
     held = _check_store(store_path, chosen)
     base_train, base_splits, base_model = train.to_config().to_dict(), asdict(splits.to_config()), model.overrides()
+    base_data = data.overrides()
     params = {
         "store_path": store_path,
         "dataset": dataset,
@@ -223,7 +228,7 @@ def ablate_msata(
         "train": base_train,
         "splits": base_splits,
         "model": base_model,
-    }
+    } | ({"data": base_data} if base_data != DataParams().overrides() else {})  # default augmentation keeps older keys
     out = (
         Path(out_dir)
         if out_dir
@@ -236,13 +241,14 @@ def ablate_msata(
             v_train, v_model = variant_settings(variant, base_train, base_model)
             result = VariantResult(variant.name, variant.label)
             for seed in seeds:
-                run_dir = prepare_variant_task(
-                    store_path, dataset, variant.name, seed, v_train, base_splits, v_model, str(out / variant.name / f"seed-{seed}"), parent
+                run_dir = str(out / variant.name / f"seed-{seed}")
+                _, cv = cross_validation_chain(
+                    lambda run_dir=run_dir, seed=seed, v_train=v_train, v_model=v_model, variant=variant: prepare_variant_task(
+                        store_path, dataset, variant.name, seed, v_train, base_splits, v_model, run_dir, parent, base_data
+                    ),
+                    lambda path, index: fold_task(path, index),
+                    lambda path: finalize_task(path, False),
                 )
-                n_folds = len(json.loads((Path(run_dir) / "experiment.json").read_text())["folds"])
-                for index in range(n_folds):
-                    fold_task(run_dir, index)
-                cv = finalize_task(run_dir, False)
                 result.folds += [f["test"] for f in cv["folds"]]
                 result.runs.append({"seed": seed, "run_dir": run_dir, "parent_run_id": cv.get("parent_run_id"), "summary": cv["summary"]})
             result.summary = summarize_folds(result.folds)
@@ -283,6 +289,7 @@ def run_ablation(
     out_dir: str | Path | None = None,
     track: bool = True,
     progress: Callable[[Any], None] | None = None,
+    data: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run ``ablate-msata`` in this process against PREFECT_API_URL or a temporary API (``msata ablate``).
     Arguments are checked before any server starts."""
@@ -301,6 +308,7 @@ def run_ablation(
         "model": model or {},
         "out_dir": str(out_dir) if out_dir else None,
         "track": track,
+        "data": data or {},
     }
     try:
         ablate_msata.validate_parameters(params)

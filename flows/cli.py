@@ -109,13 +109,20 @@ def preprocess(
 
 
 def _load_overrides(path: Path | None) -> dict:
-    """A run config file (.toml or .json) with optional [train], [model] and [splits] tables."""
+    """A run config file (.toml or .json) with optional [train], [model], [splits] and [data] tables
+    ([data]: the loaders' augmentation, DataConfig's AUGMENT_FIELDS; checked here, before anything runs)."""
     if path is None:
         return {}
+    from modeling.training.experiment_spec import data_overrides
+
     data = read_config_file(path)
-    unknown = set(data) - {"train", "model", "splits"}
+    unknown = set(data) - {"train", "model", "splits", "data"}
     if unknown:
-        raise UserError(f"{path}: unknown sections {sorted(unknown)}; expected train, model, splits")
+        raise UserError(f"{path}: unknown sections {sorted(unknown)}; expected train, model, splits, data")
+    try:
+        data_overrides(data.get("data"))
+    except ValueError as err:
+        raise UserError(f"{path}: [data]: {err}") from None
     return data
 
 
@@ -134,7 +141,7 @@ def train(
         None,
         exists=True,
         dir_okay=False,
-        help="TOML/JSON run config with \\[train], \\[model] and \\[splits] tables of overrides (infra/configs/).",
+        help="TOML/JSON run config with \\[train], \\[model], \\[splits] and \\[data] (augmentation) tables of overrides (infra/configs/).",
     ),
     run_dir: Path | None = typer.Option(None, help="Where checkpoints and split files go (default under MSATA_HOME/runs)."),
     resume: bool = typer.Option(
@@ -179,6 +186,7 @@ def train(
             register=register,
             progress=progress,
             nproc=nproc,
+            data=overrides.get("data"),
         )
     print_cv_result(result)
 
@@ -209,7 +217,7 @@ def ablate(
         None,
         exists=True,
         dir_okay=False,
-        help="TOML/JSON base run config (\\[train], \\[model], \\[splits]) that every variant starts from.",
+        help="TOML/JSON base run config (\\[train], \\[model], \\[splits], \\[data]) that every variant starts from.",
     ),
     out: Path | None = typer.Option(
         None, help="Ablation directory (default MSATA_HOME/ablations/<dataset>/<key>): runs, ablation.md, ablation.json."
@@ -256,7 +264,18 @@ def ablate(
     if folds is not None:
         split_overrides["n_folds"] = folds
     with train_progress() as progress:
-        result = run_ablation(store, dataset, names, seed_list, train_overrides, split_overrides, model_overrides, out, progress=progress)
+        result = run_ablation(
+            store,
+            dataset,
+            names,
+            seed_list,
+            train_overrides,
+            split_overrides,
+            model_overrides,
+            out,
+            progress=progress,
+            data=overrides.get("data"),
+        )
     print_ablation(result)
 
 

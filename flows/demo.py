@@ -2,7 +2,8 @@
 
 synthetic talking-face clips (a real face photograph, voiced audio; the emotion
 sets the voice's pitch contour and the face's tint and motion) -> preprocess-dataset
--> speaker-independent cross-validation -> MLflow run + registered model
+-> speaker-independent cross-validation (the ``train-msata`` flow, through
+``flows.train.run_training`` as ``msata train`` runs it) -> MLflow run + registered model
 ``msata-demo`` -> prediction on a clip of a speaker the model never saw.
 Every step is the same code the real corpora go through; finished steps are skipped
 on a re-run (the store skips clips, the dataset is only generated once).
@@ -100,24 +101,21 @@ def build_demo_store(
 def run_demo(
     home: Path, config: DemoConfig = DemoConfig(), say: Callable[[str], None] = print, train_progress=None, preprocess_progress=None
 ) -> DemoResult:
-    from modeling.data.splits import SplitConfig
+    from flows.train import run_training
     from modeling.inference.predictor import load_predictor, predict_files
     from modeling.inference.timeline_plot import plot_timeline
-    from modeling.training.experiment import run_cross_validation
-    from modeling.training.train_loop import TrainConfig
 
     root = home / "demo"
     store, unseen, summary = build_demo_store(root, config, say, preprocess_progress)
     raw = root / "raw"
 
     say(f"3/4 {config.n_folds}-fold speaker-independent cross-validation, logged to MLflow")
-    train_config = TrainConfig.from_dict({"epochs": config.epochs, "seed": config.seed, **config.train})
-    cv = run_cross_validation(
+    cv = run_training(
         str(store),
         "demo",
-        train_config=train_config,
-        split_config=SplitConfig(n_folds=config.n_folds, seed=config.seed),
-        model_overrides=config.model,
+        train={"epochs": config.epochs, "seed": config.seed, **config.train},
+        splits={"n_folds": config.n_folds, "seed": config.seed},
+        model=config.model,
         run_dir=root / "runs" / f"cv-{_timestamp()}",
         progress=train_progress,
     )

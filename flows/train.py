@@ -10,8 +10,10 @@ fold task then launches ``torchrun --nproc-per-node nproc`` (``modeling/training
 data-parallel, one process per GPU; gloo processes on a CPU-only worker) and waits for it.
 
 One path for every run: deployments (``infra/prefect.yaml``, ``prefect deployment run
-train-msata/<name>``) and ``msata train`` (:func:`run_training`, the flow run in the
-CLI's process) both run this flow, so both show up in Prefect the same way.
+train-msata/<name>``), ``msata train`` and ``msata demo`` (both through :func:`run_training`,
+the flow run in the CLI's process) all run this flow, whose body is
+``modeling.training.experiment.cross_validation_chain`` over the three tasks below, so a fix
+to the chain lands everywhere and every run shows up in Prefect the same way.
 
 Progress: a callback cannot be a flow parameter (parameters are serialised for the
 API, and Dask pickles them). The fold tasks instead call :func:`report_progress`,
@@ -33,7 +35,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import Field
 
 from flows.settings import configure_environment, flush_api_logs
-from flows.train_params import ModelOverrides, SplitParams, TrainParams
+from flows.train_params import DataParams, ModelOverrides, SplitParams, TrainParams
 
 if TYPE_CHECKING:
     from modeling.training.experiment import CVResult
@@ -67,6 +69,7 @@ def prepare_task(
     run_dir: str | None,
     resume: bool,
     track: bool,
+    data: dict[str, Any] | None = None,
 ) -> str:
     from prefect.runtime import flow_run
 
@@ -78,7 +81,17 @@ def prepare_task(
     expected = FeatureConfig.from_dict(expected_feature_config) if expected_feature_config else None
     tags = {"prefect.flow_run_id": flow_run.id, "prefect.flow_run_name": flow_run.name} if flow_run.id else None
     path = prepare_experiment(
-        store_path, dataset, TrainConfig.from_dict(train), SplitConfig(**splits), model, expected, run_dir, resume, track, run_tags=tags
+        store_path,
+        dataset,
+        TrainConfig.from_dict(train),
+        SplitConfig(**splits),
+        model,
+        expected,
+        run_dir,
+        resume,
+        track,
+        run_tags=tags,
+        data_overrides=data,
     )
     return str(path)
 
@@ -125,6 +138,7 @@ def train_msata(
     resume: bool = False,
     track: bool = True,
     register: bool = True,
+    data: DataParams = DataParams(),  # noqa: B008
     nproc: Annotated[
         int,
         Field(ge=1, description="Training processes per fold (torchrun, data-parallel): the worker's GPU count, or gloo processes on CPU."),
@@ -133,7 +147,8 @@ def train_msata(
     """Cross-validate msata on ``store_path``.
 
     ``train`` / ``splits`` are ``TrainConfig`` / ``SplitConfig``; ``model`` overrides
-    ``MsataConfig`` fields (only those given; the store decides the input sizes).
+    ``MsataConfig`` fields (only those given; the store decides the input sizes);
+    ``data`` is the loaders' augmentation (``DataConfig``'s ``AUGMENT_FIELDS``).
     Dicts are accepted and validated (e.g. ``train={"epochs": 30}``); unknown keys
     are refused. ``resume=True`` continues an interrupted experiment in the same run
     directory, with any ``nproc``. ``nproc`` > 1 trains each fold with that many
@@ -142,26 +157,27 @@ def train_msata(
     from dataclasses import asdict
 
     from flows.artifacts import publish_cv_artifacts
-    from modeling.training.experiment import load_spec
+    from modeling.training.experiment import cross_validation_chain
 
     configure_environment()
     logger = get_run_logger()
-    run_path = prepare_task(
-        store_path,
-        dataset,
-        train.to_config().to_dict(),
-        asdict(splits.to_config()),
-        model.overrides(),
-        expected_feature_config,
-        run_dir,
-        resume,
-        track,
+    spec, result = cross_validation_chain(
+        lambda: prepare_task(
+            store_path,
+            dataset,
+            train.to_config().to_dict(),
+            asdict(splits.to_config()),
+            model.overrides(),
+            expected_feature_config,
+            run_dir,
+            resume,
+            track,
+            data.overrides(),
+        ),
+        lambda path, index: fold_task(path, index, nproc),
+        lambda path: finalize_task(path, register and track),
     )
-    spec = load_spec(run_path)
-    n_folds = len(spec["folds"])
-    for index in range(n_folds):
-        fold_task(run_path, index, nproc)
-    result = finalize_task(run_path, register and track)
+    n_folds = len(spec.folds)
     summary = result["summary"]
     logger.info(
         "%s: test UAR %.4f +- %.4f, WA %.4f +- %.4f over %d fold(s); registered %s",
@@ -173,7 +189,7 @@ def train_msata(
         n_folds,
         result.get("registered"),
     )
-    publish_cv_artifacts(result, (spec.get("mlflow") or {}).get("experiment_id"))
+    publish_cv_artifacts(result, spec.mlflow.experiment_id if spec.mlflow else None)
     return result
 
 
@@ -195,8 +211,9 @@ def run_training(
     register: bool = True,
     progress: Callable[[Any], None] | None = None,
     nproc: int = 1,
+    data: dict[str, Any] | None = None,
 ) -> CVResult:
-    """Run ``train-msata`` in this process against PREFECT_API_URL or a temporary API (``msata train``).
+    """Run ``train-msata`` in this process against PREFECT_API_URL or a temporary API (``msata train``, ``msata demo``).
 
     ``progress`` receives every training event of the fold tasks through
     :func:`progress_hook`; it is never a flow parameter. The store is opened first, so a
@@ -217,6 +234,7 @@ def run_training(
         "resume": resume,
         "register": register,
         "nproc": nproc,
+        "data": data or {},
     }
     try:  # here, before a server starts or a flow run is created: "train.epoch: Extra inputs are not permitted"
         train_msata.validate_parameters(params)

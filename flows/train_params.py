@@ -5,6 +5,9 @@ for field (names, types, defaults), so the two never drift apart:
 
 * ``TrainParams`` <- ``modeling.training.train_loop.TrainConfig`` (``.to_config()``);
 * ``SplitParams`` <- ``modeling.data.splits.SplitConfig`` (``.to_config()``);
+* ``DataParams`` <- the augmentation fields of ``modeling.data.dataset.DataConfig``
+  (``AUGMENT_FIELDS``: SpecAugment masks, face-crop jitter; ``.overrides()``); its other
+  fields mirror ``TrainConfig``'s and are set through ``TrainParams`` only;
 * ``ModelOverrides`` <- ``modeling.network.encoder.MsataConfig`` with every field optional:
   only the fields given override the defaults (``.overrides()``), the store and the
   labels decide the rest (n_classes, input sizes).
@@ -23,6 +26,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, create_model
 
+from modeling.data.dataset import AUGMENT_FIELDS, DataConfig
 from modeling.data.splits import SplitConfig
 from modeling.network.encoder import MsataConfig
 from modeling.training.train_loop import TrainConfig
@@ -52,14 +56,24 @@ def _field_default(field: dataclasses.Field) -> Any:
     raise TypeError(f"{field.name} has no default: a flow parameter form needs one")
 
 
-def _params_model(config: type, base: type[BaseModel], optional: bool) -> type[BaseModel]:
+class _DataParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    def overrides(self) -> dict[str, Any]:
+        return self.model_dump()
+
+
+def _params_model(config: type, base: type[BaseModel], optional: bool, only: tuple[str, ...] | None = None) -> type[BaseModel]:
     hints = typing.get_type_hints(config)
     spec: dict[str, Any] = {}
     for field in dataclasses.fields(config):
+        if only is not None and field.name not in only:
+            continue
         kind, default = hints[field.name], _field_default(field)
         spec[field.name] = (kind | None, None) if optional else (kind, default)
-    model = create_model(config.__name__ + ("Overrides" if optional else ""), __base__=base, __module__=__name__, **spec)
-    if not optional:
+    suffix = "Overrides" if optional else "Augmentation" if only else ""
+    model = create_model(config.__name__ + suffix, __base__=base, __module__=__name__, **spec)
+    if not optional and only is None:
         model._config_class = config
     return model
 
@@ -67,3 +81,4 @@ def _params_model(config: type, base: type[BaseModel], optional: bool) -> type[B
 TrainParams = _params_model(TrainConfig, _ConfigParams, optional=False)
 SplitParams = _params_model(SplitConfig, _ConfigParams, optional=False)
 ModelOverrides = _params_model(MsataConfig, _OverrideParams, optional=True)
+DataParams = _params_model(DataConfig, _DataParams, optional=False, only=AUGMENT_FIELDS)

@@ -65,6 +65,11 @@ class DataConfig:
     seed: int = 0
 
 
+# The DataConfig fields a run config sets in its [data] table (the experiment spec's ``data``);
+# the other fields mirror TrainConfig's and are set in [train] only.
+AUGMENT_FIELDS = ("time_masks", "time_mask_max_frames", "freq_masks", "freq_mask_max_bins", "crop_jitter_px")
+
+
 def crop_window(duration_s: float, max_duration_s: float | None, rng: np.random.Generator | None) -> tuple[float, float]:
     """[t0, t1) of at most ``max_duration_s``: random start with ``rng``, centred without."""
     if max_duration_s is None or duration_s <= max_duration_s:

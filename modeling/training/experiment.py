@@ -4,12 +4,17 @@ Three steps, each a plain function of paths so a Prefect flow can wrap them as t
 tasks (``flows/train.py``), and :func:`run_cross_validation` chains them:
 
 1. :func:`prepare_experiment` validates the store against the protocol (raising
-   before any training), builds the folds, writes ``experiment.json`` and the split
-   files into the run directory and opens the MLflow parent run;
+   before any training), builds the folds, writes the typed experiment spec
+   (:class:`~modeling.training.experiment_spec.ExperimentSpec`, ``experiment.json``) and
+   the split files into the run directory and opens the MLflow parent run;
 2. :func:`run_fold` trains one fold (model choice on its validation speakers),
    evaluates ``best.pt`` once on the test speakers and logs a nested MLflow run;
 3. :func:`finalize_experiment` aggregates mean +- std over folds and registers the
    fold model with the best *validation* UAR (test scores never choose anything).
+
+:func:`cross_validation_chain` is the one order of the three steps: the ``train-msata`` flow
+(``msata train``, ``msata demo``, the deployments) runs it with its Prefect tasks, and
+:func:`run_cross_validation` with the plain functions (library use and tests, no Prefect).
 
 The run directory (default ``$MSATA_HOME/runs/<dataset>/<key>``, the key hashing
 store, configs and protocol) holds the checkpoints; ``resume=True`` continues an
@@ -19,17 +24,20 @@ resumes from its ``last.pt``, the same MLflow runs are reused.
 
 from __future__ import annotations
 
-import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
 from features.config import FeatureConfig
 from features.recipes import canonical_name
 from modeling.data import splits as sp
+from modeling.network.encoder import MsataConfig
+from modeling.training.experiment_spec import ExperimentSpec, MlflowRef, load_spec, make_data_config
+from modeling.training.experiment_spec import _hash as _hash
 from modeling.training.fold_run import RESULT_FILE, FoldResult, train_and_test_fold
 from modeling.training.metrics import metrics_from_confusion, summarize_folds
 from modeling.training.run_dir import SPEC_FILE, RunDirError, check_run_dir, clear_run_dir  # noqa: F401  (RunDirError: re-exported)
@@ -55,10 +63,6 @@ class CVResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _hash(data: Any) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
 def build_model_config(overrides: dict[str, Any] | None, feature_config: FeatureConfig, n_classes: int) -> dict[str, Any]:
     from modeling.data.dataset import model_input_settings
     from modeling.network.encoder import MsataConfig
@@ -82,11 +86,14 @@ def prepare_experiment(
     resume: bool = False,
     track: bool = True,
     run_tags: dict[str, str] | None = None,
+    data_overrides: dict[str, Any] | None = None,
 ) -> Path:
     """Validate, split, persist the experiment spec; returns the run directory.
 
     ``run_tags`` go on the MLflow parent run, new or resumed (``train-msata`` passes its
     Prefect flow-run id: a resumed experiment carries the id of the run that resumed it).
+    ``data_overrides`` set the loaders' augmentation (``DataConfig``'s ``AUGMENT_FIELDS``:
+    a run config's ``[data]`` table); the loaders' other settings come from ``train_config``.
     """
     from modeling.tracking import runs as tracking
     from storage.feature_store import FeatureStore
@@ -103,72 +110,67 @@ def prepare_experiment(
         raise sp.ProtocolError(
             "audio_finetune_blocks with train.speaker_norm: the fine-tuned blocks expect the encoder's own states, not standardised ones; choose one"
         )
-    fold_dicts = [sp.fold_to_dict(f) for f in folds]
-    train_key = {
-        k: v for k, v in train_config.to_dict().items() if k not in ("num_workers", "cache_bytes")
-    }  # results do not depend on them
-    spec = {
-        "store_path": str(store_path),
-        "dataset": canonical_name(dataset),
-        "label_names": label_names,
-        "train": train_config.to_dict(),
-        "splits": asdict(split_config),
-        "model": model_config,
-        "feature_config": store.config.to_dict(),
-        "feature_config_hash": store.config.config_hash(),
-        "splits_hash": _hash([[f.index, sorted(f.assignment().items())] for f in folds]),
-        "protocol": _protocol_name(folds, split_config, manifest, train_config),
-        "folds": fold_dicts,
-        "modalities": trained_modalities(manifest),
-    }
-    key = _hash({k: spec[k] for k in ("store_path", "dataset", "model", "feature_config_hash", "splits_hash")} | {"train": train_key})
-    run_dir = Path(run_dir) if run_dir else tracking.msata_home() / "runs" / spec["dataset"] / key
+    spec = ExperimentSpec(
+        store_path=str(store_path),
+        dataset=canonical_name(dataset),
+        label_names=label_names,
+        train=train_config,
+        data=make_data_config(train_config, data_overrides),
+        splits=split_config,
+        model=MsataConfig.from_dict(model_config),
+        feature_config=store.config,
+        feature_config_hash=store.config.config_hash(),
+        splits_hash=_hash([[f.index, sorted(f.assignment().items())] for f in folds]),
+        protocol=_protocol_name(folds, split_config, manifest, train_config),
+        folds=folds,
+        modalities=trained_modalities(manifest),
+    )
+    key = spec.run_key()
+    run_dir = Path(run_dir) if run_dir else tracking.msata_home() / "runs" / spec.dataset / key
     spec_path = run_dir / SPEC_FILE
     check_run_dir(run_dir)  # a folder msata did not create is refused, resumed or not, before anything is written
     if spec_path.exists() and resume:
-        old = json.loads(spec_path.read_text())
-        for name in ("dataset", "feature_config_hash", "splits_hash", "model", "label_names"):
-            if old[name] != spec[name]:
-                raise sp.ProtocolError(f"cannot resume {run_dir}: {name} changed from {old[name]!r} to {spec[name]!r}")
-        spec["train"] = {**old["train"], "num_workers": train_config.num_workers, "cache_bytes": train_config.cache_bytes}
-        spec["mlflow"] = old.get("mlflow")
-        if spec["mlflow"]:
+        old = load_spec(run_dir)
+        old_dict, new_dict = old.to_dict(), spec.to_dict()
+        for name in ("dataset", "feature_config_hash", "splits_hash", "model", "label_names", "data"):
+            if old_dict[name] != new_dict[name]:
+                raise sp.ProtocolError(f"cannot resume {run_dir}: {name} changed from {old_dict[name]!r} to {new_dict[name]!r}")
+        spec = replace(spec, train=old.train, data=old.data, mlflow=old.mlflow).resumed_with(train_config)
+        if spec.mlflow:
             tracking.configure_tracking()
-            tracking.reopen_run(spec["mlflow"]["parent_run_id"])  # it was KILLED or FAILED, or FINISHED and finalized again
+            tracking.reopen_run(spec.mlflow.parent_run_id)  # it was KILLED or FAILED, or FINISHED and finalized again
     else:
         clear_run_dir(run_dir)  # a fresh run never mixes with old checkpoints; only msata's own files go
     run_dir.mkdir(parents=True, exist_ok=True)
-    tracking.write_json(spec_path, spec)  # first: it marks the folder as msata's
+    spec.write(run_dir)  # first: it marks the folder as msata's
     split_files = sp.export_splits(folds, manifest, run_dir)
-    if track and not spec.get("mlflow"):
+    if track and not spec.mlflow:
         tracking.configure_tracking()
-        experiment_id = tracking.get_or_create_experiment(spec["dataset"])
+        experiment_id = tracking.get_or_create_experiment(spec.dataset)
         tags = {
-            "msata.dataset": spec["dataset"],
-            "msata.protocol": spec["protocol"],
+            "msata.dataset": spec.dataset,
+            "msata.protocol": spec.protocol,
             "msata.run_dir": str(run_dir),
         } | tracking.source_tags()
-        parent = tracking.create_run(experiment_id, f"cv-{spec['dataset']}-{key}", tags=tags)
-        spec["mlflow"] = {"experiment_id": experiment_id, "parent_run_id": parent}
+        parent = tracking.create_run(experiment_id, f"cv-{spec.dataset}-{key}", tags=tags)
+        spec.mlflow = MlflowRef(experiment_id, parent)
         with tracking.ended_on_failure(parent):
-            tracking.log_store_input(parent, str(store_path), spec["dataset"], spec["feature_config_hash"], len(manifest))
-            params = tracking.flatten(
-                {
-                    k: spec[k]
-                    for k in ("dataset", "store_path", "train", "splits", "model", "feature_config_hash", "splits_hash", "protocol")
-                }
-            )
+            tracking.log_store_input(parent, str(store_path), spec.dataset, spec.feature_config_hash, len(manifest))
+            as_dict = spec.to_dict()
+            logged = ("dataset", "store_path", "train", "splits", "model", "feature_config_hash", "splits_hash", "protocol")
+            logged += ("data",) if spec.data_is_custom() else ()  # parameters of older runs are left as they were
+            params = tracking.flatten({k: as_dict[k] for k in logged})
             params["n_clips"], params["label_names"] = str(len(manifest)), json.dumps(label_names)
             tracking.log_params(parent, params)
             for path in split_files:
                 tracking.log_artifact(parent, path, "splits")
-    tracking.write_json(spec_path, spec)
-    if spec.get("mlflow"):
+    spec.write(run_dir)
+    if spec.mlflow:
         tracking.configure_tracking()
-        with tracking.ended_on_failure(spec["mlflow"]["parent_run_id"]):
+        with tracking.ended_on_failure(spec.mlflow.parent_run_id):
             if run_tags:
-                tracking.set_tags(spec["mlflow"]["parent_run_id"], run_tags)
-            tracking.log_artifact(spec["mlflow"]["parent_run_id"], spec_path, "config")
+                tracking.set_tags(spec.mlflow.parent_run_id, run_tags)
+            tracking.log_artifact(spec.mlflow.parent_run_id, spec_path, "config")
     return run_dir
 
 
@@ -192,13 +194,6 @@ def _protocol_name(folds: list[sp.Fold], split_config: sp.SplitConfig, manifest:
     return f"{base}+speaker-norm-transductive" if train_config.speaker_norm else base
 
 
-def load_spec(run_dir: str | Path) -> dict[str, Any]:
-    path = Path(run_dir) / SPEC_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run prepare_experiment first")
-    return json.loads(path.read_text())
-
-
 def run_fold(run_dir: str | Path, fold_index: int, progress: ProgressCallback | None = None, nproc: int = 1) -> FoldResult:
     """Train, select on validation, test once; idempotent (a finished fold is returned as is).
 
@@ -213,21 +208,21 @@ def run_fold(run_dir: str | Path, fold_index: int, progress: ProgressCallback | 
     result_path = fold_dir / RESULT_FILE
     if result_path.exists():
         return FoldResult(**json.loads(result_path.read_text()))
-    folds = [sp.fold_from_dict(d) for d in spec["folds"]]
+    folds = spec.folds
     if not 0 <= fold_index < len(folds):
         raise ValueError(f"fold {fold_index} does not exist (0..{len(folds) - 1})")
     fold = folds[fold_index]
 
     run_id = parent_id = None
-    if spec.get("mlflow"):
+    if spec.mlflow:
         tracking.configure_tracking()
-        parent_id = spec["mlflow"]["parent_run_id"]
+        parent_id = spec.mlflow.parent_run_id
         run_file = fold_dir / RUN_FILE
         if run_file.exists():
             run_id = json.loads(run_file.read_text())["run_id"]
             tracking.reopen_run(run_id)  # an interrupted fold goes on in the same run
         else:
-            run_id = tracking.create_run(spec["mlflow"]["experiment_id"], f"fold-{fold_index}", parent_id, {"msata.fold": str(fold_index)})
+            run_id = tracking.create_run(spec.mlflow.experiment_id, f"fold-{fold_index}", parent_id, {"msata.fold": str(fold_index)})
             fold_dir.mkdir(parents=True, exist_ok=True)
             tracking.write_json(run_file, {"run_id": run_id})
     with tracking.ended_on_failure(run_id, parent_id):  # Ctrl-C: KILLED, an error: FAILED (the fold and its experiment)
@@ -262,7 +257,7 @@ def finalize_experiment(run_dir: str | Path, register: bool = True) -> CVResult:
     run_dir = Path(run_dir)
     spec = load_spec(run_dir)
     fold_results = []
-    for index in range(len(spec["folds"])):
+    for index in range(len(spec.folds)):
         path = run_dir / f"fold_{index}" / RESULT_FILE
         if not path.exists():
             raise RuntimeError(f"fold {index} has not finished ({path} missing): run it before finalizing")
@@ -273,17 +268,17 @@ def finalize_experiment(run_dir: str | Path, register: bool = True) -> CVResult:
     selected = max(fold_results, key=lambda f: (f.best_val_uar, -f.index))  # validation only, never test
     result = CVResult(
         run_dir=str(run_dir),
-        dataset=spec["dataset"],
-        label_names=spec["label_names"],
+        dataset=spec.dataset,
+        label_names=spec.label_names,
         folds=fold_results,
         summary=summary,
         confusion=pooled.tolist(),
         selected_fold=selected.index,
         extra={"pooled_" + k: v for k, v in pooled_metrics.scalars().items()},
     )
-    if spec.get("mlflow"):
+    if spec.mlflow:
         tracking.configure_tracking()
-        parent = spec["mlflow"]["parent_run_id"]
+        parent = spec.mlflow.parent_run_id
         result.parent_run_id = parent
         with tracking.ended_on_failure(parent):
             _log_and_register(spec, run_dir, result, selected, register)
@@ -292,7 +287,7 @@ def finalize_experiment(run_dir: str | Path, register: bool = True) -> CVResult:
     return result
 
 
-def _log_and_register(spec: dict[str, Any], run_dir: Path, result: CVResult, selected: FoldResult, register: bool) -> None:
+def _log_and_register(spec: ExperimentSpec, run_dir: Path, result: CVResult, selected: FoldResult, register: bool) -> None:
     """Summary metrics and pooled confusion on the parent run; the selected fold's model registered once."""
     from modeling.tracking import runs as tracking
     from modeling.tracking.registry import register_experiment_model
@@ -301,12 +296,12 @@ def _log_and_register(spec: dict[str, Any], run_dir: Path, result: CVResult, sel
     tracking.log_metrics(parent, {f"test_{k}": v for k, v in summary.items()} | {f"test_{k}": v for k, v in result.extra.items()})
     tracking.log_artifact(
         parent,
-        tracking.plot_confusion(np.asarray(result.confusion), spec["label_names"], run_dir / "confusion_pooled.png", "test, all folds"),
+        tracking.plot_confusion(np.asarray(result.confusion), spec.label_names, run_dir / "confusion_pooled.png", "test, all folds"),
         "plots",
     )
     if not register:
         return
-    reg = register_experiment_model(spec, parent, selected, folds, summary)
+    reg = register_experiment_model(spec.to_dict(), parent, selected, folds, summary)
     result.registered = asdict(reg)
 
 
@@ -323,14 +318,42 @@ def run_cross_validation(
     register: bool = True,
     progress: ProgressCallback | None = None,
     nproc: int = 1,
+    data_overrides: dict[str, Any] | None = None,
 ) -> CVResult:
-    """Full speaker-independent cross-validation; see the module docstring."""
-    run_dir = prepare_experiment(
-        store_path, dataset, train_config or TrainConfig(), split_config, model_overrides, expected_feature_config, run_dir, resume, track
+    """Full speaker-independent cross-validation without Prefect; see the module docstring."""
+    _, result = cross_validation_chain(
+        lambda: prepare_experiment(
+            store_path,
+            dataset,
+            train_config or TrainConfig(),
+            split_config,
+            model_overrides,
+            expected_feature_config,
+            run_dir,
+            resume,
+            track,
+            data_overrides=data_overrides,
+        ),
+        lambda path, index: run_fold(path, index, progress, nproc),
+        lambda path: finalize_experiment(path, register=register and track),
     )
-    for index in range(len(load_spec(run_dir)["folds"])):
-        run_fold(run_dir, index, progress, nproc)
-    return finalize_experiment(run_dir, register=register and track)
+    return result
+
+
+R = TypeVar("R")
+
+
+def cross_validation_chain(
+    prepare: Callable[[], str | Path], fold: Callable[[str, int], Any], finalize: Callable[[str], R]
+) -> tuple[ExperimentSpec, R]:
+    """prepare -> every fold in order -> finalize: the one chain of a cross-validation, whatever
+    runs the steps (Prefect tasks in ``flows/train.py`` and ``flows/ablation.py``, plain calls in
+    :func:`run_cross_validation`). Returns the spec as prepared and what ``finalize`` returned."""
+    run_dir = str(prepare())
+    spec = load_spec(run_dir)
+    for index in range(len(spec.folds)):
+        fold(run_dir, index)
+    return spec, finalize(run_dir)
 
 
 def compare_models(dataset: str | None = None):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from modeling.data import splits as sp
 from modeling.training import distributed as dist
@@ -27,7 +27,9 @@ from modeling.training.train_loop import (
 )
 
 if TYPE_CHECKING:
+    from features.config import FeatureConfig
     from modeling.network.encoder import MsataModel
+    from modeling.training.experiment_spec import ExperimentSpec
 
 RESULT_FILE = "result.json"
 
@@ -45,21 +47,21 @@ class FoldResult:
     run_id: str | None = None
 
 
-def loaders(spec: dict[str, Any], fold: sp.Fold, config: TrainConfig, ctx: dist.DistContext = dist.SINGLE):
+def loaders(spec: ExperimentSpec, fold: sp.Fold, config: TrainConfig, ctx: dist.DistContext = dist.SINGLE):
     from modeling.data.dataset import ClipDataset, make_loader
     from storage.feature_store import FeatureStore
 
-    store = FeatureStore.open(spec["store_path"])
+    store = FeatureStore.open(spec.store_path)
     manifest = store.manifest()
     label_of = dict(zip(manifest["clip_id"].astype(str), manifest["label"].astype(str), strict=False))
     speaker_of = dict(zip(manifest["clip_id"].astype(str), manifest["speaker"].astype(str), strict=False))  # for train.speaker_norm
-    index = {name: i for i, name in enumerate(spec["label_names"])}
-    data_config = config.data_config()
+    index = {name: i for i, name in enumerate(spec.label_names)}
+    data_config = spec.data
     pin = training_device(config, ctx).type == "cuda"
 
     def loader(ids: tuple[str, ...], train: bool, workers: int):
         ds = ClipDataset(
-            spec["store_path"], ids, [index[label_of[c]] for c in ids], store.config, data_config, train, [speaker_of[c] for c in ids]
+            spec.store_path, ids, [index[label_of[c]] for c in ids], store.config, data_config, train, [speaker_of[c] for c in ids]
         )
         return make_loader(ds, config.batch_size, workers, config.seed, pin, ctx.rank, ctx.world_size)
 
@@ -70,20 +72,19 @@ def loaders(spec: dict[str, Any], fold: sp.Fold, config: TrainConfig, ctx: dist.
     )
 
 
-def start_pretrained_blocks(model: MsataModel, feature_config: dict[str, Any]) -> None:
+def start_pretrained_blocks(model: MsataModel, feature_config: FeatureConfig) -> None:
     """Fine-tuned encoder blocks start from the packaged weights (sha256-checked on load); a
     resumed fold then overwrites them from its checkpoint."""
     if not model.config.audio_finetune_blocks:
         return
     from features.audio_encoders.stage import load_packaged_encoder
-    from features.config import FeatureConfig
 
-    name = FeatureConfig.from_dict(feature_config).audio_encoder.name
+    name = feature_config.audio_encoder.name
     model.audio_frontend.load_top_blocks(load_packaged_encoder(name, "cpu"))
 
 
 def train_and_test_fold(
-    spec: dict[str, Any],
+    spec: ExperimentSpec,
     fold: sp.Fold,
     fold_dir: Path,
     run_id: str | None,
@@ -91,7 +92,7 @@ def train_and_test_fold(
     ctx: dist.DistContext = dist.SINGLE,
 ) -> FoldResult:
     """Every rank runs this with the same arguments; only rank 0 logs to MLflow and writes result.json."""
-    from modeling.network.encoder import MsataConfig, MsataModel
+    from modeling.network.encoder import MsataModel
     from modeling.tracking import runs as tracking
     from modeling.training.checkpoint import load_trained_model
 
@@ -111,15 +112,15 @@ def train_and_test_fold(
                 "n_test": str(len(fold.test_ids)),
             },
         )
-    config = TrainConfig.from_dict(spec["train"])
+    config = spec.train
     train_loader, val_loader, test_loader = loaders(spec, fold, config, ctx)
-    label_names = spec["label_names"]
+    label_names = spec.label_names
     meta = {
-        "model_config": spec["model"],
-        "feature_config": spec["feature_config"],
+        "model_config": spec.model.to_dict(),
+        "feature_config": spec.feature_config.to_dict(),
         "label_names": label_names,
-        "dataset": spec["dataset"],
-        "modalities": spec.get("modalities"),  # None in specs written before it was recorded: inference assumes both
+        "dataset": spec.dataset,
+        "modalities": spec.modalities,  # None in specs written before it was recorded: inference assumes both
     }
 
     def on_progress(event: ProgressEvent) -> None:
@@ -130,8 +131,8 @@ def train_and_test_fold(
             progress(event)
 
     seed_everything(config.seed)  # the initial weights too: a rerun of a fold starts from the same model
-    model = MsataModel(MsataConfig.from_dict(spec["model"]))
-    start_pretrained_blocks(model, spec["feature_config"])
+    model = MsataModel(spec.model)
+    start_pretrained_blocks(model, spec.feature_config)
     result = train_model(model, train_loader, val_loader, config, fold_dir, meta, resume=True, progress=on_progress, ctx=ctx)
     if result.best_path is None:
         raise RuntimeError(f"fold {fold_index} finished without a best checkpoint in {fold_dir}")

@@ -17,11 +17,11 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from modeling.data import splits as sp
 from modeling.training import distributed as dist
-from modeling.training.experiment import RUN_FILE, load_spec
+from modeling.training.experiment import RUN_FILE
+from modeling.training.experiment_spec import load_spec
 from modeling.training.fold_run import train_and_test_fold
-from modeling.training.train_loop import ProgressEvent, TrainConfig, training_device
+from modeling.training.train_loop import ProgressEvent, training_device
 
 
 def _emit(event: ProgressEvent) -> None:
@@ -35,14 +35,14 @@ def main(argv: list[str]) -> int:
         return 2
     run_dir, fold_index = Path(argv[0]), int(argv[1])
     spec = load_spec(run_dir)
-    folds = [sp.fold_from_dict(d) for d in spec["folds"]]
+    folds = spec.folds
     if not 0 <= fold_index < len(folds):
         raise ValueError(f"fold {fold_index} does not exist in {run_dir} (0..{len(folds) - 1})")
     fold_dir = run_dir / f"fold_{fold_index}"
     run_file = fold_dir / RUN_FILE
-    run_id = json.loads(run_file.read_text())["run_id"] if spec.get("mlflow") and run_file.exists() else None
+    run_id = json.loads(run_file.read_text())["run_id"] if spec.mlflow and run_file.exists() else None
     ctx = dist.context_from_env()
-    dist.start(ctx, training_device(TrainConfig.from_dict(spec["train"]), ctx))
+    dist.start(ctx, training_device(spec.train, ctx))
     try:
         if run_id and ctx.is_main:
             from modeling.tracking import runs as tracking

@@ -26,7 +26,7 @@ def test_train_help_keeps_the_config_table_names() -> None:
     result = runner.invoke(app, ["train", "--help"])
     assert result.exit_code == 0, result.output
     text = flat(result.output)
-    assert "[train], [model] and [splits]" in text, text
+    assert "[train], [model], [splits] and [data]" in text, text
     assert "5 for CREMA-D, 5 for RAVDESS" not in text
     assert "(default 5;" in text
     assert "[audio], [face]" in flat(runner.invoke(app, ["preprocess", "--help"]).output)

@@ -138,7 +138,20 @@ def test_train_config_with_an_unknown_section_is_one_line(tmp_path: Path) -> Non
     result = runner.invoke(app, ["train", "--store", str(tmp_path / "no-store"), "--dataset", "crema-d", "--config", str(config)])
     assert result.exit_code == 2, result.output
     first = result.output.splitlines()[0]
-    assert first == f"error: {config}: unknown sections ['trian']; expected train, model, splits", result.output
+    assert first == f"error: {config}: unknown sections ['trian']; expected train, model, splits, data", result.output
+
+
+def test_train_config_data_table_is_checked_before_any_work(tmp_path: Path) -> None:
+    """[data] holds the augmentation only; a loader setting TrainConfig owns, or a typo, is one line."""
+    for table, expected in (
+        ("[data]\nmax_duration_s = 3.0\n", "[data]: data settings ['max_duration_s'] are set in [train] (TrainConfig), not [data]"),
+        ("[data]\ntime_mask = 1\n", "[data]: unknown data keys ['time_mask']"),
+    ):
+        config = tmp_path / "run.toml"
+        config.write_text(table)
+        result = runner.invoke(app, ["train", "--store", str(tmp_path / "no-store"), "--dataset", "crema-d", "--config", str(config)])
+        assert result.exit_code == 2, result.output
+        assert result.output.splitlines()[0].startswith(f"error: {config}: {expected}"), result.output
 
 
 def test_predict_argument_errors(tmp_path: Path) -> None:

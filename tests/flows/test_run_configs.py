@@ -21,6 +21,7 @@ from modeling.data.splits import SplitConfig
 from modeling.network.batch import ClipExample, collate
 from modeling.network.encoder import MsataConfig, MsataModel
 from modeling.training.experiment import build_model_config
+from modeling.training.experiment_spec import make_data_config
 from modeling.training.train_loop import TrainConfig
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "infra" / "configs").glob("*.toml"))
@@ -44,19 +45,22 @@ def test_run_config_parses_into_the_typed_configs_and_builds_a_model(path: Path)
     labels = fixed_labels(dataset.group(1))
     assert labels, f"{path.name}: --dataset {dataset.group(1)} is not a corpus with a fixed label set"
 
-    overrides = _load_overrides(path)  # what `msata train --config` does: [train], [model], [splits] only
+    overrides = _load_overrides(path)  # what `msata train --config` does: [train], [model], [splits], [data] only
     params = {
         "store_path": "unused",
         "dataset": dataset.group(1),
         "train": overrides.get("train", {}),
         "splits": overrides.get("splits", {}),
         "model": overrides.get("model", {}),
+        "data": overrides.get("data", {}),
     }
     validated = train_msata.validate_parameters(params)  # the flow's own check: unknown keys and wrong types fail here
     train, splits = validated["train"].to_config(), validated["splits"].to_config()
     assert isinstance(train, TrainConfig) and isinstance(splits, SplitConfig)
     assert {k: getattr(train, k) for k in overrides.get("train", {})} == overrides.get("train", {})  # nothing dropped on the way
     assert {k: getattr(splits, k) for k in overrides.get("splits", {})} == overrides.get("splits", {})
+    data = make_data_config(train, validated["data"].overrides())
+    assert {k: getattr(data, k) for k in overrides.get("data", {})} == overrides.get("data", {})
 
     feature_config = store_config_named_in(text)
     model_config = MsataConfig.from_dict(build_model_config(validated["model"].overrides(), feature_config, len(labels)))

@@ -25,6 +25,21 @@ def test_flow_parameters_are_typed_configs_with_every_field() -> None:
     assert defs["SplitConfig"]["properties"]["n_folds"]["default"] == 5
 
 
+def test_the_data_parameter_is_the_augmentation_of_data_config() -> None:
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.train import train_msata
+    from flows.train_params import DataParams
+    from modeling.data.dataset import AUGMENT_FIELDS, DataConfig
+
+    schema = parameter_schema(train_msata).model_dump_for_openapi()
+    ref = schema["properties"]["data"]["$ref"].rsplit("/", 1)[-1]
+    props = schema["definitions"][ref]["properties"]
+    assert set(props) == set(AUGMENT_FIELDS)
+    assert {k: v["default"] for k, v in props.items()} == {k: getattr(DataConfig(), k) for k in AUGMENT_FIELDS}  # one default
+    assert DataParams(time_masks=0).overrides()["time_masks"] == 0
+
+
 def test_dicts_are_validated_into_configs_and_typos_refused() -> None:
     from prefect.exceptions import ParameterTypeError
 

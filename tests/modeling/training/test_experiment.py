@@ -179,5 +179,5 @@ def test_speaker_normalised_experiments_are_a_protocol_of_their_own(tmp_path) ->
         )
         for norm in (False, True)
     ]
-    assert specs[0]["protocol"] == "speaker-2fold"
-    assert specs[1]["protocol"] == "speaker-2fold+speaker-norm-transductive"  # the registry never compares the two
+    assert specs[0].protocol == "speaker-2fold"
+    assert specs[1].protocol == "speaker-2fold+speaker-norm-transductive"  # the registry never compares the two
