@@ -12,6 +12,9 @@ standardised with that speaker's own mean and std (unlabelled clips of the test 
 included). It is reported apart, labelled transductive.
 
     .venv/bin/python bench/pooled_baselines.py --store STORE --dataset ravdess --folds 5 --val-fraction 0.2 --out OUT.json
+
+``--store bench-features:WORK/ENCODER --audio RAVDESS_ROOT`` reads the memory-mapped features
+``bench/gpu_ravdess.py`` saved in its --work folder instead of a Zarr store (same clips, same folds).
 """
 
 from __future__ import annotations
@@ -67,8 +70,34 @@ def fit_score(x: np.ndarray, y: np.ndarray, train: np.ndarray, evaluate: np.ndar
     return model.predict(scaler.transform(x[evaluate]))
 
 
-def run(store_path: str, dataset: str, split_config: SplitConfig, speaker_norm: bool) -> dict:
-    store = FeatureStore.open(store_path)
+class BenchFeatures:
+    """What this script reads from a FeatureStore, over bench/gpu_ravdess.py's saved features."""
+
+    def __init__(self, directory: Path, audio_root: str) -> None:
+        import pandas as pd
+
+        from bench.gpu_ravdess import LOG_MEL, MemoryStore, ravdess_clips
+        from features.config import AudioEncoderConfig, FeatureConfig
+
+        encoder = directory.name
+        self.config = FeatureConfig() if encoder == LOG_MEL else FeatureConfig(audio_encoder=AudioEncoderConfig(name=encoder))
+        self.config_hash = self.config.config_hash()
+        self._memory = MemoryStore(directory, encoder == LOG_MEL)
+        clips = [c for c in ravdess_clips(Path(audio_root)) if c.clip_id in self._memory.span]
+        self._manifest = pd.DataFrame([{"clip_id": c.clip_id, "speaker": c.speaker, "label": c.label} for c in clips])
+
+    def manifest(self):
+        return self._manifest
+
+    def read(self, clip_id: str):
+        return self._memory.read(clip_id)
+
+
+def run(store_path: str, dataset: str, split_config: SplitConfig, speaker_norm: bool, audio_root: str = "") -> dict:
+    if store_path.startswith("bench-features:"):
+        store = BenchFeatures(Path(store_path.split(":", 1)[1]), audio_root)
+    else:
+        store = FeatureStore.open(store_path)
     manifest = store.manifest()
     labels = resolve_label_names(dataset, manifest)
     clip_ids = manifest["clip_id"].astype(str).tolist()
@@ -119,10 +148,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--speaker-norm", action="store_true", help="transductive: standardise per speaker")
     parser.add_argument("--out", help="write the result as JSON")
+    parser.add_argument("--audio", default="", help="RAVDESS root, with --store bench-features:DIR")
     args = parser.parse_args()
     started = time.time()
     result = run(
-        args.store, args.dataset, SplitConfig(n_folds=args.folds, val_fraction=args.val_fraction, seed=args.seed), args.speaker_norm
+        args.store,
+        args.dataset,
+        SplitConfig(n_folds=args.folds, val_fraction=args.val_fraction, seed=args.seed),
+        args.speaker_norm,
+        args.audio,
     )
     result["wall_s"] = round(time.time() - started, 1)
     s = result["summary"]
