@@ -135,7 +135,8 @@ class PeakRSS:
 
 
 def _dataset(store_path: str, n: int, cache_bytes: int, train: bool = True):
-    from modeling.data.dataset import ClipDataset, DataConfig
+    from modeling.data.dataset import ClipDataset
+    from modeling.data.examples import DataConfig
     from storage.feature_store import FeatureStore
 
     store = FeatureStore.open(store_path)

@@ -5,7 +5,7 @@ for field (names, types, defaults), so the two never drift apart:
 
 * ``TrainParams`` <- ``modeling.training.train_loop.TrainConfig`` (``.to_config()``);
 * ``SplitParams`` <- ``modeling.data.splits.SplitConfig`` (``.to_config()``);
-* ``DataParams`` <- the augmentation fields of ``modeling.data.dataset.DataConfig``
+* ``DataParams`` <- the augmentation fields of ``modeling.data.examples.DataConfig``
   (``AUGMENT_FIELDS``: SpecAugment masks, face-crop jitter; ``.overrides()``); its other
   fields mirror ``TrainConfig``'s and are set through ``TrainParams`` only;
 * ``ModelOverrides`` <- ``modeling.network.encoder.MsataConfig`` with every field optional:
@@ -26,7 +26,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, create_model
 
-from modeling.data.dataset import AUGMENT_FIELDS, DataConfig
+from modeling.data.examples import AUGMENT_FIELDS, DataConfig
 from modeling.data.splits import SplitConfig
 from modeling.network.encoder import MsataConfig
 from modeling.training.train_loop import TrainConfig

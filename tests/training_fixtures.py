@@ -91,7 +91,8 @@ def tiny_loaders(
     world_size: int = 1,
 ):
     """(train, val) loaders of a tiny store: speakers 0-3 train, 4-5 validation (this rank's share of each)."""
-    from modeling.data.dataset import ClipDataset, DataConfig, make_loader
+    from modeling.data.dataset import ClipDataset, make_loader
+    from modeling.data.examples import DataConfig
 
     store = FeatureStore.open(str(store_path))
     m = store.manifest()

@@ -14,7 +14,7 @@ per predictor) and runs the model on:
   far more than the model was trained and selected on;
 * the timeline: windows of ``window_s`` every ``hop_s`` seconds, cut at the same
   instants in both streams with the training cropping code
-  (``modeling.data.dataset.features_to_example``: frames whose times fall in
+  (``modeling.data.examples.features_to_example``: frames whose times fall in
   ``[t0, t1)``, times re-based to ``t0``), batched through the model.
 
 Features are extracted once per file; windows only slice them. Batches of windows
@@ -38,7 +38,7 @@ from features.clip import ClipError, ClipFeatures
 from features.config import FeatureConfig
 from features.manifest import ClipRecord
 from features.recipes.folder import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS, clip_id_for
-from modeling.data.dataset import features_to_example
+from modeling.data.examples import features_to_example
 from modeling.inference.model_source import resolve_checkpoint
 from modeling.inference.predictions import FaceTrace, FilePrediction, Thumbnail, WindowPrediction
 from modeling.network.batch import collate
@@ -416,7 +416,7 @@ def _predict_one_speaker(
 ) -> list[FilePrediction]:
     """Transductive prediction for a model trained with per-speaker normalisation: every
     file is taken to be one speaker, whose audio statistics come from all the files."""
-    from modeling.data.dataset import audio_statistics, speaker_normalised
+    from modeling.data.examples import audio_statistics, speaker_normalised
 
     check_window(window_s, hop_s)
     extracted: list[tuple[ClipFeatures, list[str]] | FilePrediction] = []

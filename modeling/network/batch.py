@@ -4,7 +4,7 @@ A ``ClipExample`` is one (possibly cropped) clip as tensors; ``collate`` pads a
 list of them into a ``Batch``. A missing modality is a zero-length sequence, so
 an audio-only batch has ``video`` of shape (B, 0, S, S, 3) (crops) or (B, 0, 52)
 (blendshapes). Video frames are whatever the store's face representation holds
-(``modeling.data.dataset.video_frame_shape``); the model's video front-end is chosen to match.
+(``modeling.data.examples.video_frame_shape``); the model's video front-end is chosen to match.
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ POOLING_KINDS = ("mean", "attention", "stats")
 # front-end tokens before fusion (the default: no attention path lets them agree by position);
 # "encoder" = the joint encoder's outputs (the first form, kept for comparison).
 CTM_ON_KINDS = ("frontend", "encoder")
-# The video input, set from the store's face representation (modeling.data.dataset.model_input_settings):
+# The video input, set from the store's face representation (modeling.data.examples.model_input_settings):
 # MTCNN face crops through a small CNN, or MediaPipe blendshape scores through an MLP.
 VIDEO_INPUTS = ("crops", "blendshapes")
 MODALITY_KINDS = ("audio", "video")

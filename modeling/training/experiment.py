@@ -64,7 +64,7 @@ class CVResult:
 
 
 def build_model_config(overrides: dict[str, Any] | None, feature_config: FeatureConfig, n_classes: int) -> dict[str, Any]:
-    from modeling.data.dataset import model_input_settings
+    from modeling.data.examples import model_input_settings
     from modeling.network.encoder import MsataConfig
 
     forced = {"n_classes": n_classes, **model_input_settings(feature_config)}

@@ -8,7 +8,7 @@ lives in its dataclass only:
 
 * ``train``: :class:`~modeling.training.train_loop.TrainConfig` (optimisation, crop length,
   caching, workers, seed);
-* ``data``: :class:`~modeling.data.dataset.DataConfig`, the loaders' settings: the fields it
+* ``data``: :class:`~modeling.data.examples.DataConfig`, the loaders' settings: the fields it
   shares with ``TrainConfig`` always come from ``train``; the augmentation fields
   (``AUGMENT_FIELDS``: SpecAugment masks, face-crop jitter) come from the run config's
   ``[data]`` table (``msata train --config``, the flow parameter ``data``);
@@ -33,7 +33,7 @@ from typing import Any
 
 from features.config import FeatureConfig
 from modeling.data import splits as sp
-from modeling.data.dataset import AUGMENT_FIELDS, DataConfig
+from modeling.data.examples import AUGMENT_FIELDS, DataConfig
 from modeling.network.encoder import MsataConfig
 from modeling.training.run_dir import SPEC_FILE
 from modeling.training.train_loop import TrainConfig

@@ -29,7 +29,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from modeling.data.dataset import DEFAULT_CACHE_BYTES, DataConfig, ShardedBatchSampler
+from modeling.data.dataset import ShardedBatchSampler
+from modeling.data.examples import DEFAULT_CACHE_BYTES, DataConfig
 from modeling.network.batch import Batch
 from modeling.network.precision import autocast
 from modeling.training import distributed as dist

@@ -184,7 +184,7 @@ def test_identity_enters_the_hash_and_a_changed_checkpoint_is_refused(tmp_path: 
 
 
 def test_a_recorded_config_needs_no_checkpoint(tmp_path: Path, checkpoints: dict[str, Path]) -> None:
-    from modeling.data.dataset import model_input_settings
+    from modeling.data.examples import model_input_settings
 
     directory = tmp_path / "ckpt"
     shutil.copytree(checkpoints["hubert"], directory)
@@ -221,7 +221,7 @@ def test_preprocess_and_predict_with_a_checkpoint(tmp_path: Path, checkpoints: d
     """The code msata preprocess runs per clip (flows.preprocess.process_clip), the store read back,
     then msata predict's Predictor recomputing the states from the recorded feature config."""
     from flows.preprocess import process_clip
-    from modeling.data.dataset import model_input_settings
+    from modeling.data.examples import model_input_settings
     from modeling.inference.predictor import Predictor, predict_files
     from modeling.network.encoder import MsataConfig, MsataModel
     from storage import FeatureStore

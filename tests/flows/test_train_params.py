@@ -30,7 +30,7 @@ def test_the_data_parameter_is_the_augmentation_of_data_config() -> None:
 
     from flows.train import train_msata
     from flows.train_params import DataParams
-    from modeling.data.dataset import AUGMENT_FIELDS, DataConfig
+    from modeling.data.examples import AUGMENT_FIELDS, DataConfig
 
     schema = parameter_schema(train_msata).model_dump_for_openapi()
     ref = schema["properties"]["data"]["$ref"].rsplit("/", 1)[-1]

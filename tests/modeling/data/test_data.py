@@ -9,7 +9,8 @@ import pytest
 import torch
 from training_fixtures import LABELS, TINY_FEATURES, build_tiny_store, tiny_clip
 
-from modeling.data.dataset import ClipDataset, DataConfig, crop_window, features_to_example, make_loader, spec_mask
+from modeling.data.dataset import ClipDataset, make_loader
+from modeling.data.examples import DataConfig, crop_window, features_to_example, spec_mask
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +187,7 @@ def test_worker_loader_matches_single_process(store_path: str) -> None:
 
 def test_speaker_statistics_standardise_each_channel() -> None:
     from features.clip import ClipFeatures
-    from modeling.data.dataset import audio_statistics, speaker_normalised
+    from modeling.data.examples import audio_statistics, speaker_normalised
 
     rng = np.random.default_rng(0)
     clips = [

@@ -15,7 +15,7 @@ from features.clip import ClipFeatures
 from features.config import AudioConfig, FaceConfig, FeatureConfig
 from features.face_landmarks import BLENDSHAPE_NAMES, N_BLENDSHAPES
 from features.manifest import ClipRecord
-from modeling.data.dataset import features_to_example, model_input_settings, video_frame_shape
+from modeling.data.examples import features_to_example, model_input_settings, video_frame_shape
 from modeling.network.batch import ClipExample, collate
 from modeling.network.encoder import MsataConfig, MsataModel
 from modeling.network.frontends import BlendshapeFrontend
@@ -78,7 +78,7 @@ def test_store_decides_the_video_input_and_frame_shape() -> None:
 
 
 def test_features_to_example_cuts_blendshapes_with_times_and_mask() -> None:
-    from modeling.data.dataset import DataConfig
+    from modeling.data.examples import DataConfig
 
     clip = blend_clip("c", 0, 2.0, np.random.default_rng(0))
     ex = features_to_example(clip, BLEND, 0, (0.5, 1.5))

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from training_fixtures import TINY_MODEL, build_tiny_store
 
-from modeling.data.dataset import AUGMENT_FIELDS, DataConfig
+from modeling.data.examples import AUGMENT_FIELDS, DataConfig
 from modeling.data.splits import SplitConfig
 from modeling.training.experiment_spec import ExperimentSpec, MlflowRef, data_overrides, load_spec, make_data_config
 from modeling.training.train_loop import TrainConfig
