@@ -9,6 +9,8 @@ end of the filter graph logs every frame's integer pts on stderr, and a reader
 thread pairs them with the frames that arrive on stdout. Since the filter graph
 runs with ``-fps_mode passthrough`` no frame is duplicated or dropped after
 ``showinfo``, so the k-th log line belongs to the k-th frame on the pipe.
+
+One module of ~340 lines because probing, audio decoding and the framed video pipe share ffmpeg's timestamp conventions, which must stay in one place.
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ Encoding goes through ffmpeg (rawvideo pipe -> libx264 yuv420p, AAC or PCM audio
 In a dataset, the class sets both the voice (f0 level/contour, syllable rate, brightness)
 and the face (tint, mouth dynamics, motion pattern); speakers differ in background,
 face scale/position and base pitch, so labels are learnable from either modality.
+
+One module of ~330 lines because the talking-face renderer and its audio are generated together so that their events stay synchronous.
 """
 
 from __future__ import annotations

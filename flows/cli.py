@@ -4,6 +4,8 @@ Heavy imports (torch, prefect, mlflow) happen inside the commands so that
 ``msata --help`` is instant and the project-local environment defaults are in
 place before any of those libraries read their settings. Printing lives in
 ``flows/cli_output.py``; errors, stops and feature configs in ``flows/cli_support.py``.
+
+One module of ~370 lines because typer registers every command on one app; each command is a thin wrapper over flows/api.py, cli_support.py and cli_output.py.
 """
 
 from __future__ import annotations

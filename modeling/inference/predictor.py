@@ -20,6 +20,8 @@ per predictor) and runs the model on:
 Features are extracted once per file; windows only slice them. Batches of windows
 are padded, and padding is masked everywhere in the model, so a window gets the
 same probabilities alone or in a batch.
+
+One module of ~440 lines because the Predictor's steps (features from the recorded config, windows, batching, speaker statistics) share its state; per-file results and the plot live in predictions.py and timeline_plot.py.
 """
 
 from __future__ import annotations

@@ -12,6 +12,8 @@ each token's index within its own stream for the index ablation, none at all); e
 the pure ``rotate`` (``modeling.network.tarope``). ``fusion="late"`` is the
 ablation without cross-modal attention: one encoder per modality, each pooled,
 concatenated, classified.
+
+One module of ~330 lines because it reads top to bottom like nanoGPT's model.py: config, attention, blocks, pooling, the model.
 """
 
 from __future__ import annotations

@@ -20,6 +20,8 @@ The run directory (default ``$MSATA_HOME/runs/<dataset>/<key>``, the key hashing
 store, configs and protocol) holds the checkpoints; ``resume=True`` continues an
 interrupted experiment there: finished folds are skipped, the interrupted fold
 resumes from its ``last.pt``, the same MLflow runs are reused.
+
+One module of ~360 lines because prepare, run_fold and finalize are the three steps of one chain and share the run-directory contract; the spec type is in experiment_spec.py and one fold's body in fold_run.py.
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@ batch, each rank trains on its share and the gradients are summed over the ranks
 the optimiser sees what one process would; validation and test predictions are
 gathered from all ranks before any metric; only rank 0 writes checkpoints and reports
 progress. A checkpoint resumes with any number of processes.
+
+One module of ~370 lines because the loop, its config, the schedule and the epoch records are read together, as nanoGPT's train.py; the several-process helpers are in distributed.py.
 """
 
 from __future__ import annotations
