@@ -115,45 +115,49 @@ def save_representation(directory: Path, arrays: list[np.ndarray], times: list[n
     (directory / "clips.json").write_text(json.dumps([c.clip_id for c in clips]))
 
 
-def extract_encoder(encoder, waves: list[np.ndarray], layers: list[int], device: str) -> tuple[list[np.ndarray], dict, list[np.ndarray]]:
-    """States of every clip (one window: RAVDESS clips are < 30 s), fp32 as msata preprocess
-    computes them; bf16 autocast timed on the same clips and compared with fp32."""
+def extract_encoder(encoder, name: str, waves: list[np.ndarray], device: str) -> tuple[list[np.ndarray], dict, list[np.ndarray]]:
+    """States of every clip in fp32, by the function ``msata preprocess`` uses
+    (``stage.encode_whisper``), timed; on CUDA, bf16 autocast timed on the same clips and
+    compared with fp32 (the reason msata extracts in fp32)."""
     import torch
 
-    from features.audio_encoders.whisper import frame_times, whisper_log_mel
+    from features.audio_encoders.stage import encode_whisper
+    from features.audio_encoders.whisper import whisper_log_mel
+    from features.config import AudioEncoderConfig
 
+    config = AudioEncoderConfig(name=name)
+    layers, torch_device = list(config.state_indices()), torch.device(device)
     encoder = encoder.to(device).eval()
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
 
-    def run(wave: np.ndarray, bf16: bool) -> torch.Tensor:
-        with torch.inference_mode(), torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=bf16):
-            mel = whisper_log_mel(torch.from_numpy(wave).to(device))
-            states = encoder(mel[None])
+    def run_bf16(wave: np.ndarray) -> torch.Tensor:
+        with torch.inference_mode(), torch.autocast(device_type="cuda", dtype=torch.bfloat16):
+            states = encoder(whisper_log_mel(torch.from_numpy(wave).to(device))[None])
             return torch.stack([states[i][0] for i in layers], dim=1).float()  # (T, L, D)
 
-    cuda = device.startswith("cuda")
     for wave in waves[:8]:  # warm-up (kernels, allocator)
-        run(wave, False), cuda and run(wave, True)
+        encode_whisper(encoder, wave, config, layers, torch_device), cuda and run_bf16(wave)
     sync()
-    out, t0 = [], time.perf_counter()
-    for wave in waves:
-        out.append(run(wave, False).to(torch.float16).cpu().numpy())
+    t0 = time.perf_counter()
+    pairs = [encode_whisper(encoder, wave, config, layers, torch_device) for wave in waves]
     sync()
     fp32_s = time.perf_counter() - t0
+    out, times = [p[0] for p in pairs], [p[1] for p in pairs]
     audio_s = sum(len(w) for w in waves) / 16_000
     stats = {"clips": len(waves), "audio_s": audio_s, "fp32_s": fp32_s, "fp32_x_realtime": audio_s / fp32_s}
     if not cuda:  # bf16 only pays on a GPU
-        return out, stats, [frame_times(len(s)) for s in out]
+        return out, stats, times
     t0, worst = time.perf_counter(), 0.0
     for i, wave in enumerate(waves):
-        states = run(wave, True)
+        states = run_bf16(wave)
         if i % 50 == 0:  # accuracy of bf16 against fp32, on a sample of clips
             reference = torch.from_numpy(out[i]).to(device).float()
             worst = max(worst, float(((states - reference).abs().max() / reference.abs().max()).item()))
     sync()
     bf16_s = time.perf_counter() - t0
     stats |= {"bf16_s": bf16_s, "bf16_x_realtime": audio_s / bf16_s, "bf16_max_rel_err": worst}
-    return out, stats, [frame_times(len(s)) for s in out]
+    return out, stats, times
 
 
 # ---------------------------------------------------------------- one fold of one config (a worker process)
@@ -296,7 +300,8 @@ def run(args: argparse.Namespace) -> None:
     )
 
     encoders = set(encoder_of.values())
-    extraction = {}
+    saved_stats = out / "extraction.json"  # a rerun with --reuse-features keeps the figures it did not remeasure
+    extraction = json.loads(saved_stats.read_text()) if saved_stats.exists() else {}
     for encoder in sorted(encoders):
         t0 = time.perf_counter()
         saved = work / encoder / "clips.json"
@@ -312,10 +317,10 @@ def run(args: argparse.Namespace) -> None:
             extraction[encoder] = {"cpu_s": time.perf_counter() - t0}
         else:
             model = load_encoder(Path(args.weights), encoder, expected[encoder])
-            arrays, extraction[encoder], times = extract_encoder(model, waves, list(range(model.shape.n_layers + 1)), device)
+            arrays, extraction[encoder], times = extract_encoder(model, encoder, waves, device)
         save_representation(work / encoder, arrays, times, clips)
         print(f"features {encoder}: {json.dumps(extraction[encoder])}", flush=True)
-    (out / "extraction.json").write_text(json.dumps(extraction, indent=1))
+    saved_stats.write_text(json.dumps(extraction, indent=1))
 
     import pandas as pd
 

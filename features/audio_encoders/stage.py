@@ -89,12 +89,13 @@ def encode_wave(wave: np.ndarray, config: AudioEncoderConfig, device: torch.devi
             )  # fmt: skip
     else:
         model = load_packaged_encoder(config.name, str(device))
-    return _encode_whisper(model, wave, config, layers, device)
+    return encode_whisper(model, wave, config, layers, device)
 
 
-def _encode_whisper(
+def encode_whisper(
     model: WhisperEncoder, wave: np.ndarray, config: AudioEncoderConfig, layers: list[int], device: torch.device
 ) -> tuple[np.ndarray, np.ndarray]:
+    """``encode_wave`` for a Whisper encoder already loaded (windows, float16 states, frame times)."""
     step = window_samples(config)
     pieces: list[np.ndarray] = []
     for start in range(0, wave.shape[0], step):

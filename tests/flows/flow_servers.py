@@ -114,3 +114,18 @@ def start_dask_cluster(tmp: Path, env: dict[str, str], started: list[subprocess.
     with Client(address, timeout=120) as client:
         client.wait_for_workers(n_workers, timeout=240)
     return address
+
+
+def preprocess_synthetic(raw_dir: Path, work_dir: Path, *options: str) -> Path:
+    """A tiny synthetic folder corpus (4 speakers, happy/sad, 1 s clips) in ``raw_dir``, preprocessed
+    through the real `msata preprocess` CLI with ``options`` (e.g. an audio encoder); returns the store."""
+    from features.synthetic import make_synthetic_dataset
+
+    make_synthetic_dataset(raw_dir, n_speakers=4, clips_per_class=1, classes=("happy", "sad"), duration_s=1.0, size=(160, 120))
+    store = work_dir / "store"
+    args = ["preprocess", "--dataset", "folder", "--root", str(raw_dir), "--store", str(store), *options]
+    done = subprocess.run(
+        [MSATA, *args], env=clean_env(work_dir) | {"COLUMNS": "200"}, cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return store

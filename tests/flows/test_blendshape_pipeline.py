@@ -10,9 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flow_servers import MSATA, REPO, clean_env
+from flow_servers import MSATA, REPO, clean_env, preprocess_synthetic
 
-from features.synthetic import make_synthetic_dataset
 from storage import FeatureStore
 
 pytestmark = pytest.mark.slow
@@ -24,14 +23,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from modeling.training.experiment import run_cross_validation
     from modeling.training.train_loop import TrainConfig
 
-    raw = make_synthetic_dataset(
-        tmp_path_factory.mktemp("raw"), n_speakers=4, clips_per_class=1, classes=("happy", "sad"), duration_s=1.0, size=(160, 120)
-    )
-    tmp = tmp_path_factory.mktemp("cli")
-    store = tmp / "store"
-    args = ["preprocess", "--dataset", "folder", "--root", str(raw), "--store", str(store), "--face-representation", "blendshapes"]
-    done = subprocess.run([MSATA, *args], env=clean_env(tmp) | {"COLUMNS": "200"}, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    raw, tmp = tmp_path_factory.mktemp("raw"), tmp_path_factory.mktemp("cli")
+    store = preprocess_synthetic(raw, tmp, "--face-representation", "blendshapes")
     model = {"d_model": 32, "n_heads": 2, "n_layers": 1, "audio_downsample": 4, "ctm_dim": 16}
     train = TrainConfig(epochs=2, batch_size=4, num_workers=0, max_duration_s=1.0)
     result = run_cross_validation(str(store), "folder", train, SplitConfig(n_folds=2), model, run_dir=tmp / "run", track=False)

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flow_servers import MSATA, REPO, clean_env
+from flow_servers import MSATA, REPO, clean_env, preprocess_synthetic
 
 from features.config import AudioEncoderConfig
-from features.synthetic import make_synthetic_dataset
 from storage import FeatureStore
 
 pytestmark = pytest.mark.slow
@@ -22,14 +21,8 @@ TINY_EN = AudioEncoderConfig(name="whisper-tiny.en")
 
 @pytest.fixture(scope="module")
 def encoder_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    raw = make_synthetic_dataset(
-        tmp_path_factory.mktemp("raw"), n_speakers=4, clips_per_class=1, classes=("happy", "sad"), duration_s=1.0, size=(160, 120)
-    )
-    tmp = tmp_path_factory.mktemp("cli")
-    store = tmp / "store"
-    args = ["preprocess", "--dataset", "folder", "--root", str(raw), "--store", str(store), "--audio-encoder", "whisper-tiny.en"]
-    done = subprocess.run([MSATA, *args], env=clean_env(tmp) | {"COLUMNS": "200"}, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    raw = tmp_path_factory.mktemp("raw")
+    store = preprocess_synthetic(raw, tmp_path_factory.mktemp("cli"), "--audio-encoder", "whisper-tiny.en")
     return raw, store
 
 
