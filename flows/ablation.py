@@ -37,7 +37,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.settings import configure_environment, flush_api_logs
-from flows.train import finalize_task, fold_task, progress_hook
+from flows.train import finalize_task, fold_task, progress_hook, run_logger
 from flows.train_params import DataParams, ModelOverrides, SplitParams, TrainParams
 
 TABLE_FILE, JSON_FILE, STATE_FILE = "ablation.md", "ablation.json", "ablation_run.json"
@@ -128,26 +128,23 @@ def _check_store(store_path: str, variants: Sequence[Variant]) -> list[str]:
 
 @task(name="ablation-parent", cache_policy=NO_CACHE)
 def parent_task(out_dir: str, dataset: str, params: dict[str, Any], track: bool) -> str | None:
-    """The MLflow parent run, created once per ablation directory (a rerun reuses it)."""
-    from modeling.tracking import runs as tracking
+    """The parent run, created once per ablation directory (a rerun reuses it); None when not tracked."""
+    from modeling.training.run_dir import write_json
 
     state_path = Path(out_dir) / STATE_FILE
-    if not track:
+    if not track:  # an untracked ablation has no parent, whatever an earlier tracked one left
         return None
-    tracking.configure_tracking()
+    tracker = run_logger(track)
     if state_path.exists():
         run_id = json.loads(state_path.read_text())["parent_run_id"]
-        tracking.reopen_run(run_id)
+        tracker.reopen(run_id)
         return run_id
-    experiment_id = tracking.get_or_create_experiment(dataset)
-    run_id = tracking.create_run(
-        experiment_id, f"ablation-{dataset}-{Path(out_dir).name}", tags={"msata.ablation_dir": out_dir} | tracking.source_tags()
-    )
-    with tracking.ended_on_failure(run_id):
-        tracking.log_params(run_id, tracking.flatten(params))
+    ref = tracker.start_experiment(dataset, f"ablation-{dataset}-{Path(out_dir).name}", {"msata.ablation_dir": out_dir})
+    with tracker.ended_on_failure(ref.parent_run_id):
+        tracker.log_params(ref.parent_run_id, params)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    tracking.write_json(state_path, {"parent_run_id": run_id, "experiment_id": experiment_id})
-    return run_id
+    write_json(state_path, {"parent_run_id": ref.parent_run_id, "experiment_id": ref.experiment_id})
+    return ref.parent_run_id
 
 
 @task(name="prepare-variant", cache_policy=NO_CACHE, task_run_name="prepare-{variant}-seed-{seed}")
@@ -182,7 +179,7 @@ def prepare_variant_task(
             model,
             run_dir=run_dir,
             resume=True,
-            track=parent is not None,
+            logger=run_logger(parent is not None),
             run_tags=tags,
             data_overrides=data,
         )
@@ -210,9 +207,10 @@ def ablate_msata(
     from prefect.artifacts import create_markdown_artifact
 
     from flows.artifacts import artifact_key
-    from modeling.tracking import runs as tracking
     from modeling.training.experiment import cross_validation_chain
     from modeling.training.metrics import summarize_folds
+    from modeling.training.run_dir import write_json
+    from storage.home import msata_home
 
     configure_environment()
     logger = get_run_logger()
@@ -231,14 +229,11 @@ def ablate_msata(
         "splits": base_splits,
         "model": base_model,
     } | ({"data": base_data} if base_data != DataParams().overrides() else {})  # default augmentation keeps older keys
-    out = (
-        Path(out_dir)
-        if out_dir
-        else tracking.msata_home() / "ablations" / dataset / _key({k: v for k, v in params.items() if k != "variants"})
-    )
+    out = Path(out_dir) if out_dir else msata_home() / "ablations" / dataset / _key({k: v for k, v in params.items() if k != "variants"})
     parent = parent_task(str(out), dataset, params, track)
+    tracker = run_logger(parent is not None)
     results: list[VariantResult] = []
-    with tracking.ended_on_failure(parent):
+    with tracker.ended_on_failure(parent):
         for variant in chosen:
             v_train, v_model = variant_settings(variant, base_train, base_model)
             result = VariantResult(variant.name, variant.label)
@@ -267,13 +262,12 @@ def ablate_msata(
         out.mkdir(parents=True, exist_ok=True)
         (out / TABLE_FILE).write_text(table)
         payload = {**params, "streams": held, "table": table, "variants": [asdict(r) for r in results]}
-        tracking.write_json(out / JSON_FILE, payload)
-        if parent:
-            metrics = {f"{k}_{stat}.{r.name}": r.summary[f"{k}_{stat}"] for r in results for k, _ in METRICS for stat in ("mean", "std")}
-            tracking.log_metrics(parent, metrics)
-            tracking.log_artifact(parent, out / TABLE_FILE)
-            tracking.log_artifact(parent, out / JSON_FILE)
-            tracking.end_run(parent)
+        write_json(out / JSON_FILE, payload)
+        metrics = {f"{k}_{stat}.{r.name}": r.summary[f"{k}_{stat}"] for r in results for k, _ in METRICS for stat in ("mean", "std")}
+        tracker.log_metrics(parent, metrics)
+        tracker.log_artifact(parent, out / TABLE_FILE)
+        tracker.log_artifact(parent, out / JSON_FILE)
+        tracker.end(parent)
     create_markdown_artifact(
         table + f"\nablation directory: `{out}`\n", key=artifact_key("ablation", dataset), description=f"msata ablation grid on {dataset}"
     )

@@ -290,7 +290,7 @@ def compare(
     ),
 ) -> None:
     """Registered model versions and their cross-validation metrics, side by side."""
-    from modeling.training.experiment import compare_models
+    from modeling.tracking.registry import compare_models
 
     frame = compare_models(dataset)
     if format is not OutputFormat.table:

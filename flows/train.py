@@ -39,6 +39,7 @@ from flows.train_params import DataParams, ModelOverrides, SplitParams, TrainPar
 
 if TYPE_CHECKING:
     from modeling.training.experiment import CVResult
+    from modeling.training.run_logger import RunLogger
 
 _PROGRESS_HOOKS: list[Callable[[Any], None]] = []  # this process's listeners; never serialised
 
@@ -56,6 +57,15 @@ def progress_hook(callback: Callable[[Any], None]) -> Iterator[None]:
 def report_progress(event: Any) -> None:
     for callback in list(_PROGRESS_HOOKS):
         callback(event)
+
+
+def run_logger(track: bool) -> RunLogger:
+    """The run logger a flow's ``track`` parameter picks: MLflow (at the URI MLflow's environment or
+    MSATA_HOME names) or none. The fold and finalize tasks find it in the run directory."""
+    from modeling.tracking.run_logger import MlflowRunLogger
+    from modeling.training.run_logger import NullRunLogger
+
+    return MlflowRunLogger() if track else NullRunLogger()
 
 
 @task(name="prepare-experiment", cache_policy=NO_CACHE)
@@ -89,7 +99,7 @@ def prepare_task(
         expected,
         run_dir,
         resume,
-        track,
+        logger=run_logger(track),
         run_tags=tags,
         data_overrides=data,
     )

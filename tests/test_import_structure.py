@@ -1,6 +1,7 @@
 """The floors of the code, checked from the source: no import cycle among the project's
 modules, and no import that runs back up (features and storage never import modeling or
-flows; modeling never imports flows).
+flows; modeling never imports flows; the training driver never imports the tracker: it logs
+through ``modeling.training.run_logger.RunLogger``, which ``modeling.tracking`` implements).
 
 Imports are read with ``ast`` from every file, including those inside functions and under
 ``TYPE_CHECKING``: a lazy import is still a dependency, it only hides a cycle until the
@@ -18,6 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("storage", "features", "modeling", "flows")
 # package -> the packages it must never import (the floors above it)
 FORBIDDEN = {"storage": {"modeling", "flows"}, "features": {"modeling", "flows"}, "modeling": {"flows"}}
+# sub-package -> the sub-packages it must never import (inside one floor)
+FORBIDDEN_WITHIN = {"modeling.training": {"modeling.tracking"}}
 
 
 def module_files() -> dict[str, Path]:
@@ -103,6 +106,7 @@ def test_the_graph_sees_the_imports_it_should() -> None:
     assert {"modeling.tracking.runs", "features.recipes"} <= graph["modeling.tracking.registry"] | graph["modeling.tracking.runs"]
     assert "flows.preprocess" in graph["flows.cli"]  # an import inside a function counts
     assert "modeling.data.splits" in graph["modeling.training.experiment"]  # `from modeling import splits as sp`
+    assert "modeling.training.run_logger" in graph["modeling.tracking.run_logger"]  # the tracker implements the driver's interface
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
@@ -121,3 +125,20 @@ def test_no_import_runs_back_up() -> None:
         if target.split(".")[0] in FORBIDDEN.get(module.split(".")[0], set())
     ]
     assert not upward, "imports from a lower floor to a higher one:\n" + "\n".join(upward)
+
+
+def _within(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def test_training_never_imports_tracking() -> None:
+    """The driver logs through its RunLogger interface; MLflow stays behind ``modeling.tracking``."""
+    crossing = [
+        f"{module} imports {target}"
+        for module, targets in sorted(import_graph().items())
+        for package, banned in FORBIDDEN_WITHIN.items()
+        if _within(module, package)
+        for target in sorted(targets)
+        if any(_within(target, b) for b in banned)
+    ]
+    assert not crossing, "imports across a forbidden boundary:\n" + "\n".join(crossing)

@@ -12,22 +12,24 @@ nested run per fold (per-epoch metrics, learning curves, fold confusion matrix).
 Parent runs carry MLflow's source tags (git commit, branch, dirty flag) and the
 feature store as a dataset input (path, feature config hash, clip count). Runs are
 ended explicitly: FINISHED on success, KILLED or FAILED when interrupted
-(:func:`ended_on_failure`). The registry (logged pyfunc, versions, champion rule)
+(``RunLogger.ended_on_failure``). The registry (logged pyfunc, versions, champion rule)
 is ``modeling/tracking/registry.py`` (it imports this module, never the other way round).
+The training driver reaches these functions only through ``MlflowRunLogger``
+(``modeling/tracking/run_logger.py``), its implementation of ``modeling.training.run_logger.RunLogger``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from features.recipes import canonical_name
+from modeling.training.run_dir import write_json  # noqa: F401  (re-exported: run files are written atomically)
 
 # One definition of the project-local home (MSATA_HOME, default ./.msata) for CLI, flows and library use.
 from storage.home import msata_home
@@ -47,12 +49,12 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
 
 
-def configure_tracking() -> str:
-    """Point MLflow (tracking and registry) at the resolved URI and return it."""
+def configure_tracking(uri: str | None = None) -> str:
+    """Point MLflow (tracking and registry) at ``uri``, by default the resolved one, and return it."""
     import mlflow
 
     os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
-    uri = tracking_uri()
+    uri = uri or tracking_uri()
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return uri
@@ -129,14 +131,14 @@ def log_history(run_id: str, history: Sequence[Any]) -> None:
         MlflowClient().log_batch(run_id, metrics=metrics[start : start + 500])
 
 
-def log_metrics(run_id: str, metrics: dict[str, float]) -> None:
+def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0) -> None:
     import time as _time
 
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
     now = int(_time.time() * 1000)
-    MlflowClient().log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+    MlflowClient().log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
 
 def plot_confusion(confusion: np.ndarray, label_names: Sequence[str], path: str | Path, title: str) -> Path:
@@ -218,26 +220,6 @@ def reopen_run(run_id: str) -> None:
     MlflowClient().update_run(run_id, status="RUNNING")
 
 
-@contextlib.contextmanager
-def ended_on_failure(*run_ids: str | None) -> Iterator[None]:
-    """End ``run_ids`` when the block raises: KILLED for Ctrl-C, SystemExit and cancellation
-    (BaseExceptions that are not Exceptions), FAILED for any other error; the error propagates.
-
-    Runs are created with ``MlflowClient.create_run`` and ended explicitly on success,
-    so without this an interrupted experiment would stay RUNNING in MLflow forever.
-    """
-    try:
-        yield
-    except BaseException as err:
-        status = "FAILED" if isinstance(err, Exception) else "KILLED"
-        for run_id in filter(None, run_ids):
-            try:
-                end_run(run_id, status)
-            except Exception as mark_err:  # the original error matters more: keep it, say why the run stays RUNNING
-                err.add_note(f"MLflow run {run_id} could not be marked {status}: {mark_err}")
-        raise
-
-
 def source_tags() -> dict[str, str]:
     """MLflow's source tags for a run started from this checkout: git commit, branch, remote, dirty flag."""
     import subprocess
@@ -296,12 +278,3 @@ def log_artifact(run_id: str, path: str | Path, artifact_path: str | None = None
     from mlflow import MlflowClient
 
     MlflowClient().log_artifact(run_id, str(path), artifact_path)
-
-
-def write_json(path: str | Path, data: Any) -> Path:
-    """Atomic: a kill mid-write leaves the old file or none, never half of one (run files mark progress)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str))
-    os.replace(tmp, path)
-    return path

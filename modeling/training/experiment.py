@@ -1,4 +1,4 @@
-"""Cross-validation driver: protocol -> per-fold training -> test metrics -> MLflow.
+"""Cross-validation driver: protocol -> per-fold training -> test metrics -> a run logger.
 
 Three steps, each a plain function of paths so a Prefect flow can wrap them as thin
 tasks (``flows/train.py``), and :func:`run_cross_validation` chains them:
@@ -6,11 +6,16 @@ tasks (``flows/train.py``), and :func:`run_cross_validation` chains them:
 1. :func:`prepare_experiment` validates the store against the protocol (raising
    before any training), builds the folds, writes the typed experiment spec
    (:class:`~modeling.training.experiment_spec.ExperimentSpec`, ``experiment.json``) and
-   the split files into the run directory and opens the MLflow parent run;
+   the split files into the run directory and opens the experiment-level (parent) run;
 2. :func:`run_fold` trains one fold (model choice on its validation speakers),
-   evaluates ``best.pt`` once on the test speakers and logs a nested MLflow run;
+   evaluates ``best.pt`` once on the test speakers and logs a nested run;
 3. :func:`finalize_experiment` aggregates mean +- std over folds and registers the
    fold model with the best *validation* UAR (test scores never choose anything).
+
+Runs, metrics, plots and the registration go through the
+:class:`~modeling.training.run_logger.RunLogger` given to ``prepare_experiment``
+(``MlflowRunLogger`` from ``modeling.tracking``, or ``NullRunLogger``), which the run
+directory records for the later steps; this package never imports a tracker.
 
 :func:`cross_validation_chain` is the one order of the three steps: the ``train-msata`` flow
 (``msata train``, ``msata demo``, the deployments) runs it with its Prefect tasks, and
@@ -19,9 +24,9 @@ tasks (``flows/train.py``), and :func:`run_cross_validation` chains them:
 The run directory (default ``$MSATA_HOME/runs/<dataset>/<key>``, the key hashing
 store, configs and protocol) holds the checkpoints; ``resume=True`` continues an
 interrupted experiment there: finished folds are skipped, the interrupted fold
-resumes from its ``last.pt``, the same MLflow runs are reused.
+resumes from its ``last.pt``, the same tracked runs are reused.
 
-One module of ~360 lines because prepare, run_fold and finalize are the three steps of one chain and share the run-directory contract; the spec type is in experiment_spec.py and one fold's body in fold_run.py.
+One module of ~350 lines because prepare, run_fold and finalize are the three steps of one chain and share the run-directory contract; the spec type is in experiment_spec.py and one fold's body in fold_run.py.
 """
 
 from __future__ import annotations
@@ -38,12 +43,14 @@ from features.config import FeatureConfig
 from features.recipes import canonical_name
 from modeling.data import splits as sp
 from modeling.network.encoder import MsataConfig
-from modeling.training.experiment_spec import ExperimentSpec, MlflowRef, load_spec, make_data_config
+from modeling.training.experiment_spec import ExperimentSpec, load_spec, make_data_config
 from modeling.training.experiment_spec import _hash as _hash
 from modeling.training.fold_run import RESULT_FILE, FoldResult, train_and_test_fold
 from modeling.training.metrics import metrics_from_confusion, summarize_folds
-from modeling.training.run_dir import SPEC_FILE, RunDirError, check_run_dir, clear_run_dir  # noqa: F401  (RunDirError: re-exported)
+from modeling.training.run_dir import SPEC_FILE, RunDirError, check_run_dir, clear_run_dir, write_json  # noqa: F401  (RunDirError: re-exported)
+from modeling.training.run_logger import RunLogger, load_run_logger, record_run_logger
 from modeling.training.train_loop import ProgressCallback, TrainConfig
+from storage.home import msata_home
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -86,18 +93,20 @@ def prepare_experiment(
     expected_feature_config: FeatureConfig | None = None,
     run_dir: str | Path | None = None,
     resume: bool = False,
-    track: bool = True,
+    *,
+    logger: RunLogger,
     run_tags: dict[str, str] | None = None,
     data_overrides: dict[str, Any] | None = None,
 ) -> Path:
     """Validate, split, persist the experiment spec; returns the run directory.
 
-    ``run_tags`` go on the MLflow parent run, new or resumed (``train-msata`` passes its
+    ``logger`` opens (or, resumed, reopens) the experiment-level run and is recorded in the
+    run directory, where :func:`run_fold` and :func:`finalize_experiment` find it.
+    ``run_tags`` go on that run, new or resumed (``train-msata`` passes its
     Prefect flow-run id: a resumed experiment carries the id of the run that resumed it).
     ``data_overrides`` set the loaders' augmentation (``DataConfig``'s ``AUGMENT_FIELDS``:
     a run config's ``[data]`` table); the loaders' other settings come from ``train_config``.
     """
-    from modeling.tracking import runs as tracking
     from storage.feature_store import FeatureStore
 
     split_config = split_config or sp.SplitConfig()
@@ -128,7 +137,7 @@ def prepare_experiment(
         modalities=trained_modalities(manifest),
     )
     key = spec.run_key()
-    run_dir = Path(run_dir) if run_dir else tracking.msata_home() / "runs" / spec.dataset / key
+    run_dir = Path(run_dir) if run_dir else msata_home() / "runs" / spec.dataset / key
     spec_path = run_dir / SPEC_FILE
     check_run_dir(run_dir)  # a folder msata did not create is refused, resumed or not, before anything is written
     if spec_path.exists() and resume:
@@ -138,42 +147,36 @@ def prepare_experiment(
             if old_dict[name] != new_dict[name]:
                 raise sp.ProtocolError(f"cannot resume {run_dir}: {name} changed from {old_dict[name]!r} to {new_dict[name]!r}")
         spec = replace(spec, train=old.train, data=old.data, mlflow=old.mlflow).resumed_with(train_config)
-        if spec.mlflow:
-            tracking.configure_tracking()
-            tracking.reopen_run(spec.mlflow.parent_run_id)  # it was KILLED or FAILED, or FINISHED and finalized again
+        logger.reopen(spec.parent_run_id)  # it was KILLED or FAILED, or FINISHED and finalized again
     else:
         clear_run_dir(run_dir)  # a fresh run never mixes with old checkpoints; only msata's own files go
     run_dir.mkdir(parents=True, exist_ok=True)
     spec.write(run_dir)  # first: it marks the folder as msata's
+    record_run_logger(run_dir, logger)
     split_files = sp.export_splits(folds, manifest, run_dir)
-    if track and not spec.mlflow:
-        tracking.configure_tracking()
-        experiment_id = tracking.get_or_create_experiment(spec.dataset)
-        tags = {
-            "msata.dataset": spec.dataset,
-            "msata.protocol": spec.protocol,
-            "msata.run_dir": str(run_dir),
-        } | tracking.source_tags()
-        parent = tracking.create_run(experiment_id, f"cv-{spec.dataset}-{key}", tags=tags)
-        spec.mlflow = MlflowRef(experiment_id, parent)
-        with tracking.ended_on_failure(parent):
-            tracking.log_store_input(parent, str(store_path), spec.dataset, spec.feature_config_hash, len(manifest))
-            as_dict = spec.to_dict()
-            logged = ("dataset", "store_path", "train", "splits", "model", "feature_config_hash", "splits_hash", "protocol")
-            logged += ("data",) if spec.data_is_custom() else ()  # parameters of older runs are left as they were
-            params = tracking.flatten({k: as_dict[k] for k in logged})
-            params["n_clips"], params["label_names"] = str(len(manifest)), json.dumps(label_names)
-            tracking.log_params(parent, params)
-            for path in split_files:
-                tracking.log_artifact(parent, path, "splits")
+    if spec.mlflow is None:  # a new experiment (or one not tracked before): a new run, None when the logger tracks nothing
+        tags = {"msata.dataset": spec.dataset, "msata.protocol": spec.protocol, "msata.run_dir": str(run_dir)}
+        spec.mlflow = logger.start_experiment(spec.dataset, f"cv-{spec.dataset}-{key}", tags)
+        with logger.ended_on_failure(spec.parent_run_id):
+            _log_experiment(logger, spec, str(store_path), len(manifest), split_files)
     spec.write(run_dir)
-    if spec.mlflow:
-        tracking.configure_tracking()
-        with tracking.ended_on_failure(spec.mlflow.parent_run_id):
-            if run_tags:
-                tracking.set_tags(spec.mlflow.parent_run_id, run_tags)
-            tracking.log_artifact(spec.mlflow.parent_run_id, spec_path, "config")
+    with logger.ended_on_failure(spec.parent_run_id):
+        logger.set_tags(spec.parent_run_id, run_tags or {})
+        logger.log_artifact(spec.parent_run_id, spec_path, "config")
     return run_dir
+
+
+def _log_experiment(logger: RunLogger, spec: ExperimentSpec, store_path: str, n_clips: int, split_files: list[Path]) -> None:
+    """A new experiment-level run: the store as its input, the resolved config as parameters, the split files."""
+    parent = spec.parent_run_id
+    logger.log_store_input(parent, store_path, spec.dataset, spec.feature_config_hash, n_clips)
+    as_dict = spec.to_dict()
+    logged = ("dataset", "store_path", "train", "splits", "model", "feature_config_hash", "splits_hash", "protocol")
+    logged += ("data",) if spec.data_is_custom() else ()  # parameters of older runs are left as they were
+    params = {k: as_dict[k] for k in logged} | {"n_clips": str(n_clips), "label_names": json.dumps(spec.label_names)}
+    logger.log_params(parent, params)
+    for path in split_files:
+        logger.log_artifact(parent, path, "splits")
 
 
 def trained_modalities(manifest: pd.DataFrame) -> list[str]:
@@ -196,14 +199,16 @@ def _protocol_name(folds: list[sp.Fold], split_config: sp.SplitConfig, manifest:
     return f"{base}+speaker-norm-transductive" if train_config.speaker_norm else base
 
 
-def run_fold(run_dir: str | Path, fold_index: int, progress: ProgressCallback | None = None, nproc: int = 1) -> FoldResult:
+def run_fold(
+    run_dir: str | Path, fold_index: int, progress: ProgressCallback | None = None, nproc: int = 1, logger: RunLogger | None = None
+) -> FoldResult:
     """Train, select on validation, test once; idempotent (a finished fold is returned as is).
 
+    ``logger`` defaults to the one ``prepare_experiment`` recorded in the run directory.
     ``nproc > 1`` trains the fold with that many processes under torchrun
-    (``modeling/training/fold_worker.py``, one per GPU, or gloo on CPU); this process keeps the
-    MLflow bookkeeping and reads the fold's result.json when they are done."""
-    from modeling.tracking import runs as tracking
-
+    (``modeling/training/fold_worker.py``, one per GPU, or gloo on CPU; their rank 0 logs with
+    the recorded logger); this process opens and ends the fold's run and reads the fold's
+    result.json when they are done."""
     run_dir = Path(run_dir)
     spec = load_spec(run_dir)
     fold_dir = run_dir / f"fold_{fold_index}"
@@ -214,22 +219,20 @@ def run_fold(run_dir: str | Path, fold_index: int, progress: ProgressCallback | 
     if not 0 <= fold_index < len(folds):
         raise ValueError(f"fold {fold_index} does not exist (0..{len(folds) - 1})")
     fold = folds[fold_index]
+    logger = load_run_logger(run_dir) if logger is None else logger
 
-    run_id = parent_id = None
-    if spec.mlflow:
-        tracking.configure_tracking()
-        parent_id = spec.mlflow.parent_run_id
-        run_file = fold_dir / RUN_FILE
-        if run_file.exists():
-            run_id = json.loads(run_file.read_text())["run_id"]
-            tracking.reopen_run(run_id)  # an interrupted fold goes on in the same run
-        else:
-            run_id = tracking.create_run(spec.mlflow.experiment_id, f"fold-{fold_index}", parent_id, {"msata.fold": str(fold_index)})
+    run_file = fold_dir / RUN_FILE
+    run_id = json.loads(run_file.read_text())["run_id"] if run_file.exists() else None
+    if run_id:
+        logger.reopen(run_id)  # an interrupted fold goes on in the same run
+    else:
+        run_id = logger.start_child(spec.mlflow, f"fold-{fold_index}", {"msata.fold": str(fold_index)})
+        if run_id:  # kept for a resume
             fold_dir.mkdir(parents=True, exist_ok=True)
-            tracking.write_json(run_file, {"run_id": run_id})
-    with tracking.ended_on_failure(run_id, parent_id):  # Ctrl-C: KILLED, an error: FAILED (the fold and its experiment)
+            write_json(run_file, {"run_id": run_id})
+    with logger.ended_on_failure(run_id, spec.parent_run_id):  # Ctrl-C: KILLED, an error: FAILED (the fold and its experiment)
         if nproc == 1:
-            return train_and_test_fold(spec, fold, fold_dir, run_id, progress)
+            return train_and_test_fold(spec, fold, fold_dir, logger, run_id, progress)
         _run_fold_processes(run_dir, fold_index, nproc, progress)
         return FoldResult(**json.loads(result_path.read_text()))
 
@@ -252,12 +255,12 @@ def _run_fold_processes(run_dir: Path, fold_index: int, nproc: int, progress: Pr
     dist.run_streaming(command, on_event, log.info, f"fold {fold_index} with {nproc} processes (torchrun)")
 
 
-def finalize_experiment(run_dir: str | Path, register: bool = True) -> CVResult:
-    """Aggregate the folds; log the summary; register the best-validation fold model."""
-    from modeling.tracking import runs as tracking
-
+def finalize_experiment(run_dir: str | Path, register: bool = True, logger: RunLogger | None = None) -> CVResult:
+    """Aggregate the folds; log the summary; register the best-validation fold model (through ``logger``,
+    by default the one ``prepare_experiment`` recorded in the run directory)."""
     run_dir = Path(run_dir)
     spec = load_spec(run_dir)
+    logger = load_run_logger(run_dir) if logger is None else logger
     fold_results = []
     for index in range(len(spec.folds)):
         path = run_dir / f"fold_{index}" / RESULT_FILE
@@ -275,36 +278,19 @@ def finalize_experiment(run_dir: str | Path, register: bool = True) -> CVResult:
         folds=fold_results,
         summary=summary,
         confusion=pooled.tolist(),
+        parent_run_id=spec.parent_run_id,
         selected_fold=selected.index,
         extra={"pooled_" + k: v for k, v in pooled_metrics.scalars().items()},
     )
-    if spec.mlflow:
-        tracking.configure_tracking()
-        parent = spec.mlflow.parent_run_id
-        result.parent_run_id = parent
-        with tracking.ended_on_failure(parent):
-            _log_and_register(spec, run_dir, result, selected, register)
-            tracking.end_run(parent)
-    tracking.write_json(run_dir / "cv_result.json", asdict(result))
+    parent = result.parent_run_id
+    with logger.ended_on_failure(parent):  # summary and pooled confusion on the parent run; the selected model registered once
+        logger.log_metrics(parent, {f"test_{k}": v for k, v in summary.items()} | {f"test_{k}": v for k, v in result.extra.items()})
+        logger.log_confusion(parent, pooled, spec.label_names, run_dir / "confusion_pooled.png", "test, all folds")
+        if register:
+            result.registered = logger.register_model(parent, spec.to_dict(), selected, fold_results, summary)
+        logger.end(parent)
+    write_json(run_dir / "cv_result.json", asdict(result))
     return result
-
-
-def _log_and_register(spec: ExperimentSpec, run_dir: Path, result: CVResult, selected: FoldResult, register: bool) -> None:
-    """Summary metrics and pooled confusion on the parent run; the selected fold's model registered once."""
-    from modeling.tracking import runs as tracking
-    from modeling.tracking.registry import register_experiment_model
-
-    parent, summary, folds = result.parent_run_id, result.summary, result.folds
-    tracking.log_metrics(parent, {f"test_{k}": v for k, v in summary.items()} | {f"test_{k}": v for k, v in result.extra.items()})
-    tracking.log_artifact(
-        parent,
-        tracking.plot_confusion(np.asarray(result.confusion), spec.label_names, run_dir / "confusion_pooled.png", "test, all folds"),
-        "plots",
-    )
-    if not register:
-        return
-    reg = register_experiment_model(spec.to_dict(), parent, selected, folds, summary)
-    result.registered = asdict(reg)
 
 
 def run_cross_validation(
@@ -316,13 +302,15 @@ def run_cross_validation(
     expected_feature_config: FeatureConfig | None = None,
     run_dir: str | Path | None = None,
     resume: bool = False,
-    track: bool = True,
+    *,
+    logger: RunLogger,
     register: bool = True,
     progress: ProgressCallback | None = None,
     nproc: int = 1,
     data_overrides: dict[str, Any] | None = None,
 ) -> CVResult:
-    """Full speaker-independent cross-validation without Prefect; see the module docstring."""
+    """Full speaker-independent cross-validation without Prefect; see the module docstring.
+    ``logger``: ``modeling.tracking.run_logger.MlflowRunLogger()`` to track in MLflow, ``NullRunLogger()`` not to."""
     _, result = cross_validation_chain(
         lambda: prepare_experiment(
             store_path,
@@ -333,11 +321,11 @@ def run_cross_validation(
             expected_feature_config,
             run_dir,
             resume,
-            track,
+            logger=logger,
             data_overrides=data_overrides,
         ),
-        lambda path, index: run_fold(path, index, progress, nproc),
-        lambda path: finalize_experiment(path, register=register and track),
+        lambda path, index: run_fold(path, index, progress, nproc, logger),
+        lambda path: finalize_experiment(path, register=register, logger=logger),
     )
     return result
 
@@ -356,10 +344,3 @@ def cross_validation_chain(
     for index in range(len(spec.folds)):
         fold(run_dir, index)
     return spec, finalize(run_dir)
-
-
-def compare_models(dataset: str | None = None):
-    """Registered versions with their protocol tags and test metrics (pandas.DataFrame)."""
-    from modeling.tracking.registry import compare_models as _compare
-
-    return _compare(dataset)

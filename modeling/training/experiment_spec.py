@@ -35,16 +35,11 @@ from features.config import FeatureConfig
 from modeling.data import splits as sp
 from modeling.data.examples import AUGMENT_FIELDS, DataConfig
 from modeling.network.encoder import MsataConfig
-from modeling.training.run_dir import SPEC_FILE
+from modeling.training.run_dir import SPEC_FILE, write_json
+from modeling.training.run_logger import MlflowRef
 from modeling.training.train_loop import TrainConfig
 
 RESULT_INDEPENDENT_TRAIN_KEYS = ("num_workers", "cache_bytes")  # a resume may change them; results do not depend on them
-
-
-@dataclass(frozen=True)
-class MlflowRef:
-    experiment_id: str
-    parent_run_id: str
 
 
 def data_overrides(data: dict[str, Any] | None) -> dict[str, Any]:
@@ -84,6 +79,11 @@ class ExperimentSpec:
     folds: list[sp.Fold]
     modalities: list[str] | None = None  # None in specs written before it was recorded: inference assumes both
     mlflow: MlflowRef | None = None
+
+    @property
+    def parent_run_id(self) -> str | None:
+        """The experiment-level run's id; None when the experiment was never tracked."""
+        return self.mlflow.parent_run_id if self.mlflow else None
 
     def run_key(self) -> str:
         """The default run directory's name: store, dataset, model, features, folds and the
@@ -145,8 +145,6 @@ class ExperimentSpec:
         )
 
     def write(self, run_dir: str | Path) -> Path:
-        from modeling.tracking.runs import write_json
-
         path = Path(run_dir) / SPEC_FILE
         write_json(path, self.to_dict())
         return path

@@ -1,9 +1,10 @@
 """Training and testing one cross-validation fold (the body of ``modeling.training.experiment.run_fold``).
 
-``run_fold`` owns the bookkeeping (the fold's MLflow run, ending it on failure, the
+``run_fold`` owns the bookkeeping (opening the fold's run, ending it on failure, the
 skip of a finished fold); this module trains with model choice on the fold's
 validation speakers, evaluates ``best.pt`` once on its test speakers and logs the
-fold's metrics and plots.
+fold's parameters, metrics and plots through a
+:class:`~modeling.training.run_logger.RunLogger`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING
 from modeling.data import splits as sp
 from modeling.training import distributed as dist
 from modeling.training.metrics import compute_metrics
+from modeling.training.run_dir import write_json
 from modeling.training.train_loop import (
     ProgressCallback,
     ProgressEvent,
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
     from features.config import FeatureConfig
     from modeling.network.encoder import MsataModel
     from modeling.training.experiment_spec import ExperimentSpec
+    from modeling.training.run_logger import RunLogger
 
 RESULT_FILE = "result.json"
 
@@ -87,31 +90,30 @@ def train_and_test_fold(
     spec: ExperimentSpec,
     fold: sp.Fold,
     fold_dir: Path,
+    logger: RunLogger,
     run_id: str | None,
     progress: ProgressCallback | None,
     ctx: dist.DistContext = dist.SINGLE,
 ) -> FoldResult:
-    """Every rank runs this with the same arguments; only rank 0 logs to MLflow and writes result.json."""
+    """Every rank runs this with the same arguments; only rank 0 logs (to ``run_id``) and writes result.json."""
     from modeling.network.encoder import MsataModel
-    from modeling.tracking import runs as tracking
     from modeling.training.checkpoint import load_trained_model
 
     fold_index = fold.index
-    run_id = run_id if ctx.is_main else None
-    if run_id:
-        tracking.set_tags(run_id, {"msata.world_size": str(ctx.world_size)})  # a tag, not a param: a resume may use another world size
-        tracking.log_params(
-            run_id,
-            {
-                "fold": str(fold_index),
-                "train_speakers": json.dumps(fold.train_speakers),
-                "val_speakers": json.dumps(fold.val_speakers),
-                "test_speakers": json.dumps(fold.test_speakers),
-                "n_train": str(len(fold.train_ids)),
-                "n_val": str(len(fold.val_ids)),
-                "n_test": str(len(fold.test_ids)),
-            },
-        )
+    run_id = run_id if ctx.is_main else None  # the other ranks log nothing
+    logger.set_tags(run_id, {"msata.world_size": str(ctx.world_size)})  # a tag, not a param: a resume may use another world size
+    logger.log_params(
+        run_id,
+        {
+            "fold": str(fold_index),
+            "train_speakers": json.dumps(fold.train_speakers),
+            "val_speakers": json.dumps(fold.val_speakers),
+            "test_speakers": json.dumps(fold.test_speakers),
+            "n_train": str(len(fold.train_ids)),
+            "n_val": str(len(fold.val_ids)),
+            "n_test": str(len(fold.test_ids)),
+        },
+    )
     config = spec.train
     train_loader, val_loader, test_loader = loaders(spec, fold, config, ctx)
     label_names = spec.label_names
@@ -124,8 +126,8 @@ def train_and_test_fold(
     }
 
     def on_progress(event: ProgressEvent) -> None:
-        if run_id and event.kind == "epoch_end" and event.record is not None:
-            tracking.log_history(run_id, [event.record])  # checkpointed before this event: never logged twice
+        if event.kind == "epoch_end" and event.record is not None:
+            logger.log_epoch(run_id, event.record)  # checkpointed before this event: never logged twice
         if progress:
             event.fold = fold_index
             progress(event)
@@ -153,19 +155,12 @@ def train_and_test_fold(
     )
     if not ctx.is_main:
         return fold_result
-    if run_id:
-        tracking.log_metrics(
-            run_id,
-            {f"test_{k}": v for k, v in metrics.scalars().items()} | {"best_epoch": result.best_epoch, "best_val_uar": result.best_val_uar},
-        )
-        tracking.log_artifact(
-            run_id,
-            tracking.plot_confusion(metrics.confusion, label_names, fold_dir / "confusion_test.png", f"fold {fold_index} test"),
-            "plots",
-        )
-        tracking.log_artifact(
-            run_id, tracking.plot_learning_curves(result.history, fold_dir / "learning_curves.png", f"fold {fold_index}"), "plots"
-        )
-        tracking.end_run(run_id)
-    tracking.write_json(fold_dir / RESULT_FILE, asdict(fold_result))  # last: marks the fold as done
+    logger.log_metrics(
+        run_id,
+        {f"test_{k}": v for k, v in metrics.scalars().items()} | {"best_epoch": result.best_epoch, "best_val_uar": result.best_val_uar},
+    )
+    logger.log_confusion(run_id, metrics.confusion, label_names, fold_dir / "confusion_test.png", f"fold {fold_index} test")
+    logger.log_learning_curves(run_id, result.history, fold_dir / "learning_curves.png", f"fold {fold_index}")
+    logger.end(run_id)
+    write_json(fold_dir / RESULT_FILE, asdict(fold_result))  # last: marks the fold as done
     return fold_result

@@ -4,18 +4,25 @@ A run directory is msata's when it holds ``experiment.json``, which
 ``prepare_experiment`` writes before anything else. A fresh (non-resumed) run in
 msata's own directory removes only the names msata writes there, so a user's
 notes beside them survive; a non-empty folder without ``experiment.json`` is
-refused with :class:`RunDirError` before anything is written into it.
+refused with :class:`RunDirError` before anything is written into it. Run files are
+written with :func:`write_json` (atomic: a kill leaves the old file or none).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 SPEC_FILE = "experiment.json"
+LOGGER_FILE = "run_logger.json"  # which run logger the experiment logs to (modeling/training/run_logger.py)
 # Everything prepare_experiment / run_fold / finalize_experiment write at the top level.
-OWNED_FILES = frozenset({SPEC_FILE, "splits.csv", "splits.json", "cv_result.json", "confusion_pooled.png", "registration.json"})
+OWNED_FILES = frozenset(
+    {SPEC_FILE, LOGGER_FILE, "splits.csv", "splits.json", "cv_result.json", "confusion_pooled.png", "registration.json"}
+)
 FOLD_DIR = re.compile(r"fold_\d+")
 
 
@@ -61,3 +68,12 @@ def clear_run_dir(run_dir: str | Path) -> list[str]:
             entry.unlink()
         removed.append(entry.name)
     return removed
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    """Atomic: a kill mid-write leaves the old file or none, never half of one (run files mark progress)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str))
+    os.replace(tmp, path)
+    return path

@@ -21,13 +21,14 @@ pytestmark = pytest.mark.slow
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from modeling.data.splits import SplitConfig
     from modeling.training.experiment import run_cross_validation
+    from modeling.training.run_logger import NullRunLogger
     from modeling.training.train_loop import TrainConfig
 
     raw, tmp = tmp_path_factory.mktemp("raw"), tmp_path_factory.mktemp("cli")
     store = preprocess_synthetic(raw, tmp, "--face-representation", "blendshapes")
     model = {"d_model": 32, "n_heads": 2, "n_layers": 1, "audio_downsample": 4, "ctm_dim": 16}
     train = TrainConfig(epochs=2, batch_size=4, num_workers=0, max_duration_s=1.0)
-    result = run_cross_validation(str(store), "folder", train, SplitConfig(n_folds=2), model, run_dir=tmp / "run", track=False)
+    result = run_cross_validation(str(store), "folder", train, SplitConfig(n_folds=2), model, run_dir=tmp / "run", logger=NullRunLogger())
     return {"raw": raw, "store": store, "tmp": tmp, "checkpoint": result.folds[0].best_path}
 
 

@@ -65,6 +65,7 @@ def test_train_and_predict_on_encoder_states(encoder_store: tuple[Path, Path], t
     from modeling.data.splits import SplitConfig
     from modeling.inference.predictor import load_predictor, predict_files
     from modeling.training.experiment import run_cross_validation
+    from modeling.training.run_logger import NullRunLogger
     from modeling.training.train_loop import TrainConfig
 
     raw, store = encoder_store
@@ -78,7 +79,9 @@ def test_train_and_predict_on_encoder_states(encoder_store: tuple[Path, Path], t
         "ctm_dim": 16,
     }
     train = TrainConfig(epochs=2, batch_size=4, num_workers=0, speaker_norm=speaker_norm, max_duration_s=1.0)
-    result = run_cross_validation(str(store), "folder", train, SplitConfig(n_folds=2), model, run_dir=tmp_path / "run", track=False)
+    result = run_cross_validation(
+        str(store), "folder", train, SplitConfig(n_folds=2), model, run_dir=tmp_path / "run", logger=NullRunLogger()
+    )
     assert len(result.folds) == 2 and all(0.0 <= f.test["uar"] <= 1.0 for f in result.folds)
     predictor = load_predictor(result.folds[0].best_path, device="cpu")
     assert predictor.feature_config.audio_encoder == TINY_EN and predictor.speaker_norm is speaker_norm
@@ -96,12 +99,15 @@ def test_finetuning_the_top_block_starts_from_the_packaged_weights_and_predicts(
     from modeling.inference.predictor import load_predictor, predict_files
     from modeling.training.checkpoint import load_checkpoint
     from modeling.training.experiment import run_cross_validation
+    from modeling.training.run_logger import NullRunLogger
     from modeling.training.train_loop import TrainConfig
 
     raw, store = encoder_store
     model = {"d_model": 32, "n_heads": 2, "n_layers": 1, "video_channels": [8, 16], "audio_finetune_blocks": 1, "ctm_dim": 16}
     train = TrainConfig(epochs=1, batch_size=4, num_workers=0, max_duration_s=1.0, encoder_lr_scale=0.5)
-    result = run_cross_validation(str(store), "folder", train, SplitConfig(n_folds=2), model, run_dir=tmp_path / "run", track=False)
+    result = run_cross_validation(
+        str(store), "folder", train, SplitConfig(n_folds=2), model, run_dir=tmp_path / "run", logger=NullRunLogger()
+    )
     payload = load_checkpoint(result.folds[0].best_path)
     packaged = load_packaged_encoder("whisper-tiny.en", "cpu").blocks[-1].state_dict()
     trained = {

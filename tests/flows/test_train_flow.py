@@ -43,9 +43,8 @@ def test_flow_trains_logs_registers_and_serves(home: Path, tmp_path: Path) -> No
     from mlflow import MlflowClient
 
     from flows.train import progress_hook, train_msata
-    from modeling.tracking.registry import register_and_promote
+    from modeling.tracking.registry import compare_models, register_and_promote
     from modeling.tracking.runs import configure_tracking
-    from modeling.training.experiment import compare_models
 
     store = tmp_path / "store"
     build_tiny_store(store, n_speakers=5, clips_per_speaker=4)
@@ -127,13 +126,14 @@ def assert_cv_artifacts(flow_run_id: str, result: dict) -> None:
 
 def test_resume_skips_finished_folds(home: Path, tmp_path: Path) -> None:
     from modeling.training.experiment import run_cross_validation
+    from modeling.training.run_logger import NullRunLogger
 
     store = tmp_path / "store"
     build_tiny_store(store, n_speakers=5, clips_per_speaker=4)
     cfg = TrainConfig(**(TRAIN | {"epochs": 1}))
-    first = run_cross_validation(str(store), "crema-d", cfg, SplitConfig(n_folds=2), TINY_MODEL, track=False)
+    first = run_cross_validation(str(store), "crema-d", cfg, SplitConfig(n_folds=2), TINY_MODEL, logger=NullRunLogger())
     stamp = [(Path(first.run_dir) / f"fold_{i}" / "best.pt").stat().st_mtime_ns for i in range(2)]
-    again = run_cross_validation(str(store), "crema-d", cfg, SplitConfig(n_folds=2), TINY_MODEL, track=False, resume=True)
+    again = run_cross_validation(str(store), "crema-d", cfg, SplitConfig(n_folds=2), TINY_MODEL, logger=NullRunLogger(), resume=True)
     assert again.run_dir == first.run_dir and again.summary == first.summary
     assert [(Path(again.run_dir) / f"fold_{i}" / "best.pt").stat().st_mtime_ns for i in range(2)] == stamp
 
@@ -143,6 +143,7 @@ def test_rerun_reproduces_the_fold_models(home: Path, tmp_path: Path) -> None:
 
     from modeling.training.checkpoint import load_checkpoint
     from modeling.training.experiment import run_cross_validation
+    from modeling.training.run_logger import NullRunLogger
 
     store = tmp_path / "store"
     build_tiny_store(store, n_speakers=5, clips_per_speaker=4)
@@ -151,7 +152,9 @@ def test_rerun_reproduces_the_fold_models(home: Path, tmp_path: Path) -> None:
     for name in ("a", "b"):
         torch.rand(17)  # whatever ran before in the process must not change the initial weights
         runs.append(
-            run_cross_validation(str(store), "crema-d", cfg, SplitConfig(n_folds=2), TINY_MODEL, run_dir=tmp_path / name, track=False)
+            run_cross_validation(
+                str(store), "crema-d", cfg, SplitConfig(n_folds=2), TINY_MODEL, run_dir=tmp_path / name, logger=NullRunLogger()
+            )
         )
     assert runs[0].summary == runs[1].summary
     for fold in range(2):
@@ -161,24 +164,29 @@ def test_rerun_reproduces_the_fold_models(home: Path, tmp_path: Path) -> None:
 
 def test_protocol_errors_before_training(home: Path, tmp_path: Path) -> None:
     from modeling.training.experiment import prepare_experiment
+    from modeling.training.run_logger import NullRunLogger
     from storage.feature_store import FeatureStore
 
     store = tmp_path / "store"
     build_tiny_store(store, n_speakers=3, clips_per_speaker=2)
     with pytest.raises(ProtocolError, match="3 speakers cannot make 5"):
-        prepare_experiment(str(store), "crema-d", TrainConfig(), SplitConfig(n_folds=5), TINY_MODEL, track=False)
+        prepare_experiment(str(store), "crema-d", TrainConfig(), SplitConfig(n_folds=5), TINY_MODEL, logger=NullRunLogger())
     with pytest.raises(ProtocolError, match="feature config"):
-        prepare_experiment(str(store), "crema-d", TrainConfig(), SplitConfig(n_folds=5), TINY_MODEL, FeatureConfig(), track=False)
+        prepare_experiment(
+            str(store), "crema-d", TrainConfig(), SplitConfig(n_folds=5), TINY_MODEL, FeatureConfig(), logger=NullRunLogger()
+        )
     with pytest.raises(ProtocolError, match="3 speakers cannot make 2"):  # a fold of 2 test speakers leaves 1: validation
-        prepare_experiment(str(store), "crema-d", TrainConfig(), SplitConfig(n_folds=2), TINY_MODEL, track=False)
+        prepare_experiment(str(store), "crema-d", TrainConfig(), SplitConfig(n_folds=2), TINY_MODEL, logger=NullRunLogger())
     ravdess_labels = tmp_path / "ravdess_labels"
     build_tiny_store(ravdess_labels, n_speakers=4, clips_per_speaker=2, labels=["calm", "surprised"])
     with pytest.raises(ProtocolError, match=r"\['calm', 'surprised'\] are not in the class list"):
-        prepare_experiment(str(ravdess_labels), "crema-d", TrainConfig(), SplitConfig(n_folds=2), TINY_MODEL, track=False)
+        prepare_experiment(str(ravdess_labels), "crema-d", TrainConfig(), SplitConfig(n_folds=2), TINY_MODEL, logger=NullRunLogger())
     with pytest.raises(ProtocolError, match="contradict"):
-        prepare_experiment(str(ravdess_labels), "ravdess", TrainConfig(), SplitConfig(n_folds=2), TINY_MODEL | {"n_mels": 80}, track=False)
+        prepare_experiment(
+            str(ravdess_labels), "ravdess", TrainConfig(), SplitConfig(n_folds=2), TINY_MODEL | {"n_mels": 80}, logger=NullRunLogger()
+        )
     empty = tmp_path / "empty"
     FeatureStore.create(str(empty), FeatureConfig())
     with pytest.raises(ProtocolError, match="empty"):
-        prepare_experiment(str(empty), "crema-d", TrainConfig(), track=False)
+        prepare_experiment(str(empty), "crema-d", TrainConfig(), logger=NullRunLogger())
     assert not (home / "runs").exists()  # nothing was created before the errors

@@ -175,6 +175,7 @@ def test_cross_validation_and_prediction_on_a_blendshape_store(tmp_path: Path) -
     from modeling.data.splits import SplitConfig
     from modeling.inference.predictor import load_predictor
     from modeling.training.experiment import run_cross_validation
+    from modeling.training.run_logger import NullRunLogger
     from modeling.training.train_loop import TrainConfig
     from storage.feature_store import FeatureStore
 
@@ -182,7 +183,7 @@ def test_cross_validation_and_prediction_on_a_blendshape_store(tmp_path: Path) -
     model = {"d_model": 32, "n_heads": 2, "n_layers": 1, "audio_downsample": 4, "ctm_dim": 16}
     train = TrainConfig(epochs=8, batch_size=4, num_workers=0, max_duration_s=1.0, lr=3e-3, lambda_ctm=0.1)
     result = run_cross_validation(
-        str(tmp_path / "store"), "folder", train, SplitConfig(n_folds=2), model, run_dir=tmp_path / "run", track=False
+        str(tmp_path / "store"), "folder", train, SplitConfig(n_folds=2), model, run_dir=tmp_path / "run", logger=NullRunLogger()
     )
     assert len(result.folds) == 2
     predictor = load_predictor(result.folds[0].best_path, device="cpu")

@@ -173,12 +173,19 @@ def test_experiment_lineage_and_source(mlflow_db: Path, tmp_path: Path) -> None:
     from training_fixtures import TINY_MODEL, build_tiny_store
 
     from modeling.data.splits import SplitConfig
+    from modeling.tracking.run_logger import MlflowRunLogger
     from modeling.training.experiment import prepare_experiment
     from modeling.training.train_loop import TrainConfig
 
     store = build_tiny_store(tmp_path / "store", n_speakers=5, clips_per_speaker=4)
     run_dir = prepare_experiment(
-        str(tmp_path / "store"), "crema-d", TrainConfig(epochs=1), SplitConfig(n_folds=2), TINY_MODEL, run_dir=tmp_path / "run"
+        str(tmp_path / "store"),
+        "crema-d",
+        TrainConfig(epochs=1),
+        SplitConfig(n_folds=2),
+        TINY_MODEL,
+        run_dir=tmp_path / "run",
+        logger=MlflowRunLogger(),
     )
     import json
 

@@ -128,6 +128,7 @@ def test_a_fold_trained_by_two_processes_logs_once_from_rank_zero(tmp_path: Path
     from mlflow import MlflowClient
 
     from modeling.data.splits import SplitConfig
+    from modeling.tracking.run_logger import MlflowRunLogger
     from modeling.training.experiment import prepare_experiment, run_fold
     from modeling.training.train_loop import TrainConfig
 
@@ -137,7 +138,7 @@ def test_a_fold_trained_by_two_processes_logs_once_from_rank_zero(tmp_path: Path
     build_tiny_store(tmp_path / "store", n_speakers=5, clips_per_speaker=4)
     config = TrainConfig(epochs=2, batch_size=4, num_workers=0, max_duration_s=1.5)
     run_dir = prepare_experiment(
-        str(tmp_path / "store"), "crema-d", config, SplitConfig(n_folds=2), TINY_MODEL, run_dir=tmp_path / "run", track=True
+        str(tmp_path / "store"), "crema-d", config, SplitConfig(n_folds=2), TINY_MODEL, run_dir=tmp_path / "run", logger=MlflowRunLogger()
     )
     events = []
     result = run_fold(run_dir, 0, events.append, nproc=2)

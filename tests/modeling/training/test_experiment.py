@@ -5,6 +5,7 @@ from __future__ import annotations
 import pandas as pd
 
 from modeling.training.experiment import trained_modalities
+from modeling.training.run_logger import NullRunLogger
 
 
 def _manifest(has_audio: list[bool], has_video: list[bool], face_ratio: list[float]) -> pd.DataFrame:
@@ -45,7 +46,7 @@ def _prepare(store, run_dir, resume=False):
     from modeling.training.experiment import prepare_experiment
 
     return prepare_experiment(
-        store, "crema-d", TrainConfig(epochs=1), SplitConfig(n_folds=2), TINY_MODEL, run_dir=run_dir, resume=resume, track=False
+        store, "crema-d", TrainConfig(epochs=1), SplitConfig(n_folds=2), TINY_MODEL, run_dir=run_dir, resume=resume, logger=NullRunLogger()
     )
 
 
@@ -121,6 +122,7 @@ def _statuses(run_dir):
 def test_stopped_runs_are_marked_and_a_resumed_experiment_registers_once(home, store, tmp_path):
     from mlflow import MlflowClient
 
+    from modeling.tracking.run_logger import MlflowRunLogger
     from modeling.training.experiment import run_cross_validation
 
     cfg = TrainConfig(epochs=1, batch_size=4, lr=3e-3, warmup_epochs=0.5, num_workers=0, max_duration_s=1.5)
@@ -135,7 +137,15 @@ def test_stopped_runs_are_marked_and_a_resumed_experiment_registers_once(home, s
 
     def cv(progress=None, resume=True):
         return run_cross_validation(
-            store, "crema-d", cfg, SplitConfig(n_folds=2), TINY_MODEL, run_dir=run_dir, resume=resume, progress=progress
+            store,
+            "crema-d",
+            cfg,
+            SplitConfig(n_folds=2),
+            TINY_MODEL,
+            run_dir=run_dir,
+            resume=resume,
+            progress=progress,
+            logger=MlflowRunLogger(),
         )
 
     with pytest.raises(KeyboardInterrupt):  # Ctrl-C
@@ -174,7 +184,7 @@ def test_speaker_normalised_experiments_are_a_protocol_of_their_own(tmp_path) ->
                 SplitConfig(n_folds=2),
                 TINY_MODEL,
                 run_dir=tmp_path / f"run{norm}",
-                track=False,
+                logger=NullRunLogger(),
             )
         )
         for norm in (False, True)

@@ -56,6 +56,7 @@ def test_a_spec_from_before_modalities_were_recorded_loads() -> None:
 
 def test_a_run_dir_written_by_the_dict_code_resumes(tmp_path: Path, monkeypatch) -> None:
     from modeling.training.experiment import prepare_experiment
+    from modeling.training.run_logger import NullRunLogger
 
     monkeypatch.setenv("MSATA_HOME", str(tmp_path / "home"))
     store = build_tiny_store(tmp_path / "store", n_speakers=5, clips_per_speaker=4)
@@ -72,7 +73,7 @@ def test_a_run_dir_written_by_the_dict_code_resumes(tmp_path: Path, monkeypatch)
         TINY_MODEL,
         run_dir=run_dir,
         resume=True,
-        track=False,
+        logger=NullRunLogger(),
     )
     spec = load_spec(run_dir)
     assert spec.train == TrainConfig(epochs=1, lr=1e-2, num_workers=0)  # only the workers (and cache) follow the new call
@@ -82,6 +83,7 @@ def test_a_run_dir_written_by_the_dict_code_resumes(tmp_path: Path, monkeypatch)
 def test_augmentation_is_a_setting_of_the_run(tmp_path: Path, monkeypatch) -> None:
     from modeling.data.splits import ProtocolError
     from modeling.training.experiment import prepare_experiment
+    from modeling.training.run_logger import NullRunLogger
 
     monkeypatch.setenv("MSATA_HOME", str(tmp_path / "home"))
     store = build_tiny_store(tmp_path / "store", n_speakers=5, clips_per_speaker=4)
@@ -95,7 +97,7 @@ def test_augmentation_is_a_setting_of_the_run(tmp_path: Path, monkeypatch) -> No
             TINY_MODEL,
             run_dir=tmp_path / "run",
             resume=resume,
-            track=False,
+            logger=NullRunLogger(),
             data_overrides=data,
         )
 
