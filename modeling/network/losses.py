@@ -66,10 +66,12 @@ def ctm_loss(
     """
     if sigma <= 0 or tau <= 0:
         raise ValueError(f"sigma and tau must be positive, got sigma={sigma}, tau={tau}")
+    # float32 from here: the tokens may come out of a bf16 autocast region, the loss is computed outside it
+    audio_tokens, video_tokens = audio_tokens.to(torch.float32), video_tokens.to(torch.float32)
     if projector is not None:
         audio_tokens, video_tokens = projector(audio_tokens), projector(video_tokens)
-    a = F.normalize(audio_tokens.to(torch.float32), dim=-1)  # (B, Ta, P)
-    v = F.normalize(video_tokens.to(torch.float32), dim=-1)  # (B, Tv, P)
+    a = F.normalize(audio_tokens, dim=-1)  # (B, Ta, P)
+    v = F.normalize(video_tokens, dim=-1)  # (B, Tv, P)
     logits = a @ v.transpose(1, 2) / tau  # (B, Ta, Tv)
 
     offset2 = (audio_times.to(torch.float32)[:, :, None] - video_times.to(torch.float32)[:, None, :]).square()

@@ -174,3 +174,15 @@ def test_ctm_form_is_checked_and_default_is_frontend() -> None:
     assert MsataConfig().ctm_on == "frontend"
     with pytest.raises(ValueError, match="ctm_on='joint'"):
         MsataConfig(ctm_on="joint")
+
+
+def test_bf16_tokens_from_an_autocast_region_meet_a_float32_projector() -> None:
+    """On CUDA the model runs under bf16 autocast and the loss outside it: the projector (float32
+    weights) gets bf16 tokens. The loss is computed in float32 and equals the float32 one closely."""
+    pair = aligned_pair()
+    torch.manual_seed(0)
+    projector = torch.nn.Linear(32, 16)
+    reference = ctm_loss(**pair, projector=projector)
+    half = {k: v.to(torch.bfloat16) if k.endswith("tokens") else v for k, v in pair.items()}
+    loss = ctm_loss(**half, projector=projector)
+    assert loss.dtype == torch.float32 and float(loss) == pytest.approx(float(reference), rel=0.02)
