@@ -219,10 +219,15 @@ def run_fold(job: dict) -> dict:
         return make_loader(ds, config.batch_size, 0, config.seed, pin_memory=job["device"] == "cuda")
 
     model_config = build_model_config(job["model"], feature_config, len(labels))
-    seed_everything(config.seed)
-    model = MsataModel(MsataConfig.from_dict(model_config))
-    if model.config.audio_finetune_blocks:
-        model.audio_frontend.load_top_blocks(load_encoder(Path(job["weights"]), encoder, job["sha256"][encoder]))
+
+    def initial_model() -> MsataModel:
+        seed_everything(config.seed)
+        model = MsataModel(MsataConfig.from_dict(model_config))
+        if model.config.audio_finetune_blocks:
+            model.audio_frontend.load_top_blocks(load_encoder(Path(job["weights"]), encoder, job["sha256"][encoder]))
+        return model
+
+    model = initial_model()
     meta = {
         "model_config": model_config,
         "feature_config": feature_config.to_dict(),
@@ -236,10 +241,29 @@ def run_fold(job: dict) -> dict:
     best, _, _ = load_trained_model(result.best_path, job["device"])
     y, probs, _, _ = predict(best, loader(fold.test_ids, False), torch.device(job["device"]))
     metrics = compute_metrics(y, probs.argmax(axis=1), len(labels))
+    refit = {}
+    if config.refit:  # as msata train does: the same recipe on training + validation actors, up to the chosen epoch
+        t1 = time.perf_counter()
+        refit_result = train_model(
+            initial_model(),
+            loader(fold.train_ids + fold.val_ids, True),
+            None,
+            config,
+            Path(job["run_dir"]) / "refit",
+            meta,
+            resume=False,
+            stop_after_epoch=result.best_epoch,
+        )
+        refit_model, _, _ = load_trained_model(refit_result.best_path, job["device"])
+        y_refit, probs_refit, _, _ = predict(refit_model, loader(fold.test_ids, False), torch.device(job["device"]))
+        refit = {"refit_test": compute_metrics(y_refit, probs_refit.argmax(axis=1), len(labels)).scalars()}
+        refit["refit_s"] = time.perf_counter() - t1
     return {
         "config": job["config"],
         "fold": fold.index,
-        "test": metrics.scalars(),
+        "test": refit["refit_test"] if refit else metrics.scalars(),  # what msata train reports for the fold
+        "selection_test": metrics.scalars(),  # the model chosen on validation (before the refit, when there is one)
+        **refit,
         "best_val_uar": result.best_val_uar,
         "best_epoch": result.best_epoch,
         "epochs_run": result.epochs_run,
@@ -269,6 +293,8 @@ def summarise(rows: list[dict]) -> list[dict]:
         for metric in ("wa", "uar", "macro_f1"):
             values = [r["test"][metric] for r in mine]
             entry[metric] = (float(np.mean(values)), float(np.std(values)))
+        before = [r.get("selection_test", r["test"])["uar"] for r in mine]  # rows of older runs have no refit
+        entry["selection_uar"] = (float(np.mean(before)), float(np.std(before)))
         table.append(entry)
     return table
 
@@ -332,12 +358,15 @@ def run(args: argparse.Namespace) -> None:
             train["epochs"] = args.epochs
         folds = make_folds(manifest, SplitConfig(**{"n_folds": args.folds, **cfg.get("splits", {})}))
         encoder = encoder_of[name]
-        for fold in folds:
+        own_seed = int(train.get("seed", 0))
+        for seed, fold in ((seed, fold) for seed in (args.seeds or [own_seed]) for fold in folds):
+            # another training seed (initial weights, batch order, augmentation) on the same folds
+            row_name = name if seed == own_seed else f"{name}@seed{seed}"
             jobs.append(
                 {
-                    "config": name,
+                    "config": row_name,
                     "encoder": encoder,
-                    "train": train,
+                    "train": train | {"seed": seed},
                     "model": cfg.get("model", {}),
                     "fold": fold_to_dict(fold),
                     "labels": list(RAVDESS_LABELS),
@@ -347,7 +376,7 @@ def run(args: argparse.Namespace) -> None:
                     "weights": args.weights,
                     "sha256": expected,
                     "device": device,
-                    "run_dir": str(work / "runs" / name / f"fold_{fold.index}"),
+                    "run_dir": str(work / "runs" / row_name / f"fold_{fold.index}"),
                 }
             )
     rows: list[dict] = []
@@ -362,18 +391,23 @@ def run(args: argparse.Namespace) -> None:
                 f.write(json.dumps(row) + "\n")
             print(
                 f"{row['config']} fold {row['fold']}: val UAR {row['best_val_uar']:.3f} test UAR {row['test']['uar']:.3f} "
+                f"(before refit {row['selection_test']['uar']:.3f}) "
                 f"({row['train_s']:.0f} s, {row['epochs_run']} epochs)",
                 flush=True,
             )
-    rows.sort(key=lambda r: (list(configs).index(r["config"]), r["fold"]))
+    rows.sort(key=lambda r: (list(configs).index(r["config"].split("@")[0]), r["config"], r["fold"]))
     table = summarise(rows)
     (out / "summary.json").write_text(json.dumps({"device": device, "wall_s": time.perf_counter() - t0, "table": table}, indent=1))
     print(f"\n{len(jobs)} fold runs in {time.perf_counter() - t0:.0f} s on {device}")
-    print(f"{'config':36s} {'val UAR':>8s} {'WA':>13s} {'UAR':>13s} {'macro-F1':>13s} {'s/fold':>7s} {'clips/s':>8s} {'wait':>5s}")
+    print(
+        f"{'config':36s} {'val UAR':>8s} {'WA':>13s} {'UAR':>13s} {'macro-F1':>13s} {'UAR before refit':>16s} "
+        f"{'s/fold':>7s} {'clips/s':>8s} {'wait':>5s}"
+    )
     for e in table:
         cells = " ".join(f"{e[m][0]:.3f} ± {e[m][1]:.3f}" for m in ("wa", "uar", "macro_f1"))
         print(
-            f"{e['config']:36s} {e['val_uar']:8.3f} {cells} {e['train_s_per_fold']:7.0f} {e['train_clips_per_s']:8.0f} {e['data_wait_share']:5.2f}"
+            f"{e['config']:36s} {e['val_uar']:8.3f} {cells} {e['selection_uar'][0]:.3f} ± {e['selection_uar'][1]:.3f} "
+            f"{e['train_s_per_fold']:7.0f} {e['train_clips_per_s']:8.0f} {e['data_wait_share']:5.2f}"
         )
 
 
@@ -421,6 +455,12 @@ def main() -> None:
     go.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2) - 2), help="fold runs in parallel")
     go.add_argument("--actors", default="", help="comma-separated subset of actors (smoke runs)")
     go.add_argument("--epochs", type=int, default=0, help="override every config's epochs (smoke runs)")
+    go.add_argument(
+        "--seeds",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=[],
+        help="training seeds, e.g. 0,1: each config once per seed (default: the config's own)",
+    )
     go.add_argument("--reuse-features", action="store_true", help="keep features already in --work for the same clips")
     table = sub.add_parser("table", help="print a run's per-fold markdown tables (from OUT/folds.jsonl)")
     table.add_argument("folds_jsonl")

@@ -84,20 +84,22 @@ def train_progress() -> Iterator[Any]:
         TextColumn("{task.description}"),
         console=console,
     ) as progress:
-        bars: dict[int | None, int] = {}
+        bars: dict[tuple[int | None, str], int] = {}
 
         def on_event(event) -> None:
-            fold = event.fold
-            if fold not in bars:
-                bars[fold] = progress.add_task("", total=event.epochs, title=f"fold {fold}" if fold is not None else "training")
-            bar = bars[fold]
+            fold, phase = event.fold, getattr(event, "phase", "train")
+            if (fold, phase) not in bars:
+                title = f"fold {fold}" if fold is not None else "training"
+                bars[fold, phase] = progress.add_task("", total=event.epochs, title=title if phase == "train" else f"{title} {phase}")
+            bar = bars[fold, phase]
             if event.kind == "epoch_end" and event.record is not None:
                 r = event.record
+                val = f"  val UAR {r.val_uar:.3f}" if phase == "train" else ""  # a refit has no validation speakers
                 progress.update(
                     bar,
                     completed=event.epoch,
                     total=event.epochs,
-                    description=f"loss {r.train_loss:.3f}  val UAR {r.val_uar:.3f}  {r.train_clips_per_s:.0f} clips/s, {100 * r.data_wait_share:.0f}% waiting on data",
+                    description=f"loss {r.train_loss:.3f}{val}  {r.train_clips_per_s:.0f} clips/s, {100 * r.data_wait_share:.0f}% waiting on data",
                 )
             elif event.kind == "step" and event.steps:
                 progress.update(bar, description=f"epoch {event.epoch} step {event.step}/{event.steps}")
@@ -148,6 +150,12 @@ def print_cv_result(result) -> None:
         f"{s['macro_f1_mean']:.3f} ± {s['macro_f1_std']:.3f}",
     )
     console.print(table)
+    if "selection_uar_mean" in result.extra:  # train.refit
+        e = result.extra
+        console.print(
+            f"test figures of the refit models (training + validation speakers); before the refit, the models chosen on "
+            f"validation scored UAR {e['selection_uar_mean']:.3f} ± {e['selection_uar_std']:.3f}"
+        )
     console.print(f"run directory: {result.run_dir}")
     if result.registered:
         console.print(f"registered: {result.registered}")

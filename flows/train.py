@@ -115,7 +115,10 @@ def fold_task(run_dir: str, fold_index: int, nproc: int = 1) -> dict[str, Any]:
     logger = get_run_logger()
 
     def on_progress(event) -> None:
-        if event.kind == "epoch_end" and event.record is not None:
+        if event.kind == "epoch_end" and event.record is not None and event.phase == "refit":
+            r = event.record
+            logger.info("fold %d refit epoch %d: loss %.4f (%.1fs)", fold_index, r.epoch, r.train_loss, r.seconds)
+        elif event.kind == "epoch_end" and event.record is not None:
             r = event.record
             logger.info(
                 "fold %d epoch %d/%d: loss %.4f val UAR %.4f (%.1fs)", fold_index, r.epoch, event.epochs, r.train_loss, r.val_uar, r.seconds

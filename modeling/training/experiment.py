@@ -282,6 +282,8 @@ def finalize_experiment(run_dir: str | Path, register: bool = True, logger: RunL
         selected_fold=selected.index,
         extra={"pooled_" + k: v for k, v in pooled_metrics.scalars().items()},
     )
+    if all(f.selection_test for f in fold_results):  # train.refit: the models chosen on validation, before their refit
+        result.extra |= {"selection_" + k: v for k, v in summarize_folds([f.selection_test for f in fold_results]).items()}
     parent = result.parent_run_id
     with logger.ended_on_failure(parent):  # summary and pooled confusion on the parent run; the selected model registered once
         logger.log_metrics(parent, {f"test_{k}": v for k, v in summary.items()} | {f"test_{k}": v for k, v in result.extra.items()})

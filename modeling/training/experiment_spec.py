@@ -40,6 +40,9 @@ from modeling.training.run_logger import MlflowRef
 from modeling.training.train_loop import TrainConfig
 
 RESULT_INDEPENDENT_TRAIN_KEYS = ("num_workers", "cache_bytes")  # a resume may change them; results do not depend on them
+# Training settings added after run keys were first written: left out of the key at these defaults,
+# so the run directories of older experiments keep their names (and `--resume` finds them).
+LATER_TRAIN_DEFAULTS = {"refit": False}
 
 
 def data_overrides(data: dict[str, Any] | None) -> dict[str, Any]:
@@ -88,7 +91,11 @@ class ExperimentSpec:
     def run_key(self) -> str:
         """The default run directory's name: store, dataset, model, features, folds and the
         settings results depend on. Default augmentation leaves the key of older specs unchanged."""
-        train_key = {k: v for k, v in self.train.to_dict().items() if k not in RESULT_INDEPENDENT_TRAIN_KEYS}
+        train_key = {
+            k: v
+            for k, v in self.train.to_dict().items()
+            if k not in RESULT_INDEPENDENT_TRAIN_KEYS and not (k in LATER_TRAIN_DEFAULTS and v == LATER_TRAIN_DEFAULTS[k])
+        }
         data = self.to_dict()
         keyed = {k: data[k] for k in ("store_path", "dataset", "model", "feature_config_hash", "splits_hash")} | {"train": train_key}
         if self.data_is_custom():

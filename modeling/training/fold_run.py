@@ -10,13 +10,13 @@ fold's parameters, metrics and plots through a
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from modeling.data import splits as sp
 from modeling.training import distributed as dist
-from modeling.training.metrics import compute_metrics
+from modeling.training.metrics import ClassificationMetrics, compute_metrics
 from modeling.training.run_dir import write_json
 from modeling.training.train_loop import (
     ProgressCallback,
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from modeling.training.run_logger import RunLogger
 
 RESULT_FILE = "result.json"
+REFIT_DIR = "refit"  # with train.refit: the checkpoints of the model retrained on training + validation speakers
 
 
 @dataclass
@@ -46,11 +47,13 @@ class FoldResult:
     best_val_uar: float
     epochs_run: int
     stopped_early: bool
-    best_path: str
+    best_path: str  # the model tested: the refit one when train.refit is set
     run_id: str | None = None
+    selection_test: dict[str, float] | None = None  # with train.refit: the test figures of the model chosen on validation
 
 
 def loaders(spec: ExperimentSpec, fold: sp.Fold, config: TrainConfig, ctx: dist.DistContext = dist.SINGLE):
+    """(train, validation, test, refit) loaders; the refit one reads training + validation speakers."""
     from modeling.data.dataset import ClipDataset, make_loader
     from storage.feature_store import FeatureStore
 
@@ -72,6 +75,7 @@ def loaders(spec: ExperimentSpec, fold: sp.Fold, config: TrainConfig, ctx: dist.
         loader(fold.train_ids, True, config.num_workers),
         loader(fold.val_ids, False, config.num_workers),
         loader(fold.test_ids, False, 0),
+        loader(fold.train_ids + fold.val_ids, True, config.num_workers) if config.refit else None,
     )
 
 
@@ -115,7 +119,7 @@ def train_and_test_fold(
         },
     )
     config = spec.train
-    train_loader, val_loader, test_loader = loaders(spec, fold, config, ctx)
+    train_loader, val_loader, test_loader, refit_loader = loaders(spec, fold, config, ctx)
     label_names = spec.label_names
     meta = {
         "model_config": spec.model.to_dict(),
@@ -132,16 +136,39 @@ def train_and_test_fold(
             event.fold = fold_index
             progress(event)
 
-    seed_everything(config.seed)  # the initial weights too: a rerun of a fold starts from the same model
-    model = MsataModel(spec.model)
-    start_pretrained_blocks(model, spec.feature_config)
-    result = train_model(model, train_loader, val_loader, config, fold_dir, meta, resume=True, progress=on_progress, ctx=ctx)
+    def initial_model() -> MsataModel:
+        seed_everything(config.seed)  # the initial weights too: a rerun of a fold (or its refit) starts from the same model
+        model = MsataModel(spec.model)
+        start_pretrained_blocks(model, spec.feature_config)
+        return model
+
+    def test(path: Path) -> ClassificationMetrics:
+        model, _, _ = load_trained_model(path, device)
+        y, probs, _, _ = predict(model, test_loader, device, ctx)  # gathered: the whole test set on every rank
+        return compute_metrics(y, probs.argmax(axis=1), len(label_names))
+
+    result = train_model(initial_model(), train_loader, val_loader, config, fold_dir, meta, resume=True, progress=on_progress, ctx=ctx)
     if result.best_path is None:
         raise RuntimeError(f"fold {fold_index} finished without a best checkpoint in {fold_dir}")
     device = training_device(config, ctx)
-    best_model, _, _ = load_trained_model(result.best_path, device)
-    y, probs, _, _ = predict(best_model, test_loader, device, ctx)  # gathered: the whole test set on every rank
-    metrics = compute_metrics(y, probs.argmax(axis=1), len(label_names))
+    tested_path, selection_metrics = result.best_path, None
+    if refit_loader is not None:
+        # Same recipe, same initial weights, training + validation speakers, stopped at the epoch chosen on
+        # validation; its epochs are not logged as the fold's curves (they have no validation figures).
+        refit = train_model(
+            initial_model(),
+            refit_loader,
+            None,
+            config,
+            fold_dir / REFIT_DIR,
+            meta,
+            resume=True,
+            progress=(lambda event: progress(replace(event, fold=fold_index, phase="refit"))) if progress else None,
+            ctx=ctx,
+            stop_after_epoch=result.best_epoch,
+        )
+        selection_metrics, tested_path = test(result.best_path), refit.best_path
+    metrics = test(tested_path)
     fold_result = FoldResult(
         index=fold_index,
         test=metrics.scalars(),
@@ -150,14 +177,18 @@ def train_and_test_fold(
         best_val_uar=result.best_val_uar,
         epochs_run=result.epochs_run,
         stopped_early=result.stopped_early,
-        best_path=str(result.best_path),
+        best_path=str(tested_path),
         run_id=run_id,
+        selection_test=selection_metrics.scalars() if selection_metrics else None,
     )
     if not ctx.is_main:
         return fold_result
+    selection = {f"selection_test_{k}": v for k, v in selection_metrics.scalars().items()} if selection_metrics else {}
     logger.log_metrics(
         run_id,
-        {f"test_{k}": v for k, v in metrics.scalars().items()} | {"best_epoch": result.best_epoch, "best_val_uar": result.best_val_uar},
+        {f"test_{k}": v for k, v in metrics.scalars().items()}
+        | {"best_epoch": result.best_epoch, "best_val_uar": result.best_val_uar}
+        | selection,
     )
     logger.log_confusion(run_id, metrics.confusion, label_names, fold_dir / "confusion_test.png", f"fold {fold_index} test")
     logger.log_learning_curves(run_id, result.history, fold_dir / "learning_curves.png", f"fold {fold_index}")

@@ -57,6 +57,7 @@ class TrainConfig:
     in_memory: bool = True  # cache decoded clips, at most cache_bytes per loader
     cache_bytes: int = DEFAULT_CACHE_BYTES  # per loader (train, validation, test), split across its workers
     speaker_norm: bool = False  # transductive per-speaker standardisation of the audio (see DataConfig)
+    refit: bool = False  # after the choice on validation: retrain on training + validation speakers up to the chosen epoch
     num_workers: int = 2
     seed: int = 0
     device: str = "auto"  # "auto" = cuda when available, else cpu
@@ -113,6 +114,7 @@ class ProgressEvent:
     loss: float | None = None
     record: EpochRecord | None = None
     fold: int | None = None  # set by the cross-validation driver
+    phase: str = "train"  # "train" (model choice on validation) | "refit" (training + validation speakers, train.refit)
 
 
 ProgressCallback = Callable[[ProgressEvent], None]
@@ -235,20 +237,29 @@ def step_plan(loader: DataLoader) -> list[tuple[int, int]]:
 def train_model(
     model: nn.Module,
     train_loader: DataLoader,
-    val_loader: DataLoader,
+    val_loader: DataLoader | None,
     config: TrainConfig,
     out_dir: str | Path,
     checkpoint_meta: dict[str, Any],
     resume: bool = False,
     progress: ProgressCallback | None = None,
     ctx: dist.DistContext = dist.SINGLE,
+    stop_after_epoch: int | None = None,
 ) -> TrainResult:
     """Train with early stopping on validation UAR; checkpoints go to ``out_dir``.
 
     ``checkpoint_meta`` holds the inference half of the checkpoint format:
     model_config, feature_config, label_names. With several processes (``ctx``) every
     rank calls this with its own loaders (``make_loader(..., rank, world_size)``).
+
+    Without a ``val_loader`` (the refit on training + validation speakers) nothing is
+    chosen: the learning-rate schedule is the one of ``config.epochs``, training stops
+    after ``stop_after_epoch`` (the epoch chosen on validation by the first run) and
+    ``best.pt`` is that last epoch; the epoch records carry NaN validation figures.
     """
+    if val_loader is None and stop_after_epoch is None:
+        raise ValueError("train_model without a val_loader needs stop_after_epoch (the epoch chosen on validation)")
+    last_epoch = min(config.epochs, stop_after_epoch) if stop_after_epoch is not None else config.epochs
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
@@ -274,13 +285,13 @@ def train_model(
         history = [EpochRecord(**r) for r in state.get("history", [])]
         restore_rng(state["rng"])  # rank 0's states, on every rank: the ranks stay alike
         if bad_epochs >= config.patience:  # it had already stopped early
-            start_epoch = config.epochs + 1
+            start_epoch = last_epoch + 1
 
     batch_sampler = train_loader.batch_sampler
     params = [p for p in model.parameters() if p.requires_grad]
     stopped_early = False
     epoch = start_epoch - 1
-    for epoch in range(start_epoch, config.epochs + 1):
+    for epoch in range(start_epoch, last_epoch + 1):
         if isinstance(batch_sampler, ShardedBatchSampler):
             batch_sampler.set_epoch(epoch)
         plan = step_plan(train_loader)
@@ -318,25 +329,29 @@ def train_model(
         train_s = time.perf_counter() - started
         loss_sum, ce_sum, ctm_sum, count = dist.allreduce_sum(sums.tolist(), ctx)
         wait_share = dist.allreduce_max(waited / train_s if train_s > 0 else 0.0, ctx)  # the rank that waited most
-        val_metrics, val_loss = evaluate(model, val_loader, device, n_classes, ctx)
+        val_wa = val_uar = val_macro_f1 = val_loss = math.nan  # a refit has no validation speakers
+        if val_loader is not None:
+            val_metrics, val_loss = evaluate(model, val_loader, device, n_classes, ctx)
+            val_wa, val_uar, val_macro_f1 = val_metrics.wa, val_metrics.uar, val_metrics.macro_f1
         record = EpochRecord(
             epoch=epoch,
             train_loss=loss_sum / count,
             train_ce=ce_sum / count,
             train_ctm=ctm_sum / count,
             val_loss=val_loss,
-            val_wa=val_metrics.wa,
-            val_uar=val_metrics.uar,
-            val_macro_f1=val_metrics.macro_f1,
+            val_wa=val_wa,
+            val_uar=val_uar,
+            val_macro_f1=val_macro_f1,
             lr=optimizer.param_groups[0]["lr"],
             seconds=time.perf_counter() - started,
             train_clips_per_s=count / train_s if train_s > 0 else 0.0,
             data_wait_share=wait_share,
         )
         history.append(record)
-        improved = record.val_uar > best_uar  # the gathered metrics: every rank decides alike
+        # the gathered metrics: every rank decides alike; a refit (no validation) keeps its last epoch
+        improved = record.val_uar > best_uar if val_loader is not None else True
         if improved:
-            best_uar, best_epoch, bad_epochs = record.val_uar, epoch, 0
+            best_uar, best_epoch, bad_epochs = (record.val_uar if val_loader is not None else math.nan), epoch, 0
         else:
             bad_epochs += 1
         if ctx.is_main:

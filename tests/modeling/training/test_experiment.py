@@ -191,3 +191,30 @@ def test_speaker_normalised_experiments_are_a_protocol_of_their_own(tmp_path) ->
     ]
     assert specs[0].protocol == "speaker-2fold"
     assert specs[1].protocol == "speaker-2fold+speaker-norm-transductive"  # the registry never compares the two
+
+
+@pytest.mark.slow
+def test_refit_retrains_on_training_and_validation_speakers_and_tests_that_model(home, store, tmp_path):
+    import json
+
+    from modeling.training.checkpoint import load_checkpoint
+    from modeling.training.experiment import load_spec, run_cross_validation
+
+    cfg = TrainConfig(epochs=3, patience=5, batch_size=4, lr=3e-3, warmup_epochs=0.5, num_workers=0, max_duration_s=1.5, refit=True)
+    events = []
+    result = run_cross_validation(
+        store, "crema-d", cfg, SplitConfig(n_folds=2), TINY_MODEL, run_dir=tmp_path / "run", progress=events.append, logger=NullRunLogger()
+    )
+    spec = load_spec(tmp_path / "run")
+    for fold in result.folds:
+        refit_dir = tmp_path / "run" / f"fold_{fold.index}" / "refit"
+        assert fold.best_path == str(refit_dir / "best.pt") and fold.selection_test is not None
+        refit = load_checkpoint(refit_dir / "best.pt", require_resume=True)
+        assert refit["epoch"] == fold.best_epoch  # stopped at the epoch chosen on validation
+        steps = {e.phase: e.steps for e in events if e.fold == fold.index and e.kind == "step"}
+        assert len(spec.folds[fold.index].val_ids) > 0 and steps["refit"] > steps["train"]  # the validation clips join training
+    refit_ends = [e for e in events if e.phase == "refit" and e.kind == "epoch_end"]
+    assert sorted({e.fold for e in refit_ends}) == [0, 1]
+    assert {"selection_uar_mean", "selection_uar_std"} <= set(result.extra)
+    saved = json.loads((tmp_path / "run" / "cv_result.json").read_text())
+    assert saved["folds"][0]["selection_test"] == result.folds[0].selection_test

@@ -43,7 +43,8 @@ def test_a_spec_written_by_the_dict_code_loads_typed(tmp_path: Path) -> None:
 
 def test_the_json_form_keeps_the_old_keys_and_the_run_key() -> None:
     spec = ExperimentSpec.from_dict(V1)
-    assert spec.to_dict() == V1 | {"data": DEFAULT_AUGMENTATION}  # every old key, value for value
+    # every old key, value for value; settings added since appear at their defaults
+    assert spec.to_dict() == V1 | {"data": DEFAULT_AUGMENTATION, "train": V1["train"] | {"refit": False}}
     assert spec.run_key() == V1_KEY  # `--resume` without --run-dir finds the old directory
     assert ExperimentSpec.from_dict(spec.to_dict()) == spec
 

@@ -79,6 +79,26 @@ def test_early_stopping_on_validation_uar(store_path: str, tmp_path) -> None:
     assert again.epochs_run == 3 and len(again.history) == 3
 
 
+@pytest.mark.slow
+def test_refit_without_validation_follows_the_first_schedule_and_stops_at_the_chosen_epoch(store_path: str, tmp_path) -> None:
+    train, val = tiny_loaders(store_path)
+    cfg = TrainConfig(epochs=4, patience=10, **FAST)
+    first = train_model(new_model(), train, val, cfg, tmp_path / "first", tiny_meta())
+    refit = train_model(new_model(), train, None, cfg, tmp_path / "refit", tiny_meta(), stop_after_epoch=2)
+    assert [r.epoch for r in refit.history] == [1, 2] and refit.best_epoch == 2 and not refit.stopped_early
+    assert all(r.val_uar != r.val_uar for r in refit.history)  # NaN: a refit has no validation speakers
+    # the same schedule as the first run's (cosine over 4 epochs), cut after epoch 2, and the same weights up to there
+    assert [r.lr for r in refit.history] == pytest.approx([r.lr for r in first.history[:2]])
+    assert refit.history[1].train_loss == pytest.approx(first.history[1].train_loss, rel=1e-5)
+    best = load_checkpoint(refit.best_path, require_resume=True)
+    assert best["epoch"] == 2
+    # resuming a finished refit trains nothing more
+    again = train_model(new_model(), train, None, cfg, tmp_path / "refit", tiny_meta(), resume=True, stop_after_epoch=2)
+    assert again.epochs_run == 2 and len(again.history) == 2
+    with pytest.raises(ValueError, match="stop_after_epoch"):
+        train_model(new_model(), train, None, cfg, tmp_path / "bad", tiny_meta())
+
+
 RESUME_SCRIPT = textwrap.dedent(
     """
     import sys, time, torch
