@@ -214,8 +214,8 @@ def run_fold(job: dict) -> dict:
             config.data_config(),
             train,
             [job["speaker_of"][c] for c in ids],
+            reader=store,  # the memory-mapped features instead of a Zarr store
         )
-        ds._store = store  # read from the memory-mapped features instead of opening a Zarr store
         return make_loader(ds, config.batch_size, 0, config.seed, pin_memory=job["device"] == "cuda")
 
     model_config = build_model_config(job["model"], feature_config, len(labels))

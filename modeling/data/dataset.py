@@ -24,6 +24,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import fields
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -84,6 +85,12 @@ class ClipCache:
         self.nbytes += size
 
 
+class ClipReader(Protocol):
+    """What ClipDataset reads from: a FeatureStore, or a benchmark's in-memory features."""
+
+    def read(self, clip_id: str, skip: object = ...) -> ClipFeatures: ...
+
+
 class ClipDataset(Dataset):
     """Clips of a feature store as ClipExamples.
 
@@ -101,7 +108,10 @@ class ClipDataset(Dataset):
         config: DataConfig,
         train: bool,
         speakers: Sequence[str] | None = None,
+        reader: ClipReader | None = None,
     ) -> None:
+        """``reader``: read clips from it instead of opening ``store_path`` (a benchmark's in-memory
+        features); shipped to loader workers as is."""
         if len(clip_ids) != len(labels):
             raise ValueError(f"{len(clip_ids)} clip ids but {len(labels)} labels")
         if config.speaker_norm and (speakers is None or len(speakers) != len(clip_ids)):
@@ -114,6 +124,7 @@ class ClipDataset(Dataset):
         self.feature_config = feature_config
         self.config = config
         self.train = train
+        self._reader = reader
         self._store = None
         self.cache_bytes = config.cache_bytes if config.in_memory else 0  # this process's budget; make_loader splits it
         self._cache: ClipCache | None = None
@@ -133,7 +144,9 @@ class ClipDataset(Dataset):
         cached = self._cache.get(clip_id)
         if cached is not None:
             return cached
-        if self._store is None:
+        if self._store is None and self._reader is not None:
+            self._store = self._reader
+        elif self._store is None:
             from storage.feature_store import FeatureStore
 
             self._store = FeatureStore.open(self.store_path)

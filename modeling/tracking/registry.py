@@ -8,6 +8,9 @@ a new version only when no champion exists or the champion was evaluated on the
 same protocol and the new validation UAR mean is strictly higher. An experiment
 registers one version: finalizing it again returns that version.
 
+One module of ~310 lines because registration, the champion rule and the version texts all read
+the same protocol tags; split, each part would re-describe them.
+
 The pyfunc is logged from code (``modeling/tracking/pyfunc_code.py``, MLflow's
 models-from-code): loading it unpickles nothing, and its checkpoint artifact is
 read with ``torch.load(weights_only=True)``.
@@ -191,6 +194,7 @@ def register_experiment_model(
         "protocol": spec["protocol"],
         "selected_fold": selected.index,
         "selected_fold_val_uar": selected.best_val_uar,
+        "refit": bool(spec["train"].get("refit", False)),  # the model was retrained on training + validation speakers
         "val_uar_mean": float(np.mean([f.best_val_uar for f in folds])),
         "parent_run_id": parent_run_id,
         **{f"test_{k}": v for k, v in summary.items()},
@@ -217,7 +221,8 @@ def version_description(tags: dict[str, str], reason: str, champion: bool) -> st
 
     text = (
         f"{tags.get('protocol', str(tags.get('n_folds')) + '-fold')} cross-validation on {tags['dataset']} (splits {tags['splits_hash']}, "
-        f"features {tags['feature_config_hash']}); fold {tags.get('selected_fold', '?')}'s model, chosen on validation. "
+        f"features {tags['feature_config_hash']}); fold {tags.get('selected_fold', '?')}'s model, chosen on validation"
+        f"{', then retrained on training + validation speakers up to its chosen epoch' if str(tags.get('refit')) == 'True' else ''}. "
         f"validation UAR mean {num('val_uar_mean')}; test UAR {num('test_uar_mean')} +- {num('test_uar_std')}, "
         f"WA {num('test_wa_mean')} +- {num('test_wa_std')}. "
     )
