@@ -70,6 +70,10 @@ def preprocess(
         None,
         help="Face features (face.representation): crops (MTCNN face crops, default) or blendshapes (52 MediaPipe FaceLandmarker expression scores per frame).",
     ),
+    face_search: str | None = typer.Option(
+        None,
+        help="Where MTCNN looks (face.search): full (the whole frame, default) or near (around the previous frame's face, with the whole frame when that finds none; several times faster, docs/benchmarks.md).",
+    ),
     audio_encoder: str | None = typer.Option(
         None,
         help="Audio representation (audio_encoder.name): log-mel (default), or the hidden states of a packaged pretrained encoder: whisper-base, whisper-tiny.en, or of a local Hugging Face checkpoint directory (Whisper, wav2vec2, HuBERT, WavLM; model.safetensors): hf:/path/to/dir.",
@@ -82,7 +86,13 @@ def preprocess(
 
     validate_workers(workers, dask_address)  # a bad --dask-address fails here, before the recipe scans the corpus
     config = feature_config_from(
-        feature_config, {"face.detect_every": detect_every, "face.representation": face_representation, "audio_encoder.name": audio_encoder}
+        feature_config,
+        {
+            "face.detect_every": detect_every,
+            "face.representation": face_representation,
+            "face.search": face_search,
+            "audio_encoder.name": audio_encoder,
+        },
     )
     found = discover(dataset.value, str(root), csv)
     if not found.records:

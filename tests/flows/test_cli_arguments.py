@@ -91,6 +91,18 @@ def test_preprocess_argument_errors(corpus: Path, tmp_path: Path, change: dict, 
     assert not (tmp_path / "store").exists()
 
 
+def test_face_search_is_a_feature_setting_checked_before_any_work(corpus: Path, tmp_path: Path) -> None:
+    from flows.cli_support import feature_config_from
+
+    assert feature_config_from(None, {"face.search": "near"}).face.search == "near"
+    assert feature_config_from(None, {"face.search": None}).face.search == "full"  # unset: the default
+    args = ["preprocess", "--dataset", "crema-d", "--root", str(corpus), "--store", str(tmp_path / "store"), "--face-search", "wide"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert result.output.splitlines()[0] == "error: feature settings: face search 'wide'; expected one of ('full', 'near')", result.output
+    assert not (tmp_path / "store").exists()
+
+
 def test_bad_dask_address_is_one_line_before_any_work(corpus: Path, tmp_path: Path) -> None:
     result = runner.invoke(
         app,
