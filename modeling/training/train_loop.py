@@ -108,7 +108,7 @@ class ProgressEvent:
 
     kind: str
     epoch: int
-    epochs: int
+    epochs: int  # the epochs this run trains at most (a refit: up to the epoch chosen on validation)
     step: int = 0
     steps: int = 0
     loss: float | None = None
@@ -296,7 +296,7 @@ def train_model(
             batch_sampler.set_epoch(epoch)
         plan = step_plan(train_loader)
         if report:
-            report(ProgressEvent("epoch_start", epoch, config.epochs, steps=n_steps))
+            report(ProgressEvent("epoch_start", epoch, last_epoch, steps=n_steps))
         model.train()
         started = time.perf_counter()
         sums = np.zeros(4)  # loss, ce, ctm (each times clips), clips
@@ -325,7 +325,7 @@ def train_model(
             optimizer.step()
             scheduler.step()
             if report:
-                report(ProgressEvent("step", epoch, config.epochs, step=step, steps=n_steps, loss=loss_value))
+                report(ProgressEvent("step", epoch, last_epoch, step=step, steps=n_steps, loss=loss_value))
         train_s = time.perf_counter() - started
         loss_sum, ce_sum, ctm_sum, count = dist.allreduce_sum(sums.tolist(), ctx)
         wait_share = dist.allreduce_max(waited / train_s if train_s > 0 else 0.0, ctx)  # the rank that waited most
@@ -373,7 +373,7 @@ def train_model(
             save_checkpoint(last_path, payload)  # last: a kill after this line resumes at epoch + 1
         dist.barrier(ctx)  # no rank reads a checkpoint (resume, test) before rank 0 has written it
         if report:
-            report(ProgressEvent("epoch_end", epoch, config.epochs, steps=n_steps, record=record))
+            report(ProgressEvent("epoch_end", epoch, last_epoch, steps=n_steps, record=record))
         if bad_epochs >= config.patience:
             stopped_early = True
             break

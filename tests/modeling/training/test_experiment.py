@@ -215,6 +215,7 @@ def test_refit_retrains_on_training_and_validation_speakers_and_tests_that_model
         assert len(spec.folds[fold.index].val_ids) > 0 and steps["refit"] > steps["train"]  # the validation clips join training
     refit_ends = [e for e in events if e.phase == "refit" and e.kind == "epoch_end"]
     assert sorted({e.fold for e in refit_ends}) == [0, 1]
+    assert all(e.epochs == result.folds[e.fold].best_epoch for e in refit_ends)  # a progress bar that completes
     assert {"selection_uar_mean", "selection_uar_std"} <= set(result.extra)
     saved = json.loads((tmp_path / "run" / "cv_result.json").read_text())
     assert saved["folds"][0]["selection_test"] == result.folds[0].selection_test
