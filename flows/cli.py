@@ -120,6 +120,14 @@ def preprocess(
         raise typer.Exit(code=1)
 
 
+def _set_epochs_and_folds(train: dict, splits: dict, epochs: int | None, folds: int | None) -> None:
+    """--epochs and --folds win over a run config's [train] epochs and [splits] n_folds."""
+    if epochs is not None:
+        train["epochs"] = epochs
+    if folds is not None:
+        splits["n_folds"] = folds
+
+
 def _load_overrides(path: Path | None) -> dict:
     """A run config file (.toml or .json) with optional [train], [model], [splits] and [data] tables
     ([data]: the loaders' augmentation, DataConfig's AUGMENT_FIELDS; checked here, before anything runs)."""
@@ -182,10 +190,7 @@ def train(
     overrides = _load_overrides(config)
     train_overrides = dict(overrides.get("train", {}))
     split_overrides = dict(overrides.get("splits", {}))
-    if epochs is not None:
-        train_overrides["epochs"] = epochs
-    if folds is not None:
-        split_overrides["n_folds"] = folds
+    _set_epochs_and_folds(train_overrides, split_overrides, epochs, folds)
     with train_progress() as progress:
         result = run_training(
             store,
@@ -271,10 +276,7 @@ def ablate(
         split_overrides = {"n_folds": demo_config.n_folds, **split_overrides}
     elif not store or not dataset:
         raise UserError(f"give --store and --dataset (got store={store!r}, dataset={dataset!r}), or --demo")
-    if epochs is not None:
-        train_overrides["epochs"] = epochs
-    if folds is not None:
-        split_overrides["n_folds"] = folds
+    _set_epochs_and_folds(train_overrides, split_overrides, epochs, folds)
     with train_progress() as progress:
         result = run_ablation(
             store,

@@ -87,7 +87,7 @@ def train_progress() -> Iterator[Any]:
         bars: dict[tuple[int | None, str], int] = {}
 
         def on_event(event) -> None:
-            fold, phase = event.fold, getattr(event, "phase", "train")
+            fold, phase = event.fold, event.phase
             if (fold, phase) not in bars:
                 title = f"fold {fold}" if fold is not None else "training"
                 bars[fold, phase] = progress.add_task("", total=event.epochs, title=title if phase == "train" else f"{title} {phase}")

@@ -53,7 +53,8 @@ class FoldResult:
 
 
 def loaders(spec: ExperimentSpec, fold: sp.Fold, config: TrainConfig, ctx: dist.DistContext = dist.SINGLE):
-    """(train, validation, test, refit) loaders; the refit one reads training + validation speakers."""
+    """(train, validation, test) loaders, and the function that makes them (``train.refit`` builds its loader
+    over training + validation speakers with it once the first training is over)."""
     from modeling.data.dataset import ClipDataset, make_loader
     from storage.feature_store import FeatureStore
 
@@ -75,7 +76,7 @@ def loaders(spec: ExperimentSpec, fold: sp.Fold, config: TrainConfig, ctx: dist.
         loader(fold.train_ids, True, config.num_workers),
         loader(fold.val_ids, False, config.num_workers),
         loader(fold.test_ids, False, 0),
-        loader(fold.train_ids + fold.val_ids, True, config.num_workers) if config.refit else None,
+        loader,
     )
 
 
@@ -119,7 +120,7 @@ def train_and_test_fold(
         },
     )
     config = spec.train
-    train_loader, val_loader, test_loader, refit_loader = loaders(spec, fold, config, ctx)
+    train_loader, val_loader, test_loader, make_loader = loaders(spec, fold, config, ctx)
     label_names = spec.label_names
     meta = {
         "model_config": spec.model.to_dict(),
@@ -152,12 +153,13 @@ def train_and_test_fold(
         raise RuntimeError(f"fold {fold_index} finished without a best checkpoint in {fold_dir}")
     device = training_device(config, ctx)
     tested_path, selection_metrics = result.best_path, None
-    if refit_loader is not None:
+    if config.refit:
         # Same recipe, same initial weights, training + validation speakers, stopped at the epoch chosen on
         # validation; its epochs are not logged as the fold's curves (they have no validation figures).
+        del train_loader, val_loader  # their clip caches go before the refit's loader fills its own
         refit = train_model(
             initial_model(),
-            refit_loader,
+            make_loader(fold.train_ids + fold.val_ids, True, config.num_workers),
             None,
             config,
             fold_dir / REFIT_DIR,

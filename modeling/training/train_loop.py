@@ -348,12 +348,13 @@ def train_model(
             data_wait_share=wait_share,
         )
         history.append(record)
-        # the gathered metrics: every rank decides alike; a refit (no validation) keeps its last epoch
-        improved = record.val_uar > best_uar if val_loader is not None else True
-        if improved:
-            best_uar, best_epoch, bad_epochs = (record.val_uar if val_loader is not None else math.nan), epoch, 0
+        if val_loader is None:  # a refit chooses nothing: its model is that of its last epoch, written once
+            improved = epoch == last_epoch
+            best_uar, best_epoch = (math.nan, epoch) if improved else (best_uar, best_epoch)
+        elif record.val_uar > best_uar:  # the gathered metrics: every rank decides alike
+            improved, best_uar, best_epoch, bad_epochs = True, record.val_uar, epoch, 0
         else:
-            bad_epochs += 1
+            improved, bad_epochs = False, bad_epochs + 1
         if ctx.is_main:
             payload = {
                 **checkpoint_meta,
