@@ -10,6 +10,9 @@ import pytest
 # Tests never touch the user's ./.msata: Prefect's home and the default MLflow
 # store go to a throw-away folder, set before any test imports prefect or mlflow.
 os.environ.setdefault("MSATA_HOME", tempfile.mkdtemp(prefix="msata-test-home-"))
+# Nor a store the user's shell points MLflow at: tests that want a store of their own set it.
+for _name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+    os.environ.pop(_name, None)
 from flows.settings import configure_environment  # noqa: E402
 
 configure_environment()
@@ -51,3 +54,32 @@ def _log_mel_compiled() -> None:
 
     config = AudioConfig()
     log_mel(np.zeros(config.sample_rate, np.float32), config)  # log_mel casts to float32: one signature to compile
+
+
+# MLflow's process-wide URIs: module globals that mlflow.set_tracking_uri / set_registry_uri set,
+# and export to the environment (MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI) for subprocesses.
+_MLFLOW_URI_GLOBALS = (
+    ("mlflow.tracking._tracking_service.utils", "_tracking_uri", "set_tracking_uri"),
+    ("mlflow.tracking._model_registry.utils", "_registry_uri", "set_registry_uri"),
+)
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_uris_restored():
+    """Each test starts from the MLflow tracking and registry URIs (and MLFLOW_* variables) the
+    previous one started from. A test (or the code it runs) that points MLflow at its own store
+    leaves it pointed there otherwise: the registry URI of the train-flow test was still set in
+    the ablation test that followed it, whose ``MlflowClient`` then searched the wrong registry.
+    Restored after monkeypatch's own undo, whatever the test's fixtures did."""
+    env = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
+    saved = {module: getattr(sys.modules[module], name) for module, name, _ in _MLFLOW_URI_GLOBALS if module in sys.modules}
+    yield
+    if "mlflow" in sys.modules:
+        import mlflow
+
+        for module, name, setter in _MLFLOW_URI_GLOBALS:
+            if module in sys.modules and getattr(sys.modules[module], name) != saved.get(module):
+                getattr(mlflow, setter)(saved.get(module))  # None (not set before, or not imported yet) unsets it
+    for name in [k for k in os.environ if k.startswith("MLFLOW_") and k not in env]:
+        del os.environ[name]
+    os.environ.update(env)

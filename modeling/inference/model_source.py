@@ -50,9 +50,9 @@ def resolve_checkpoint(model: str, tracking_uri: str | None = None) -> Iterator[
         return
     from mlflow.exceptions import MlflowException
 
-    from modeling.tracking.runs import configure_tracking
+    from modeling.tracking.runs import tracking_uri as resolved_tracking_uri
 
-    uri = tracking_uri or configure_tracking()
+    uri = tracking_uri or resolved_tracking_uri()  # passed to the download; MLflow's process-wide URIs are left alone
     with tempfile.TemporaryDirectory(prefix="msata-model-") as tmp:
         try:
             local = Path(mlflow_download(model, tmp, uri))

@@ -2,7 +2,10 @@
 
 Tracking URI: ``MLFLOW_TRACKING_URI`` when set, else an embedded SQLite database
 ``sqlite:///$MSATA_HOME/mlflow/mlflow.db`` with artifacts under
-``$MSATA_HOME/mlflow/artifacts`` (``MSATA_HOME`` defaults to ``<repo>/.msata``).
+``$MSATA_HOME/mlflow/artifacts`` (``MSATA_HOME`` defaults to ``<repo>/.msata``). Any local
+``sqlite:///`` store keeps the artifacts of the experiments it creates beside its database
+(``<db folder>/artifacts/<experiment>``), never in MLflow's ``./mlruns`` of the working
+directory; a tracking server picks its own artifact store.
 
 Layout: experiment ``msata-<dataset>``; one parent run per cross-validation (params
 = flattened resolved config, metrics = test ``*_mean`` / ``*_std``, artifacts =
@@ -25,6 +28,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import numpy as np
 
@@ -74,12 +78,27 @@ def get_or_create_experiment(dataset: str) -> str:
     if existing is not None:
         return existing.experiment_id
     location = None
-    # mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, so compare URIs rather than test the variable.
-    if tracking_uri() == default_tracking_uri():  # a user's server picks its own artifact store
-        root = msata_home() / "mlflow" / "artifacts" / name
+    db = sqlite_database(client.tracking_uri)
+    if db is not None:  # else a server, which picks its own artifact store
+        root = artifact_root(db, name)
         root.mkdir(parents=True, exist_ok=True)
         location = root.as_uri()
     return client.create_experiment(name, artifact_location=location)
+
+
+def sqlite_database(uri: str) -> Path | None:
+    """The database file of a local ``sqlite:///`` tracking URI; None for any other store (a server, an in-memory database)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = unquote(uri[len("sqlite:///") :].split("?", 1)[0])
+    return Path(path).resolve() if path and path != ":memory:" else None
+
+
+def artifact_root(db: Path, name: str) -> Path:
+    """Where experiment ``name`` of the SQLite store ``db`` keeps its artifacts: beside the database
+    (``$MSATA_HOME/mlflow/artifacts/<name>`` for the default store). Without it MLflow would use
+    ``./mlruns`` of whatever directory the process runs in."""
+    return db.parent / "artifacts" / name
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:

@@ -326,38 +326,32 @@ def test_timeline_plot(trained: dict, tmp_path: Path, video_prediction: FilePred
 
 @pytest.mark.slow
 def test_mlflow_registry_round_trip(trained: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stored_features) -> None:
-    import mlflow
     from mlflow import MlflowClient
 
     from modeling.tracking import registry
     from modeling.tracking import runs as tracking
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    try:
-        tracking.configure_tracking()
-        experiment = MlflowClient().create_experiment("msata-test", artifact_location=(tmp_path / "artifacts").as_uri())
-        run_id = tracking.create_run(experiment, "inference-test")
-        model_uri = registry.log_pyfunc_model(run_id, trained["checkpoint"], list(LABELS))
-        tags = {
-            "dataset": "crema_d",
-            "n_folds": 1,
-            "splits_hash": "x",
-            "feature_config_hash": FEATURES.config_hash(),
-            "val_uar_mean": 0.5,
-            "test_uar_mean": 0.5,
-        }
-        registered = registry.register_and_promote(model_uri, "crema-d", tags)
-        expected = trained["predictor"].window_probabilities(stored_features, [(0.0, stored_features.duration_s)])
-        for uri in (f"models:/{registered.name}@champion", f"models:/{registered.name}/{registered.version}", f"runs:/{run_id}/model"):
-            predictor = load_predictor(uri, device="cpu")
-            assert predictor.label_names == list(LABELS) and predictor.feature_config == FEATURES
-            np.testing.assert_allclose(
-                predictor.window_probabilities(stored_features, [(0.0, stored_features.duration_s)]), expected, atol=1e-6
-            )
-        for bad in (f"models:/{registered.name}@no-such-alias", "models:/no-such-model/1", f"models:/{registered.name}/99"):
-            with pytest.raises(ValueError, match="cannot load MLflow model"):
-                load_predictor(bad)
-    finally:
-        monkeypatch.undo()
-        mlflow.set_tracking_uri(tracking.tracking_uri())
-        mlflow.set_registry_uri(tracking.tracking_uri())
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")  # MLflow's URIs are put back by tests/conftest.py
+    tracking.configure_tracking()
+    experiment = MlflowClient().create_experiment("msata-test", artifact_location=(tmp_path / "artifacts").as_uri())
+    run_id = tracking.create_run(experiment, "inference-test")
+    model_uri = registry.log_pyfunc_model(run_id, trained["checkpoint"], list(LABELS))
+    tags = {
+        "dataset": "crema_d",
+        "n_folds": 1,
+        "splits_hash": "x",
+        "feature_config_hash": FEATURES.config_hash(),
+        "val_uar_mean": 0.5,
+        "test_uar_mean": 0.5,
+    }
+    registered = registry.register_and_promote(model_uri, "crema-d", tags)
+    expected = trained["predictor"].window_probabilities(stored_features, [(0.0, stored_features.duration_s)])
+    for uri in (f"models:/{registered.name}@champion", f"models:/{registered.name}/{registered.version}", f"runs:/{run_id}/model"):
+        predictor = load_predictor(uri, device="cpu")
+        assert predictor.label_names == list(LABELS) and predictor.feature_config == FEATURES
+        np.testing.assert_allclose(
+            predictor.window_probabilities(stored_features, [(0.0, stored_features.duration_s)]), expected, atol=1e-6
+        )
+    for bad in (f"models:/{registered.name}@no-such-alias", "models:/no-such-model/1", f"models:/{registered.name}/99"):
+        with pytest.raises(ValueError, match="cannot load MLflow model"):
+            load_predictor(bad)

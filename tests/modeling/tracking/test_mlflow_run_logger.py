@@ -13,20 +13,12 @@ from modeling.training.run_logger import LoggerDescription, MlflowRef, build_run
 
 
 @pytest.fixture()
-def sqlite_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """A tracking URI of its own, given to the logger (not through MLFLOW_TRACKING_URI); MLflow's global URI is put back after."""
-    import mlflow
-
-    from modeling.tracking import runs as tracking
-
+def sqlite_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A tracking URI of its own, given to the logger (not through MLFLOW_TRACKING_URI); MLflow's URIs are put back by tests/conftest.py."""
     monkeypatch.setenv("MSATA_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "unset")  # recorded, so the value MLflow exports is undone
-    monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    monkeypatch.chdir(tmp_path)  # a SQLite store outside MSATA_HOME keeps its artifacts in ./mlruns
-    yield f"sqlite:///{tmp_path / 'tracking.db'}"
-    monkeypatch.undo()
-    mlflow.set_tracking_uri(tracking.tracking_uri())
-    mlflow.set_registry_uri(tracking.tracking_uri())
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)  # the working directory, where MLflow's default ./mlruns would appear
+    return f"sqlite:///{tmp_path / 'tracking.db'}"
 
 
 def test_the_description_carries_only_a_given_uri() -> None:
@@ -87,6 +79,7 @@ def test_a_cross_validation_is_recorded_in_mlflow(sqlite_uri: str, tmp_path: Pat
         "options": {"tracking_uri": sqlite_uri},
     }
     assert not (tmp_path / "home" / "mlflow" / "mlflow.db").exists()  # the given store, not MSATA_HOME's
+    assert (tmp_path / "artifacts" / "msata-crema-d").is_dir() and not (tmp_path / "mlruns").exists()  # its artifacts beside it
 
     client = MlflowClient(tracking_uri=sqlite_uri)
     parent = client.get_run(result.parent_run_id)

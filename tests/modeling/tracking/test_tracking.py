@@ -12,18 +12,15 @@ from training_fixtures import tiny_meta
 
 @pytest.fixture()
 def mlflow_db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    import mlflow
-
+    """A SQLite store of its own (not MSATA_HOME's); MLflow's URIs are put back by tests/conftest.py."""
     from modeling.tracking import runs as tracking
 
     db = tmp_path / "mlflow.db"
     monkeypatch.setenv("MSATA_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    monkeypatch.chdir(tmp_path)  # the working directory, where MLflow's default ./mlruns would appear
     tracking.configure_tracking()
-    yield db
-    monkeypatch.undo()
-    mlflow.set_tracking_uri(tracking.tracking_uri())
-    mlflow.set_registry_uri(tracking.tracking_uri())
+    return db
 
 
 def tiny_checkpoint(path: Path) -> Path:
@@ -45,6 +42,31 @@ def logged_model(mlflow_db: Path, tmp_path: Path) -> tuple[str, str]:
     run_id = tracking.create_run(experiment, "registry-test")
     checkpoint = tiny_checkpoint(tmp_path / "best.pt")
     return run_id, registry.log_pyfunc_model(run_id, checkpoint, tiny_meta()["label_names"])
+
+
+def test_a_sqlite_store_keeps_its_artifacts_beside_its_database(mlflow_db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not in MLflow's ./mlruns of the working directory (where the tests' logged models used to pile up)."""
+    from mlflow import MlflowClient
+
+    from modeling.tracking import runs as tracking
+
+    experiment = MlflowClient().get_experiment(tracking.get_or_create_experiment("crema-d"))
+    assert experiment.artifact_location == (tmp_path / "artifacts" / "msata-crema-d").as_uri()
+    # the default store: beside $MSATA_HOME/mlflow/mlflow.db, as before
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    tracking.configure_tracking()
+    experiment = MlflowClient().get_experiment(tracking.get_or_create_experiment("crema-d"))
+    assert experiment.artifact_location == (tmp_path / "home" / "mlflow" / "artifacts" / "msata-crema-d").as_uri()
+    assert not (tmp_path / "mlruns").exists()
+
+
+def test_the_database_of_a_tracking_uri() -> None:
+    from modeling.tracking.runs import sqlite_database
+
+    assert sqlite_database("sqlite:////tmp/a%20b/mlflow.db") == Path("/tmp/a b/mlflow.db")
+    assert sqlite_database("sqlite:///rel.db?timeout=5") == Path("rel.db").resolve()
+    assert sqlite_database("sqlite://") is None and sqlite_database("sqlite:///:memory:") is None
+    assert sqlite_database("http://127.0.0.1:5000") is None and sqlite_database("postgresql://u@h/db") is None
 
 
 def tags(val_uar: float) -> dict:
