@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from features.audio_encoders.registry import HF_PREFIX, LOG_MEL, is_hf_checkpoint, packaged_encoder
+from features.config_keys import reject_unknown_keys
 
 
 @dataclass(frozen=True)
@@ -216,9 +217,7 @@ class FeatureConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FeatureConfig:
         """Inverse of ``to_dict``; a missing key takes the one default the dataclass defines."""
-        unknown = set(data) - {"audio", "face", "audio_encoder", "format_version"}
-        if unknown:
-            raise ValueError(f"unknown feature-config keys: {sorted(unknown)}")
+        reject_unknown_keys(data, cls, "feature-config")
         return cls(
             audio=AudioConfig(**data.get("audio", {})),
             face=_face_from_dict(data.get("face", {})),
