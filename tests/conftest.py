@@ -64,6 +64,10 @@ _MLFLOW_URI_GLOBALS = (
 )
 
 
+def _loaded(module: str) -> bool:
+    return sys.modules.get(module) is not None  # None: a test hides the module (an import of it fails)
+
+
 @pytest.fixture(autouse=True)
 def _mlflow_uris_restored():
     """Each test starts from the MLflow tracking and registry URIs (and MLFLOW_* variables) the
@@ -72,13 +76,13 @@ def _mlflow_uris_restored():
     the ablation test that followed it, whose ``MlflowClient`` then searched the wrong registry.
     Restored after monkeypatch's own undo, whatever the test's fixtures did."""
     env = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
-    saved = {module: getattr(sys.modules[module], name) for module, name, _ in _MLFLOW_URI_GLOBALS if module in sys.modules}
+    saved = {module: getattr(sys.modules[module], name) for module, name, _ in _MLFLOW_URI_GLOBALS if _loaded(module)}
     yield
-    if "mlflow" in sys.modules:
+    if _loaded("mlflow"):
         import mlflow
 
         for module, name, setter in _MLFLOW_URI_GLOBALS:
-            if module in sys.modules and getattr(sys.modules[module], name) != saved.get(module):
+            if _loaded(module) and getattr(sys.modules[module], name) != saved.get(module):
                 getattr(mlflow, setter)(saved.get(module))  # None (not set before, or not imported yet) unsets it
     for name in [k for k in os.environ if k.startswith("MLFLOW_") and k not in env]:
         del os.environ[name]
