@@ -22,8 +22,10 @@ output (the predicted probabilities, compared below, agree to 1e-7).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -76,6 +78,14 @@ def script(tmp_path_factory) -> Path:
     return path
 
 
+# A run is seconds of training; the rest is starting processes (torchrun's agent and each rank
+# import torch, then the ranks meet), which on a 2-core machine shared with other training runs
+# has taken long enough to pass the former bound of 300 s. The bound only ends a run that hangs.
+# (The port: --standalone binds the agent's store on port 0, the OS's pick, and the ranks meet
+# through it; no port is chosen here, so none can be taken between choosing and binding.)
+RUN_TIMEOUT_S = 1200
+
+
 def run(script: Path, out: Path, nproc: int, epochs: int, resume: bool = False) -> dict:
     args = [str(out), str(epochs), "1" if resume else "0"]
     launcher = (
@@ -85,8 +95,21 @@ def run(script: Path, out: Path, nproc: int, epochs: int, resume: bool = False) 
         "OMP_NUM_THREADS": "1",
         "PYTHONHASHSEED": "0",
     }
-    done = subprocess.run([*launcher, str(script), *args], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # Its own process group: a run that times out is ended with its ranks, not just torchrun's
+    # agent (orphaned ranks would load the CPU under the next runs, and hold the pipes open).
+    proc = subprocess.Popen(
+        [*launcher, str(script), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=RUN_TIMEOUT_S)
+    except BaseException as err:  # a hang (or Ctrl-C): the run ends with its ranks
+        with contextlib.suppress(ProcessLookupError):  # all of it already gone
+            os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        if not isinstance(err, subprocess.TimeoutExpired):
+            raise
+        pytest.fail(f"{nproc} process(es), {epochs} epoch(s): no end after {RUN_TIMEOUT_S} s\n{stdout[-3000:]}{stderr[-3000:]}")
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
     return json.loads((out / "summary.json").read_text())
 
 
