@@ -8,6 +8,8 @@ the modes run back to back, so they see the same machine load:
             ffmpeg pipe (no showinfo, nothing else)
   full      extract_clip, default FeatureConfig (MTCNN on every frame, the whole frame searched)
   near      the same with face.search="near" (searched near the previous face)
+  track     the same with face.search="track" (O-net alone on the previous face's box between
+            whole-frame searches)
   every3    extract_clip with detect_every=3 (interpolation between detections)
   min60     extract_clip with detect_every=1 and MTCNN min_face_size=60 (--min-face)
 
@@ -50,16 +52,27 @@ from features.synthetic import make_talking_face_clip, speaker_style  # noqa: E4
 
 
 class TimedDetector(FaceDetector):
-    """FaceDetector that also adds up the CPU time spent inside MTCNN."""
+    """FaceDetector that also adds up the CPU time spent detecting (MTCNN and the downscale before it,
+    for every search mode: detect_sequence and detect, the outermost call only)."""
 
     mtcnn_cpu_s: float = 0.0
+    _depth: int = 0
+
+    def _timed(self, fn: Callable[[np.ndarray], Detections], frames: np.ndarray) -> Detections:
+        start = time.process_time()
+        self._depth += 1
+        try:
+            return fn(frames)
+        finally:
+            self._depth -= 1
+            if self._depth == 0:
+                self.mtcnn_cpu_s += time.process_time() - start
 
     def detect(self, frames: np.ndarray) -> Detections:
-        start = time.process_time()
-        try:
-            return super().detect(frames)
-        finally:
-            self.mtcnn_cpu_s += time.process_time() - start
+        return self._timed(super().detect, frames)
+
+    def detect_sequence(self, frames: np.ndarray) -> Detections:
+        return self._timed(super().detect_sequence, frames)
 
 
 def _cpu() -> float:
@@ -170,7 +183,7 @@ def run(args: argparse.Namespace) -> dict:
             groups[path.stem] = [path]
 
     base = FeatureConfig()
-    configs = {"full": base, "near": replace(base, face=replace(base.face, search="near"))}
+    configs = {"full": base, **{mode: replace(base, face=replace(base.face, search=mode)) for mode in ("near", "track")}}
     if args.every3:
         configs["every3"] = replace(base, face=replace(base.face, detect_every=3))
     if args.min_face:

@@ -135,7 +135,7 @@ class AudioEncoderConfig:
 
 
 FACE_REPRESENTATIONS = ("crops", "blendshapes")
-FACE_SEARCHES = ("full", "near")
+FACE_SEARCHES = ("full", "near", "track")
 
 
 @dataclass(frozen=True)
@@ -153,7 +153,9 @@ class FaceConfig:
     representation: str = "crops"  # "crops" | "blendshapes" (FACE_REPRESENTATIONS)
     # Where MTCNN looks (FACE_SEARCHES): "full" = the whole frame at every pyramid scale; "near" = around
     # the previous frame's face at the scales of its size, with the whole frame whenever that finds none
-    # and every features.faces.NEAR_REFRESH frames (several times cheaper; agreement in docs/benchmarks.md).
+    # and every features.faces.NEAR_REFRESH frames (several times cheaper; agreement in docs/benchmarks.md);
+    # "track" = no P-net between whole-frame searches: R- and O-net confirm boxes around the previous frame's
+    # face, with the whole frame when they find none there and every features.faces.TRACK_REFRESH frames.
     search: str = "full"
 
     def __post_init__(self) -> None:

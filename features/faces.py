@@ -5,7 +5,7 @@ The box maths (selection, squaring, interpolation, cropping) are pure functions;
 always in source-frame pixels, even though MTCNN sees frames shrunk to
 ``FaceConfig.detect_max_side``; crops are cut from the full-resolution frames.
 
-One module of ~410 lines because the detector wrapper, crop geometry and per-frame bookkeeping change together when the face pipeline changes; the MTCNN networks themselves are in mtcnn.py.
+One module of ~480 lines because the detector wrapper, crop geometry and per-frame bookkeeping change together when the face pipeline changes; the MTCNN networks themselves are in mtcnn.py.
 """
 
 from __future__ import annotations
@@ -34,6 +34,11 @@ NEAR_GROW = 1.0
 NEAR_SIZE_RATIO = 2.0
 NEAR_REFRESH = 30
 NEAR_BATCH = 8  # frames searched at once in one window (267 ms at 30 fps: the window's margin covers the motion)
+# search="track": no P-net and no R-net between whole-frame searches. Each frame's face is O-net's on the
+# box O-net saw for the previous frame's face, moved and scaled as that face moved (track_input); a frame
+# where O-net confirms no face there, or whose face is cut by the frame's edge, is searched whole, and so is
+# every TRACK_REFRESH-th frame. (R-net first was measured too: dearer, and further from the full search.)
+TRACK_REFRESH = 30
 
 
 @dataclass
@@ -180,6 +185,22 @@ def near_window(prior: np.ndarray, scales: list[float], width: int, height: int)
     return Window(near, max(0.0, cx - half), max(0.0, cy - half), min(float(width), cx + half), min(float(height), cy + half))
 
 
+def track_input(onet_input: np.ndarray, before: np.ndarray, after: np.ndarray) -> np.ndarray:
+    """The square box (4,) O-net should see next: ``onet_input`` (4,), which gave the face ``after`` (4,),
+    moved by the shift of the face's centre from ``before`` (4,, the frame before's face) and scaled as its
+    longer side, so the box follows the face without re-estimating it from O-net's output."""
+    shift = (after[:2] + after[2:]) / 2 - (before[:2] + before[2:]) / 2
+    ratio = float(max(after[2] - after[0], after[3] - after[1])) / max(float(max(before[2] - before[0], before[3] - before[1])), 1e-6)
+    centre = (onet_input[:2] + onet_input[2:]) / 2 + shift
+    half = float(onet_input[2] - onet_input[0]) * ratio / 2
+    return np.array([centre[0] - half, centre[1] - half, centre[0] + half, centre[1] + half], np.float32)
+
+
+def within_frame(box: np.ndarray, width: int, height: int) -> bool:
+    """Whether ``box`` (4,) lies wholly inside a width x height image (a face cut by its edge does not)."""
+    return bool(box[0] >= 0 and box[1] >= 0 and box[2] <= width and box[3] <= height)
+
+
 def inside(box: np.ndarray, window: Window, width: int, height: int) -> bool:
     """Whether ``box`` lies within ``window``, edges of the image excepted (a box may pass those)."""
     return bool(
@@ -234,7 +255,8 @@ class FaceDetector:
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.mtcnn = Mtcnn(config.min_face_size, self.device)
-        self._prior: np.ndarray | None = None  # search="near": the last face, in detection pixels
+        self._prior: np.ndarray | None = None  # search="near"/"track": the last face, in detection pixels
+        self._prior_input: np.ndarray | None = None  # search="track": the box O-net saw for that face
         self._since_full = 0  # frames since the whole frame was last searched
 
     def detect(self, frames: np.ndarray) -> Detections:
@@ -253,6 +275,8 @@ class FaceDetector:
         from the previous call), and a frame whose face is not found there is searched whole."""
         if self.config.search == "full":
             return self.detect(frames)
+        if self.config.search == "track":
+            return self._detect_tracked(frames)
         out = Detections.empty(len(frames))
         for start in range(0, len(frames), NEAR_BATCH):
             part = frames[start : start + NEAR_BATCH]
@@ -279,6 +303,41 @@ class FaceDetector:
             self._prior = None if faces[-1] is None else faces[-1][0]
         return out
 
+    def _detect_tracked(self, frames: np.ndarray) -> Detections:
+        """search="track": each frame's face from O-net alone on the box it saw for the previous frame's face
+        (track_input); the whole frame where there is no previous face, where O-net confirms none there or
+        the face is cut by the frame's edge, and every TRACK_REFRESH frames. State carries over between calls."""
+        out = Detections.empty(len(frames))
+        for start in range(0, len(frames), self.batch_size):
+            part = frames[start : start + self.batch_size]
+            small, sx, sy = downscale(part, self.config.detect_max_side)
+            small = small.to(self.device)
+            h, w = small.shape[1:3]
+            for i in range(len(part)):
+                face = None
+                if self._prior is not None and self._prior_input is not None and self._since_full < TRACK_REFRESH:
+                    face, onet_input = self._select_with_input(self.mtcnn.confirm(small[i], self._prior_input[None]))
+                    if face is not None and not within_frame(face[0], w, h):
+                        face = None
+                    if face is not None:
+                        onet_input = track_input(self._prior_input, self._prior, face[0])
+                if face is None:  # nothing to track, nothing confirmed, or time for a whole-frame search
+                    face, onet_input = self._select_with_input(self.mtcnn.detect_with_inputs(small[i : i + 1])[0])
+                    self._since_full = 0
+                self._record(out, start + i, face, sx, sy)
+                self._since_full += 1
+                self._prior, self._prior_input = (None, None) if face is None else (face[0], onet_input)
+        return out
+
+    def _select_with_input(self, found: tuple[np.ndarray, np.ndarray, np.ndarray]):
+        """(face as _select gives it, the box O-net saw for it), or (None, None)."""
+        boxes, points, inputs = found
+        face = select_face(boxes[:, :4], boxes[:, 4], points, self.config.min_probability)
+        if face is None:
+            return None, None
+        k = int(np.flatnonzero((boxes[:, :4] == face[0]).all(1))[0])  # select_face returns that very row
+        return face, inputs[k]
+
     def _select(self, found: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray, float] | None:
         boxes, points = found  # (K, 5) with the probability last, (K, 5, 2)
         return select_face(boxes[:, :4], boxes[:, 4], points, self.config.min_probability)
@@ -304,7 +363,7 @@ class FaceDetector:
         the last anchor are held back, so memory stays bounded by chunk + k frames.
         """
         k = self.config.detect_every
-        self._prior, self._since_full = None, 0  # a new video: no face to search near yet
+        self._prior, self._prior_input, self._since_full = None, None, 0  # a new video: no face to search near yet
         acc = _Accumulator()
         anchor: tuple[float, Detections] | None = None
         pending_frames: list[np.ndarray] = []

@@ -20,6 +20,9 @@ and the pyramid scales whose P-net cell matches its size. Inside that window the
 P-net inputs are the very values of the full pyramid (same bins, windows aligned to
 P-net's stride), so the candidates there are the full search's candidates; what
 differs is only which boxes from elsewhere take part in NMS.
+
+:meth:`Mtcnn.confirm` runs O-net alone on given boxes (search="track": the box O-net saw
+for the previous frame's face), summing only the rows and columns those boxes cover.
 """
 
 from __future__ import annotations
@@ -73,28 +76,54 @@ class Mtcnn:
             scale, minl = scale * FACTOR, minl * FACTOR
         return out
 
-    @torch.no_grad()
     def detect(self, imgs: torch.Tensor, window: Window | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
         """Faces in (N, h, w, 3) uint8 RGB images: per image (boxes (K, 5) x1 y1 x2 y2 prob, points (K, 5, 2)).
 
         ``window`` restricts the search of every image to that region and those scales (None: everywhere).
         """
+        return [(boxes, points) for boxes, points, _ in self.detect_with_inputs(imgs, window)]
+
+    @torch.no_grad()
+    def detect_with_inputs(self, imgs: torch.Tensor, window: Window | None = None) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """:meth:`detect`, each face also with the box O-net saw (K, 4) before its box regression: what
+        :meth:`confirm` takes to find the same face again in the next frame."""
         n, h, w = imgs.shape[:3]
-        if h * w * 255 >= 2**31:
-            raise ValueError(f"detection images of {w}x{h} are too large for int32 running sums; detect at a smaller size")
-        # Running sums down the rows, exact in int32 (h * 255 is far below 2**31): every area
-        # resampling below is a difference of two of its rows, then the same along columns.
-        rowsum = torch.zeros((n, h + 1, w, 3), dtype=torch.int32, device=imgs.device)
-        rowsum[:, 1:] = imgs.cumsum(1, dtype=torch.int32)  # (N, h+1, w, 3)
+        rowsum = _rowsum(imgs)
         boxes, inds = self._stage1(rowsum, h, w, window)
         if len(boxes):  # the crops' bins differ per box: a 2-D summed-area table, read at 4 corners per bin
             table = _colsum(rowsum).reshape(-1, 3)  # (N * (h+1) * (w+1), 3)
         else:
             table = torch.zeros((0, 3), dtype=torch.int32)
         boxes, inds = self._refine(table, h, w, boxes, inds, 24)
-        boxes, inds, points = self._refine(table, h, w, boxes, inds, 48)
-        boxes_np, points_np, inds_np = boxes.cpu().numpy(), points.cpu().numpy(), inds.cpu().numpy()
-        return [(boxes_np[inds_np == i], points_np[inds_np == i]) for i in range(n)]
+        boxes, inds, points, inputs = self._refine(table, h, w, boxes, inds, 48)
+        boxes_np, points_np, inputs_np, inds_np = boxes.cpu().numpy(), points.cpu().numpy(), inputs.cpu().numpy(), inds.cpu().numpy()
+        return [(boxes_np[inds_np == i], points_np[inds_np == i], inputs_np[inds_np == i]) for i in range(n)]
+
+    @torch.no_grad()
+    def confirm(self, img: torch.Tensor, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """O-net alone (no P-net, no R-net) on candidate boxes (K, 4) of one (h, w, 3) uint8 image: the faces it
+        confirms as :meth:`detect_with_inputs` gives them for one image. The candidates are cropped and treated
+        exactly as R-net's squared boxes are in :meth:`detect` (same 48 px area resampling, threshold, box
+        regression, NMS); only the rows and columns they cover are summed."""
+        h, w = img.shape[:2]
+        boxes = torch.from_numpy(np.asarray(candidates, np.float32).reshape(-1, 4))
+        b = boxes.trunc().int()
+        # The crops read rows [y1 - 1, y2) and columns [x1 - 1, x2) clipped to the image: sum only those.
+        r0, r1 = max(0, int(b[:, 1].min()) - 1), min(h, int(b[:, 3].max()))
+        c0, c1 = max(0, int(b[:, 0].min()) - 1), min(w, int(b[:, 2].max()))
+        if r1 <= r0 or c1 <= c0:
+            return np.zeros((0, 5), np.float32), np.zeros((0, 5, 2), np.float32), np.zeros((0, 4), np.float32)
+        # Shifting by whole pixels towards the origin keeps trunc() and the clipping at 1 and at the far
+        # edge as they are in the whole image (r0 > 0 only when every box starts below row 1, etc.).
+        shift = torch.tensor([c0, r0, c0, r0], dtype=torch.float32)
+        table = _colsum(_rowsum(img[None, r0:r1, c0:c1])).reshape(-1, 3)
+        boxes = torch.cat([boxes - shift, torch.ones((len(boxes), 1))], dim=1)  # the score column O-net replaces
+        inds = torch.zeros(len(boxes), dtype=torch.int64)
+        boxes, _, points, inputs = self._refine(table, r1 - r0, c1 - c0, boxes, inds, 48)
+        boxes[:, :4] += shift
+        points += shift[:2]
+        inputs += shift
+        return boxes.cpu().numpy(), points.cpu().numpy(), inputs.cpu().numpy()
 
     # ------------------------------------------------------------------ stages
 
@@ -171,7 +200,7 @@ class Mtcnn:
         """
         if len(boxes) == 0:
             empty = (torch.zeros((0, 5)), torch.zeros(0, dtype=torch.int64))
-            return (*empty, torch.zeros((0, 5, 2))) if size == 48 else empty
+            return (*empty, torch.zeros((0, 5, 2)), torch.zeros((0, 4))) if size == 48 else empty
         b = boxes[:, :4].trunc().int()
         x, y = b[:, 0].clamp(min=1), b[:, 1].clamp(min=1)
         ex, ey = b[:, 2].clamp(max=w), b[:, 3].clamp(max=h)
@@ -206,9 +235,10 @@ class Mtcnn:
         px = w_i * points[:, :5] + boxes[:, 0:1] - 1
         py = h_i * points[:, 5:] + boxes[:, 1:2] - 1
         points = torch.stack((px, py), dim=2)  # (K, 5, 2)
+        inputs = boxes[:, :4].clone()  # what O-net saw, before its own box regression
         boxes = bbreg(boxes, mv)
         pick = batched_nms_numpy(boxes[:, :4], boxes[:, 4], inds, 0.7, "Min")
-        return boxes[pick], inds[pick], points[pick]
+        return boxes[pick], inds[pick], points[pick], inputs[pick]
 
 
 def _aligned(lo: float, hi: float, n: int) -> tuple[int, int]:
@@ -222,6 +252,18 @@ def _aligned(lo: float, hi: float, n: int) -> tuple[int, int]:
     if stop < n and (stop - start) % 2:
         stop += 1
     return start, stop
+
+
+def _rowsum(imgs: torch.Tensor) -> torch.Tensor:
+    """(N, h, w, 3) uint8 -> (N, h + 1, w, 3) running sums down the rows, starting at 0 (exact in int32:
+    h * 255 is far below 2**31); every area resampling is a difference of two of its rows, then the same
+    along columns."""
+    n, h, w = imgs.shape[:3]
+    if h * w * 255 >= 2**31:
+        raise ValueError(f"detection images of {w}x{h} are too large for int32 running sums; detect at a smaller size")
+    rowsum = torch.zeros((n, h + 1, w, 3), dtype=torch.int32, device=imgs.device)
+    rowsum[:, 1:] = imgs.cumsum(1, dtype=torch.int32)
+    return rowsum
 
 
 def _colsum(band: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,8 @@ from features.faces import (
     interpolate_faces,
     select_face,
     square_box,
+    track_input,
+    within_frame,
 )
 from features.synthetic import SpeakerStyle, SyntheticClip
 
@@ -87,6 +89,17 @@ def test_downscale_reports_the_factors() -> None:
     assert tuple(same.shape) == (3, 200, 300, 3) and (sx, sy) == (1.0, 1.0)
 
 
+def test_track_input_follows_the_face() -> None:
+    onet_input = np.array([10, 20, 50, 60], np.float32)  # square, side 40
+    before = np.array([12, 22, 44, 62], np.float32)  # centre (28, 42), longer side 40
+    after = before + np.array([3, -2, 3, -2], np.float32)  # the face moved by (3, -2), same size
+    np.testing.assert_allclose(track_input(onet_input, before, after), onet_input + np.array([3, -2, 3, -2]))
+    grown = np.array([7, 17, 49, 67], np.float32)  # same centre, longer side 50: 1.25x
+    np.testing.assert_allclose(track_input(onet_input, before, grown), [5, 15, 55, 65])  # centre (30, 40), side 50
+    assert within_frame(np.array([0, 0, 320, 240]), 320, 240)
+    assert not within_frame(np.array([-0.5, 10, 100, 100]), 320, 240) and not within_frame(np.array([10, 10, 100, 241]), 320, 240)
+
+
 def test_detect_every_is_bounded() -> None:
     with pytest.raises(ValueError, match="detect_every=9 would interpolate across 8 frames"):
         FaceDetector(FaceConfig(detect_every=9))
@@ -131,11 +144,11 @@ def test_sparse_detection_interpolates_on_the_face(make_clip) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("detect_every", [1, 3])
-def test_frames_without_a_face_are_masked(make_clip, detect_every: int) -> None:
+@pytest.mark.parametrize(("detect_every", "search"), [(1, "full"), (3, "full"), (1, "track"), (3, "track")])
+def test_frames_without_a_face_are_masked(make_clip, detect_every: int, search: str) -> None:
     blank = tuple(range(9, 14))
     clip = make_clip("blanks.mp4", duration_s=1.0, fps=25, width=320, height=240, blank_frames=blank, seed=6)
-    det = FaceDetector(FaceConfig(detect_every=detect_every))
+    det = FaceDetector(FaceConfig(detect_every=detect_every, search=search))
     track = _track(det, clip.path)
     assert not track.mask[list(blank)].any()
     others = np.setdiff1d(np.arange(clip.n_frames), blank)
@@ -173,9 +186,10 @@ def test_face_search_field_hashes_only_when_set() -> None:
 
     base = FeatureConfig()
     near = FeatureConfig(face=FaceConfig(search="near"))
+    track = FeatureConfig(face=FaceConfig(search="track"))
     assert "search" not in base.to_dict()["face"]  # full-search stores keep their hash
-    assert near.config_hash() != base.config_hash()
-    assert FeatureConfig.from_dict(near.to_dict()) == near
+    assert len({base.config_hash(), near.config_hash(), track.config_hash()}) == 3
+    assert FeatureConfig.from_dict(near.to_dict()) == near and FeatureConfig.from_dict(track.to_dict()) == track
     assert FeatureConfig.from_dict(base.to_dict()).face.search == "full"
     with pytest.raises(ValueError, match="face search 'nearby'"):
         FaceConfig(search="nearby")
@@ -196,7 +210,15 @@ def _old_detect(frames: np.ndarray, config: FaceConfig) -> list[tuple[np.ndarray
     return out
 
 
-def _agreement(frames: np.ndarray, config: FaceConfig) -> None:
+# Box bounds per search mode, for faces wherever the old default finds them: median and largest box
+# difference as fractions of the face's box side. "near" gives the full search's very box on most frames;
+# "track" re-estimates every box with O-net from the box it saw one frame before (6 CREMA-D clips, 379
+# frames: median 3.1 px, largest 9.0 px for boxes of ~94 px; docs/benchmarks.md). The crop bound is the
+# caller's: the same box shift moves the grey levels of a flat-shaded synthetic face far more than a real one.
+_BOX_BOUNDS = {"near": (1e-5, 0.1), "track": (0.05, 0.12)}
+
+
+def _agreement(frames: np.ndarray, config: FaceConfig, crop_grey: float) -> None:
     old = _old_detect(frames, FaceConfig())
     found = np.array([o is not None for o in old])
     assert found.any()
@@ -205,25 +227,45 @@ def _agreement(frames: np.ndarray, config: FaceConfig) -> None:
     for i in np.flatnonzero(found):  # and the same boxes and landmarks up to float rounding
         np.testing.assert_allclose(full.boxes[i], old[i][0], atol=1e-3)
         np.testing.assert_allclose(full.landmarks[i], old[i][1], atol=1e-3)
-    near = FaceDetector(config).detect_sequence(frames)
-    np.testing.assert_array_equal(near.found, found)  # near: a face wherever the full search finds one
-    diff = np.array([np.abs(near.boxes[i] - old[i][0]).max() for i in np.flatnonzero(found)])
-    assert np.median(diff) < 1e-3  # most frames give the full search's very box
-    assert diff.max() < 0.1 * float((old[np.flatnonzero(found)[0]][0][2:] - old[np.flatnonzero(found)[0]][0][:2]).max())
+    new = FaceDetector(config).detect_sequence(frames)
+    np.testing.assert_array_equal(new.found, found)  # a face wherever the full search finds one, and only there
+    median, largest = _BOX_BOUNDS[config.search]
+    side = float((old[np.flatnonzero(found)[0]][0][2:] - old[np.flatnonzero(found)[0]][0][:2]).max())
+    diff = np.array([np.abs(new.boxes[i] - old[i][0]).max() for i in np.flatnonzero(found)])
+    assert np.median(diff) < median * side  # near: most frames give the full search's very box
+    assert diff.max() < largest * side
     crops_old = np.stack([crop_square(frames[i], square_box(old[i][0], 0.25), 96) for i in np.flatnonzero(found)])
-    crops_near = np.stack([crop_square(frames[i], square_box(near.boxes[i], 0.25), 96) for i in np.flatnonzero(found)])
-    assert np.abs(crops_old.astype(int) - crops_near.astype(int)).mean() < 5.0  # grey levels of 255 (measured: 3.9 synthetic)
+    crops_new = np.stack([crop_square(frames[i], square_box(new.boxes[i], 0.25), 96) for i in np.flatnonzero(found)])
+    assert np.abs(crops_old.astype(int) - crops_new.astype(int)).mean() < crop_grey  # grey levels of 255
 
 
 @pytest.mark.slow
-def test_search_agrees_with_facenet_on_a_synthetic_clip(make_clip) -> None:
+@pytest.mark.parametrize(("search", "crop_grey"), [("near", 5.0), ("track", 20.0)])  # measured: 3.9, 15.1
+def test_search_agrees_with_facenet_on_a_synthetic_clip(make_clip, search: str, crop_grey: float) -> None:
     clip = make_clip("agree.mp4", duration_s=2.0, fps="30", width=480, height=360)
     frames = np.concatenate([f for f, _ in iter_video_frames(clip.path)])
-    _agreement(frames, FaceConfig(search="near"))
+    _agreement(frames, FaceConfig(search=search), crop_grey)
 
 
 @pytest.mark.slow
 @pytest.mark.shared_data
-def test_search_agrees_with_facenet_on_crema_d(crema_flvs: list[Path]) -> None:
+@pytest.mark.parametrize(("search", "crop_grey"), [("near", 5.0), ("track", 10.0)])  # measured: 2.9, 5.9
+def test_search_agrees_with_facenet_on_crema_d(crema_flvs: list[Path], search: str, crop_grey: float) -> None:
     frames = np.concatenate([f for f, _ in iter_video_frames(crema_flvs[1])])
-    _agreement(frames, FaceConfig(search="near"))
+    _agreement(frames, FaceConfig(search=search), crop_grey)
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+def test_confirm_on_the_boxes_onet_saw_gives_the_full_search_faces(crema_flvs: list[Path], detector: FaceDetector) -> None:
+    """O-net alone on the boxes it saw in a whole-frame search gives that search's faces again: the crops
+    read from the candidates' rows and columns only are the whole image's (search="track" relies on it)."""
+    frames = np.concatenate([f for f, _ in iter_video_frames(crema_flvs[0], chunk=8)][:1])
+    small, _, _ = downscale(frames, 320)
+    for i in range(len(small)):
+        boxes, points, inputs = detector.mtcnn.detect_with_inputs(small[i : i + 1])[0]
+        assert len(boxes)
+        again, points_again, inputs_again = detector.mtcnn.confirm(small[i], inputs)
+        np.testing.assert_allclose(again, boxes, atol=1e-3)
+        np.testing.assert_allclose(points_again, points, atol=1e-3)
+        np.testing.assert_allclose(inputs_again, inputs, atol=1e-4)
