@@ -1,6 +1,6 @@
 """The msata model: one transformer over time-stamped audio and face tokens.
 
-    audio log-mel (B, Ta, F) --AudioFrontend--> (B, Ta', D) + times
+    audio log-mel (B, Ta, F) --AudioFrontend (1-D conv) or ConvAudioFrontend (2-D CNN)--> (B, Ta', D) + times
       or encoder states (B, Ta, L, D_in) --EncoderStatesFrontend (layer mix, projection)--> (B, Ta', D) + times
     face crops (B, Tv, S, S, 3) --VideoFrontend (CNN)--> (B, Tv, D) + times
       or blendshapes (B, Tv, 52) --BlendshapeFrontend (MLP)--> (B, Tv, D) + times
@@ -20,16 +20,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from features.config_keys import reject_unknown_keys
 from features.face_landmarks import N_BLENDSHAPES
 from modeling.network.batch import Batch
-from modeling.network.frontends import AudioFrontend, BlendshapeFrontend, EncoderStatesFrontend, Tokens, VideoFrontend
+from modeling.network.frontends import (
+    AudioFrontend,
+    BlendshapeFrontend,
+    ConvAudioFrontend,
+    EncoderStatesFrontend,
+    Tokens,
+    VideoFrontend,
+)
 from modeling.network.tarope import (
     DEFAULT_BASE,
     DEFAULT_RATE,
@@ -51,6 +59,12 @@ CTM_ON_KINDS = ("frontend", "encoder")
 # MTCNN face crops through a small CNN, or MediaPipe blendshape scores through an MLP.
 VIDEO_INPUTS = ("crops", "blendshapes")
 MODALITY_KINDS = ("audio", "video")
+# The log-mel front-end: per-frame 1-D convolutions over all mel channels, or a 2-D CNN over
+# time x frequency (ConvAudioFrontend). Encoder states always go through EncoderStatesFrontend.
+AUDIO_FRONTENDS = ("conv1d", "cnn2d")
+# Model settings added after run keys were first written: left out of an experiment's run key at
+# these defaults, so older run directories keep their names (as LATER_TRAIN_DEFAULTS for training).
+LATER_MODEL_DEFAULTS: dict[str, Any] = {"audio_frontend": "conv1d", "audio_channels": [16, 32, 64]}
 
 
 @dataclass
@@ -59,10 +73,12 @@ class MsataConfig:
     n_mels: int = 80
     d_model: int = 192
     n_heads: int = 4
-    n_layers: int = 4
+    n_layers: int = 4  # 0: no block, the front-end tokens are pooled directly (a pooled head; positions play no role)
     mlp_ratio: float = 4.0
     dropout: float = 0.1
     audio_downsample: int = 1  # 1 keeps 50 tokens/s; k merges k frames per token
+    audio_frontend: str = "conv1d"  # log-mel only: "conv1d" | "cnn2d" (AUDIO_FRONTENDS)
+    audio_channels: tuple[int, ...] = (16, 32, 64)  # "cnn2d": one 3x3 conv stage each, halving frequency
     audio_layers: int = 0  # > 0: the audio input is a pretrained encoder's states (L layers of audio_width)
     audio_width: int = 0
     audio_heads: int = 0  # the encoder's attention heads (set from the store; used when fine-tuning)
@@ -85,6 +101,7 @@ class MsataConfig:
 
     def __post_init__(self) -> None:
         self.video_channels = tuple(int(c) for c in self.video_channels)
+        self.audio_channels = tuple(int(c) for c in self.audio_channels)
         if isinstance(self.modalities, str) or not self.modalities or set(self.modalities) - set(MODALITY_KINDS):
             raise ValueError(f"modalities={self.modalities!r}; expected a non-empty subset of {list(MODALITY_KINDS)}")
         self.modalities = tuple(m for m in MODALITY_KINDS if m in self.modalities)  # canonical order: equal configs compare equal
@@ -98,6 +115,17 @@ class MsataConfig:
             raise ValueError(f"video_input={self.video_input!r}; expected one of {VIDEO_INPUTS}")
         if self.ctm_on not in CTM_ON_KINDS:
             raise ValueError(f"ctm_on={self.ctm_on!r}; expected one of {CTM_ON_KINDS}")
+        if self.audio_frontend not in AUDIO_FRONTENDS:
+            raise ValueError(f"audio_frontend={self.audio_frontend!r}; expected one of {AUDIO_FRONTENDS}")
+        if self.audio_frontend == "cnn2d" and (self.audio_layers > 0 or not self.audio_channels):
+            raise ValueError("audio_frontend='cnn2d' reads log-mel (a store without encoder states) and needs audio_channels")
+        if self.audio_frontend == "cnn2d" and (
+            self.audio_downsample & (self.audio_downsample - 1) or self.audio_downsample > 2 ** len(self.audio_channels)
+        ):
+            raise ValueError(
+                f"audio_downsample={self.audio_downsample}: the 2-D CNN pools time by 2 per stage of audio_channels, "
+                f"so a power of 2 up to {2 ** len(self.audio_channels)}"
+            )
         if self.pooling not in POOLING_KINDS:
             raise ValueError(f"pooling={self.pooling!r}; expected one of {POOLING_KINDS}")
         if (self.audio_layers > 0) != (self.audio_width > 0):
@@ -111,7 +139,7 @@ class MsataConfig:
             )
         if self.audio_downsample < 1:
             raise ValueError(f"audio_downsample must be >= 1, got {self.audio_downsample}")
-        if self.n_classes < 1 or self.n_layers < 1 or not self.video_channels:
+        if self.n_classes < 1 or self.n_layers < 0 or not self.video_channels:
             raise ValueError(f"invalid sizes in {self}")
 
     @property
@@ -121,15 +149,13 @@ class MsataConfig:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["video_channels"] = list(self.video_channels)  # JSON/MLflow friendly
+        data["audio_channels"] = list(self.audio_channels)
         data["modalities"] = list(self.modalities)
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MsataConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown MsataConfig keys: {sorted(unknown)}")
+        reject_unknown_keys(data, cls, "MsataConfig")
         return cls(**data)
 
 
@@ -283,6 +309,8 @@ class MsataModel(nn.Module):
                 config.audio_finetune_blocks,
                 config.audio_heads,
             )
+        elif config.audio_frontend == "cnn2d":
+            self.audio_frontend = ConvAudioFrontend(config.n_mels, d, config.audio_downsample, config.dropout, config.audio_channels)
         else:
             self.audio_frontend = AudioFrontend(config.n_mels, d, config.audio_downsample, config.dropout)
         if config.video_input == "blendshapes":

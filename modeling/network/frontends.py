@@ -95,6 +95,56 @@ class AudioFrontend(nn.Module):
         return Tokens(x, times.to(torch.float32), mask)
 
 
+class ConvAudioFrontend(nn.Module):
+    """Log-mel frames (B, Ta, F) at 50/s -> tokens at 50/downsample per second, through a 2-D CNN.
+
+    The from-scratch alternative to :class:`AudioFrontend` (``MsataConfig.audio_frontend = "cnn2d"``):
+    convolutions over time x frequency see local spectro-temporal patterns (formant moves,
+    pitch harmonics) that per-frame 1-D convolutions over all channels mix away; it is the
+    front-end of most small-data speech emotion CNNs. Each stage is a 3x3 convolution,
+    BatchNorm, GELU and a max-pool that halves frequency, and time as well in the first
+    log2(downsample) stages; the frequency axis is then flattened into each token. A token's
+    time is the mean of its frames' times (``merge_times`` applied per pooling stage), so
+    TaRoPE is unchanged.
+    """
+
+    def __init__(self, n_mels: int, d_model: int, downsample: int, dropout: float, channels: tuple[int, ...]) -> None:
+        super().__init__()
+        if downsample & (downsample - 1) or downsample > 2 ** len(channels):
+            raise ValueError(
+                f"audio_downsample={downsample}: the 2-D CNN pools time by 2 per stage, so a power of 2 up to {2 ** len(channels)}"
+            )
+        self.n_mels, self.downsample = n_mels, downsample
+        self.time_pools = [2 if 2**i < downsample else 1 for i in range(len(channels))]
+        stages, pools, c_in, freq = [], [], 1, n_mels
+        for c_out, t_pool in zip(channels, self.time_pools, strict=True):
+            stages.append(nn.Sequential(nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.GELU()))
+            pools.append(nn.MaxPool2d(kernel_size=(2, t_pool), ceil_mode=True))
+            c_in, freq = c_out, -(-freq // 2)
+        self.stages, self.pools = nn.ModuleList(stages), nn.ModuleList(pools)
+        self.out = nn.Linear(c_in * freq, d_model)
+        self.drop = nn.Dropout(dropout)
+        self.d_model = d_model
+
+    def forward(self, logmel: torch.Tensor, times: torch.Tensor, mask: torch.Tensor) -> Tokens:
+        b, t, f = logmel.shape
+        if t == 0:
+            return Tokens(logmel.new_zeros(b, 0, self.d_model), times.new_zeros(b, 0), mask.new_zeros(b, 0))
+        if f != self.n_mels:
+            raise ValueError(f"audio has {f} mel channels, the model expects {self.n_mels}")
+        x = normalise_utterance(logmel, mask).transpose(1, 2).unsqueeze(1)  # (B, 1, F, Ta)
+        m = mask
+        for stage, pool, t_pool in zip(self.stages, self.pools, self.time_pools, strict=True):
+            # Padded frames: -inf into the max-pool (never the max of a window with a real frame),
+            # zero out of it (the next convolution's zero padding), so padding changes no real token.
+            x = pool(stage(x).masked_fill(~m[:, None, None, :], float("-inf")))  # (B, C, F/2, Ta/t_pool)
+            if t_pool > 1:
+                times, m = merge_times(times, m, t_pool)
+            x = x.masked_fill(~m[:, None, None, :], 0.0)
+        x = x.flatten(1, 2).transpose(1, 2)  # (B, Ta', C * F')
+        return Tokens(self.drop(self.out(x)), times.to(torch.float32), m)
+
+
 class EncoderStatesFrontend(nn.Module):
     """Pretrained-encoder hidden states (B, Ta, L, D_in) at 50/s -> tokens (B, Ta', d_model).
 

@@ -32,9 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from features.config import FeatureConfig
+from features.config_keys import reject_unknown_keys
 from modeling.data import splits as sp
 from modeling.data.examples import AUGMENT_FIELDS, DataConfig
-from modeling.network.encoder import MsataConfig
+from modeling.network.encoder import LATER_MODEL_DEFAULTS, MsataConfig
 from modeling.training.run_dir import SPEC_FILE, write_json
 from modeling.training.run_logger import MlflowRef
 from modeling.training.train_loop import TrainConfig
@@ -49,11 +50,10 @@ def data_overrides(data: dict[str, Any] | None) -> dict[str, Any]:
     """A run config's ``[data]`` table, checked: only the augmentation fields (the others are ``[train]``'s)."""
     data = dict(data or {})
     shared = {f.name for f in fields(DataConfig)} - set(AUGMENT_FIELDS)
-    misplaced, unknown = sorted(set(data) & shared), sorted(set(data) - set(AUGMENT_FIELDS) - shared)
+    misplaced = sorted(set(data) & shared)
     if misplaced:
         raise ValueError(f"data settings {misplaced} are set in [train] (TrainConfig), not [data]")
-    if unknown:
-        raise ValueError(f"unknown data keys {unknown}; known: {sorted(AUGMENT_FIELDS)}")
+    reject_unknown_keys(data, AUGMENT_FIELDS, "data")
     return data
 
 
@@ -97,7 +97,11 @@ class ExperimentSpec:
             if k not in RESULT_INDEPENDENT_TRAIN_KEYS and not (k in LATER_TRAIN_DEFAULTS and v == LATER_TRAIN_DEFAULTS[k])
         }
         data = self.to_dict()
-        keyed = {k: data[k] for k in ("store_path", "dataset", "model", "feature_config_hash", "splits_hash")} | {"train": train_key}
+        model_key = {k: v for k, v in data["model"].items() if not (k in LATER_MODEL_DEFAULTS and v == LATER_MODEL_DEFAULTS[k])}
+        keyed = {k: data[k] for k in ("store_path", "dataset", "feature_config_hash", "splits_hash")} | {
+            "model": model_key,
+            "train": train_key,
+        }
         if self.data_is_custom():
             keyed["data"] = augmentation(self.data)
         return _hash(keyed)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from features.config_keys import reject_unknown_keys
 from modeling.data.dataset import ShardedBatchSampler
 from modeling.data.examples import DEFAULT_CACHE_BYTES, DataConfig
 from modeling.network.batch import Batch
@@ -79,10 +80,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> TrainConfig:
         data = dict(data or {})
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown TrainConfig keys {sorted(unknown)}; known: {sorted(known)}")
+        reject_unknown_keys(data, cls, "TrainConfig")
         return cls(**data)
 
 

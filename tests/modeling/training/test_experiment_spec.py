@@ -23,6 +23,7 @@ from modeling.training.train_loop import TrainConfig
 
 FIXTURES = Path(__file__).parent / "fixtures"
 V1 = json.loads((FIXTURES / "experiment_v1.json").read_text())
+LATER_MODEL = {"audio_frontend": "conv1d", "audio_channels": [16, 32, 64]}  # model settings added since V1, at their defaults
 V1_KEY = (FIXTURES / "experiment_v1.key").read_text().strip()
 DEFAULT_AUGMENTATION = {name: getattr(DataConfig(), name) for name in AUGMENT_FIELDS}
 
@@ -44,7 +45,11 @@ def test_a_spec_written_by_the_dict_code_loads_typed(tmp_path: Path) -> None:
 def test_the_json_form_keeps_the_old_keys_and_the_run_key() -> None:
     spec = ExperimentSpec.from_dict(V1)
     # every old key, value for value; settings added since appear at their defaults
-    assert spec.to_dict() == V1 | {"data": DEFAULT_AUGMENTATION, "train": V1["train"] | {"refit": False}}
+    assert spec.to_dict() == V1 | {
+        "data": DEFAULT_AUGMENTATION,
+        "train": V1["train"] | {"refit": False},
+        "model": V1["model"] | LATER_MODEL,
+    }
     assert spec.run_key() == V1_KEY  # `--resume` without --run-dir finds the old directory
     assert ExperimentSpec.from_dict(spec.to_dict()) == spec
 
@@ -78,7 +83,7 @@ def test_a_run_dir_written_by_the_dict_code_resumes(tmp_path: Path, monkeypatch)
     )
     spec = load_spec(run_dir)
     assert spec.train == TrainConfig(epochs=1, lr=1e-2, num_workers=0)  # only the workers (and cache) follow the new call
-    assert spec.to_dict() | {"train": old["train"]} == old | {"data": DEFAULT_AUGMENTATION}
+    assert spec.to_dict() | {"train": old["train"]} == old | {"data": DEFAULT_AUGMENTATION, "model": old["model"] | LATER_MODEL}
 
 
 def test_augmentation_is_a_setting_of_the_run(tmp_path: Path, monkeypatch) -> None:
