@@ -154,8 +154,9 @@ class FaceConfig:
     # Where MTCNN looks (FACE_SEARCHES): "full" = the whole frame at every pyramid scale; "near" = around
     # the previous frame's face at the scales of its size, with the whole frame whenever that finds none
     # and every features.faces.NEAR_REFRESH frames (several times cheaper; agreement in docs/benchmarks.md);
-    # "track" = no P-net between whole-frame searches: R- and O-net confirm boxes around the previous frame's
-    # face, with the whole frame when they find none there and every features.faces.TRACK_REFRESH frames.
+    # "track" = no P-net or R-net between whole-frame searches: O-net alone confirms the box it saw for the
+    # previous frame's face (moved with it), with the whole frame when it finds none there and every
+    # features.faces.TRACK_REFRESH frames (fastest; boxes differ from "full" by a few pixels).
     search: str = "full"
 
     def __post_init__(self) -> None:

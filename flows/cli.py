@@ -72,7 +72,7 @@ def preprocess(
     ),
     face_search: str | None = typer.Option(
         None,
-        help="Where MTCNN looks (face.search): full (the whole frame, default) or near (around the previous frame's face, with the whole frame when that finds none; several times faster, docs/benchmarks.md).",
+        help="Where MTCNN looks (face.search): full (the whole frame, default), near (around the previous frame's face, with the whole frame when that finds none) or track (O-net alone on the previous frame's face between whole-frame searches; fastest, boxes differ by a few px); docs/benchmarks.md.",
     ),
     audio_encoder: str | None = typer.Option(
         None,

@@ -25,6 +25,7 @@ deployment's worker registers none, and the epochs reach the UI as log lines.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -40,6 +41,11 @@ from flows.train_params import DataParams, ModelOverrides, SplitParams, TrainPar
 if TYPE_CHECKING:
     from modeling.training.experiment import CVResult
     from modeling.training.run_logger import RunLogger
+
+# Prefect validates flow parameters with a pydantic model whose base class has a `register`
+# attribute, so our documented `register` parameter draws a harmless UserWarning on every call;
+# users saw it twice above the progress bars of `msata train`.
+warnings.filterwarnings("ignore", message='Field name "register" in "Train_MsataModel" shadows', category=UserWarning)
 
 _PROGRESS_HOOKS: list[Callable[[Any], None]] = []  # this process's listeners; never serialised
 

@@ -99,7 +99,9 @@ def test_face_search_is_a_feature_setting_checked_before_any_work(corpus: Path, 
     args = ["preprocess", "--dataset", "crema-d", "--root", str(corpus), "--store", str(tmp_path / "store"), "--face-search", "wide"]
     result = runner.invoke(app, args)
     assert result.exit_code == 2, result.output
-    assert result.output.splitlines()[0] == "error: feature settings: face search 'wide'; expected one of ('full', 'near')", result.output
+    assert result.output.splitlines()[0] == "error: feature settings: face search 'wide'; expected one of ('full', 'near', 'track')", (
+        result.output
+    )
     assert not (tmp_path / "store").exists()
 
 
