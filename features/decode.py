@@ -10,26 +10,35 @@ thread pairs them with the frames that arrive on stdout. Since the filter graph
 runs with ``-fps_mode passthrough`` no frame is duplicated or dropped after
 ``showinfo``, so the k-th log line belongs to the k-th frame on the pipe.
 
-One module of ~340 lines because probing, audio decoding and the framed video pipe share ffmpeg's timestamp conventions, which must stay in one place.
+:func:`decode_audio_video` runs both decoders as the two outputs of one ffmpeg process
+(one process start less per clip: that start, mostly the dynamic loader, is ~0.1 CPU s,
+as much as a whole ffprobe call). ffprobe itself stays: the stream facts the features
+depend on exactly (per-stream durations and start times, the average frame rate) are in
+no ffmpeg log at full precision.
+
+One module of ~430 lines because probing, audio decoding and the framed video pipe share ffmpeg's timestamp conventions, which must stay in one place.
 """
 
 from __future__ import annotations
 
 import collections
+import os
 import queue
 import re
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import ffmpeg
 import numpy as np
 
 from features.clip import ClipError
+
+T = TypeVar("T")
 
 _STDERR_TAIL_LINES = 12
 # A decode that covers less than this fraction of the container's duration (beyond a
@@ -41,8 +50,10 @@ _COVERAGE_SLACK_S = 0.15
 # chunks are alive while the consumer works on one, which for 32 frames of 1080p was 400 MB.
 MAX_CHUNK_BYTES = 64 * 2**20
 
-_SHOWINFO_FRAME = re.compile(r"\[Parsed_showinfo_\d+ @ [^\]]+\] n:\s*(\d+) pts:\s*(-?\d+) ")
-_SHOWINFO_TB = re.compile(r"\[Parsed_showinfo_\d+ @ [^\]]+\] config in time_base: (\d+)/(\d+)")
+# "(?:\[info\] )?": the level tag ffmpeg writes after the context with ``-loglevel level+info`` (decode_audio_video).
+_SHOWINFO_FRAME = re.compile(r"\[Parsed_showinfo_\d+ @ [^\]]+\] (?:\[info\] )?n:\s*(\d+) pts:\s*(-?\d+) ")
+_SHOWINFO_TB = re.compile(r"\[Parsed_showinfo_\d+ @ [^\]]+\] (?:\[info\] )?config in time_base: (\d+)/(\d+)")
+_ERROR_LEVEL = re.compile(r"\[(?:error|fatal|panic)\] ")
 
 
 @dataclass(frozen=True)
@@ -203,13 +214,18 @@ def decode_audio(path: str | Path, sample_rate: int = 16_000, info: MediaInfo | 
     proc = subprocess.run(cmd, capture_output=True, check=False)
     if proc.returncode != 0:
         raise ClipError(f"{info.path}: audio decode failed (ffmpeg exit {proc.returncode}): {_tail(proc.stderr)}")
-    wave = np.frombuffer(proc.stdout, dtype="<f4").astype(np.float32)  # (N,) copy: writable
+    return _finish_audio(info, proc.stdout, sample_rate, _tail(proc.stderr))
+
+
+def _finish_audio(info: MediaInfo, raw: bytes | bytearray, sample_rate: int, tail: str) -> np.ndarray:
+    """f32le bytes from ffmpeg -> (N,) float32, cut at the declared duration and checked for coverage."""
+    wave = np.frombuffer(raw, dtype="<f4").astype(np.float32)  # (N,) copy: writable
     if info.audio_duration_s is not None and info.audio_duration_s > 0:
         # Codecs pad their last frame (AAC: up to 1024 samples of silence); the
         # container's stream duration says where the real signal ends.
         wave = wave[: int(round(info.audio_duration_s * sample_rate))]
     if wave.size == 0:
-        raise ClipError(f"{info.path}: audio stream decoded to zero samples: {_tail(proc.stderr)}")
+        raise ClipError(f"{info.path}: audio stream decoded to zero samples: {tail}")
     _check_coverage(info.path, "audio", wave.size / sample_rate, _expected_duration(info.audio_duration_s, info.duration_s))
     return wave
 
@@ -231,6 +247,7 @@ class _StderrReader(threading.Thread):
         self.times: queue.Queue[int | None] = queue.Queue()
         self.time_base: Fraction | None = None
         self.tail: collections.deque[str] = collections.deque(maxlen=_STDERR_TAIL_LINES)
+        self.n_errors = 0  # lines logged at error level or worse (seen only with ``-loglevel level+...``)
 
     def run(self) -> None:
         for raw in iter(self._stream.readline, b""):
@@ -244,6 +261,7 @@ class _StderrReader(threading.Thread):
                 self.time_base = Fraction(int(tb.group(1)), int(tb.group(2)))
             elif "Parsed_showinfo" not in line and line.strip():
                 self.tail.append(line)
+                self.n_errors += bool(_ERROR_LEVEL.search(line))
         self.times.put(None)  # end of stream
 
     def next_pts(self) -> int | None:
@@ -286,11 +304,18 @@ def iter_video_frames(
         .global_args("-nostdin", "-hide_banner", "-loglevel", "info")
         .compile()
     )
-    frame_bytes = width * height * 3
-    chunk = max(1, min(chunk, MAX_CHUNK_BYTES // frame_bytes))
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     reader = _StderrReader(proc.stderr)
     reader.start()
+    yield from _framed_video(proc, reader, info, width, height, chunk)
+
+
+def _framed_video(
+    proc: subprocess.Popen, reader: _StderrReader, info: MediaInfo, width: int, height: int, chunk: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """iter_video_frames' reading of a started ffmpeg (RGB frames on stdout, showinfo on stderr to ``reader``)."""
+    frame_bytes = width * height * 3
+    chunk = max(1, min(chunk, MAX_CHUNK_BYTES // frame_bytes))
     first_pts: int | None = None
     n_done = 0
     last_time = 0.0
@@ -330,6 +355,78 @@ def iter_video_frames(
         for pipe in (proc.stdout, proc.stderr):
             if pipe is not None:
                 pipe.close()
+
+
+def decode_audio_video(
+    audio: MediaInfo,
+    video: MediaInfo,
+    consume: Callable[[Iterator[tuple[np.ndarray, np.ndarray]]], T],
+    sample_rate: int = 16_000,
+    chunk: int = 32,
+) -> tuple[np.ndarray, T]:
+    """decode_audio(audio) and ``consume(iter_video_frames(video))`` from one ffmpeg process: (wave (N,), result).
+
+    The two outputs take the very options of the separate decoders (a second output of the
+    same command line), so the samples, frames and times are the same; what is saved is one
+    ffmpeg start (~0.1 CPU s, mostly the dynamic loader). ``audio`` and ``video`` may be one
+    file or two. Strict: ClipError for anything the separate decoders would refuse, and also
+    for any ffmpeg message at error level (ffmpeg's decode-error rate that decides its exit
+    status is summed over the streams it decodes, so one process could pass where the audio
+    alone fails) or a consumer that stops early. A caller that must keep the separate
+    decoders' messages falls back to them on ClipError (features.extract does).
+    """
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    if not audio.has_audio or audio.audio_stream_index is None:
+        raise ClipError(f"{audio.path}: no audio stream")
+    if not video.has_video or video.video_stream_index is None or not video.width or not video.height:
+        raise ClipError(f"{video.path}: no video stream")
+    inputs = [audio.path] if audio.path == video.path else [audio.path, video.path]
+    v_input = len(inputs) - 1
+    read_fd, write_fd = os.pipe()
+    # Output 1 is iter_video_frames' (full size), output 2 decode_audio's, option for option.
+    cmd = ["ffmpeg", *(arg for path in inputs for arg in ("-i", path))]
+    cmd += ["-filter_complex", f"[{v_input}:{video.video_stream_index}]showinfo=checksum=0[s0]", "-map", "[s0]"]
+    cmd += ["-f", "rawvideo", "-fps_mode", "passthrough", "-pix_fmt", "rgb24", "pipe:"]
+    cmd += ["-f", "f32le", "-ac", "1", "-acodec", "pcm_f32le", "-ar", str(sample_rate)]
+    cmd += ["-map", f"0:{audio.audio_stream_index}", f"pipe:{write_fd}"]
+    cmd += ["-nostdin", "-hide_banner", "-loglevel", "level+info"]
+    try:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(write_fd,))
+    except BaseException:
+        os.close(read_fd)
+        raise
+    finally:
+        os.close(write_fd)  # the child holds its copy; the reader sees EOF when the child exits
+    samples = bytearray()
+
+    def drain() -> None:
+        with os.fdopen(read_fd, "rb", buffering=0) as pipe:
+            while block := pipe.read(1 << 20):
+                samples.extend(block)
+
+    audio_reader = threading.Thread(target=drain, daemon=True)
+    audio_reader.start()
+    reader = _StderrReader(proc.stderr)
+    reader.start()
+    frames = _framed_video(proc, reader, video, video.width, video.height, chunk)
+    try:
+        result = consume(frames)
+        if proc.returncode is None:  # the consumer left frames unread
+            raise ClipError(f"{video.path}: the consumer stopped before the last frame")
+    finally:
+        frames.close()  # kills ffmpeg if it still runs, once a frame was asked for
+        if proc.poll() is None:  # the consumer failed before asking for a frame
+            proc.kill()
+            proc.wait()
+        reader.join(timeout=5)
+        audio_reader.join()
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+    if reader.n_errors:
+        raise ClipError(f"{audio.path}: ffmpeg reported {reader.n_errors} error(s): {reader.tail_text()}")
+    return _finish_audio(audio, samples, sample_rate, reader.tail_text()), result
 
 
 def _read_into(pipe: Any, buf: memoryview) -> int:

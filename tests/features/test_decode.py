@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from features.clip import ClipError
-from features.decode import decode_audio, iter_video_frames, output_size, probe
+from features.decode import decode_audio, decode_audio_video, iter_video_frames, output_size, probe
 from features.synthetic import SpeakerStyle
 
 RATES = [25, 30, "30000/1001"]
@@ -169,3 +169,81 @@ def test_chunks_are_bounded_in_bytes(make_clip, monkeypatch: pytest.MonkeyPatch)
     assert max(len(f) for f, _ in small) == 5
     np.testing.assert_array_equal(np.concatenate([f for f, _ in small]), np.concatenate([f for f, _ in whole]))
     np.testing.assert_array_equal(np.concatenate([t for _, t in small]), np.concatenate([t for _, t in whole]))
+
+
+def _collect(chunks) -> tuple[np.ndarray, np.ndarray]:
+    frames, times = zip(*[(f.copy(), t) for f, t in chunks], strict=True)
+    return np.concatenate(frames), np.concatenate(times)
+
+
+def _same_as_separate(audio: Path, video: Path) -> None:
+    a_info, v_info = probe(audio), probe(video)
+    wave, (frames, times) = decode_audio_video(a_info, v_info, _collect)
+    np.testing.assert_array_equal(wave, decode_audio(audio, info=a_info))
+    assert wave.dtype == np.float32 and wave.flags.writeable
+    want_frames, want_times = _collect(iter_video_frames(video, info=v_info))
+    np.testing.assert_array_equal(frames, want_frames)
+    np.testing.assert_array_equal(times, want_times)
+
+
+@pytest.mark.parametrize("fps", RATES)
+def test_one_process_decodes_what_the_separate_decoders_do(make_clip, fps: object) -> None:
+    clip = make_clip(f"rate_{str(fps).replace('/', '_')}.mp4", duration_s=1.0, fps=fps, width=320, height=240)
+    _same_as_separate(clip.path, clip.path)
+
+
+def test_one_process_decodes_two_files(make_clip, tmp_path: Path) -> None:
+    import subprocess
+
+    clip = make_clip("rate_25.mp4", duration_s=1.0, fps=25, width=320, height=240)
+    wav = tmp_path / "voice.wav"
+    subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-i", str(clip.path), "-vn", "-ar", "22050", str(wav)], check=True)
+    _same_as_separate(wav, clip.path)
+
+
+def test_one_process_decode_is_strict(make_clip, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+
+    clip = make_clip("rate_25.mp4", duration_s=1.0, fps=25, width=320, height=240)
+    info = probe(clip.path)
+    started: list[subprocess.Popen] = []
+
+    class Recorded(subprocess.Popen):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+            started.append(self)
+
+    # A consumer that stops early: refused (the audio may be incomplete), and ffmpeg is not left running.
+    monkeypatch.setattr(subprocess, "Popen", Recorded)
+    with pytest.raises(ClipError, match="stopped before the last frame"):
+        decode_audio_video(info, info, lambda chunks: next(iter(chunks)), chunk=4)
+    assert len(started) == 1 and started[0].returncode is not None
+
+    def fails_at_once(chunks: object) -> None:
+        raise RuntimeError("consumer broke")
+
+    with pytest.raises(RuntimeError, match="consumer broke"):  # not a ClipError: it is not about the file
+        decode_audio_video(info, info, fails_at_once)
+    assert len(started) == 2 and started[1].returncode is not None
+    monkeypatch.undo()
+    # Damaged packets the separate video decoder lets through (ffmpeg exits 0) are refused here:
+    # its decode-error rate counts both streams, so only the separate decoders can judge the audio.
+    data = bytearray(clip.path.read_bytes())
+    at = len(data) // 2
+    data[at : at + 3000] = np.random.default_rng(1).bytes(3000)
+    damaged = tmp_path / "damaged.mp4"
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(ClipError, match=r"damaged.mp4: ffmpeg reported \d+ error\(s\)"):
+        decode_audio_video(probe(damaged), probe(damaged), _collect)
+    silent = make_clip("silent.mp4", duration_s=0.5, fps=25, with_audio=False)
+    with pytest.raises(ClipError, match="silent.mp4: no audio stream"):
+        decode_audio_video(probe(silent.path), probe(silent.path), _collect)
+    audio_only = make_clip("audio_only.m4a", duration_s=0.5, with_video=False)
+    with pytest.raises(ClipError, match="audio_only.m4a: no video stream"):
+        decode_audio_video(probe(audio_only.path), probe(audio_only.path), _collect)
+
+
+@pytest.mark.shared_data
+def test_one_process_decode_of_crema_d(crema_flvs: list[Path]) -> None:
+    for path in crema_flvs:
+        _same_as_separate(path, path)

@@ -138,3 +138,64 @@ def test_streams_of_one_container_keep_its_clock(make_clip, detector: FaceDetect
     # Separate files share no clock: nothing is shifted.
     apart = extract_clip(_record(delayed, clip.path), CFG, detector)
     assert apart.audio_times[0] == pytest.approx(0.01) and apart.video_times[0] == 0.0
+
+
+def _outcome(record: ClipRecord, detector: FaceDetector, combined: bool, monkeypatch: pytest.MonkeyPatch) -> dict | str:
+    """Every ClipFeatures field, or the ClipError's message, with the one-process decode on or off."""
+    from dataclasses import fields
+
+    import features.extract as extract
+
+    monkeypatch.setattr(extract, "COMBINED_DECODE", combined)
+    try:
+        f = extract_clip(record, CFG, detector)
+    except ClipError as err:
+        return str(err)
+    return {field.name: getattr(f, field.name) for field in fields(f)}
+
+
+@pytest.mark.slow
+def test_one_process_decode_changes_nothing(make_clip, detector: FaceDetector, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """extract_clip gives the same arrays (bit for bit), notes and errors with audio and video from one
+    ffmpeg as from the separate decoders it used before, damaged inputs included (which fall back to those)."""
+    import subprocess
+
+    clip = make_clip("same_av.mp4", duration_s=1.0, fps="30000/1001", width=320, height=240, label="angry", seed=4)
+    wav = tmp_path / "same_av.wav"
+    subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-i", str(clip.path), "-vn", str(wav)], check=True)
+    data = clip.path.read_bytes()
+    cut, damaged = tmp_path / "cut_av.mp4", tmp_path / "damaged_av.mp4"
+    cut.write_bytes(data[: len(data) // 2])
+    at = int(len(data) * 0.6)
+    damaged.write_bytes(data[:at] + np.random.default_rng(1).bytes(3000) + data[at + 3000 :])
+    records = [_record(clip.path, clip.path), _record(wav, clip.path), _record(cut, cut), _record(damaged, damaged)]
+    for record in records:
+        got, want = _outcome(record, detector, True, monkeypatch), _outcome(record, detector, False, monkeypatch)
+        if isinstance(want, str):
+            assert got == want
+            continue
+        assert isinstance(got, dict) and got.keys() == want.keys()
+        for name, value in want.items():
+            if isinstance(value, np.ndarray):
+                assert got[name].dtype == value.dtype, name
+                np.testing.assert_array_equal(got[name], value, err_msg=name)
+            else:
+                assert got[name] == value, name
+    assert isinstance(_outcome(records[0], detector, True, monkeypatch), dict)
+    assert "cut_av.mp4: truncated" in _outcome(records[2], detector, True, monkeypatch)
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+def test_one_process_decode_changes_nothing_on_crema_d(
+    crema_flvs: list[Path], detector: FaceDetector, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for flv in crema_flvs[:2]:
+        record = _record(flv, flv, flv.stem)
+        got, want = _outcome(record, detector, True, monkeypatch), _outcome(record, detector, False, monkeypatch)
+        assert isinstance(want, dict) and isinstance(got, dict)
+        for name, value in want.items():
+            if isinstance(value, np.ndarray):
+                np.testing.assert_array_equal(got[name], value, err_msg=name)
+            else:
+                assert got[name] == value, name
