@@ -4,20 +4,26 @@ For every clip (the CREMA-D sample when present; 1080p clips of --loop-seconds m
 looping a CREMA-D take, scaled, so that the face is real; else synthetic talking faces)
 the modes run back to back, so they see the same machine load:
 
-  floor     ffprobe + the audio to 16 kHz + every full-resolution RGB frame through a plain
-            ffmpeg pipe (no showinfo, nothing else)
+  floor_decode   the issue's floor: the audio to 16 kHz + every full-resolution RGB frame through a
+                 plain ffmpeg pipe (no showinfo, nothing else); two ffmpeg processes, the file probed
+                 outside the clock (its stream index and frame size)
+  floor_ffprobe  the same plus the ffprobe call extraction makes (this bench's floor until issue 13's
+                 ffprobe work; x floor_ffprobe is what the earlier tables call "x floor")
   full      extract_clip, default FeatureConfig (MTCNN on every frame, the whole frame searched)
   near      the same with face.search="near" (searched near the previous face)
   track     the same with face.search="track" (O-net alone on the previous face's box between
             whole-frame searches)
   every3    extract_clip with detect_every=3 (interpolation between detections)
   min60     extract_clip with detect_every=1 and MTCNN min_face_size=60 (--min-face)
+  track_separate  track with audio and video from two ffmpeg processes, as before issue 13's
+            one-process decode (features.extract.COMBINED_DECODE = False; --separate)
 
 Resident memory after each clip is recorded too (rss_mb_after), to show that it does
 not grow with the clip's length.
 
 CPU seconds include ffmpeg children (resource.getrusage(RUSAGE_CHILDREN)); the ratios
-compare CPU seconds per clip, which are robust to other load on the machine.
+compare CPU seconds per clip, which are robust to other load on the machine. Every mode
+is given against both floors.
 
     .venv/bin/python bench/bench_preprocess.py --json bench/results/preprocess.json
 """
@@ -43,12 +49,16 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from features import extract  # noqa: E402
 from features.config import FaceConfig, FeatureConfig  # noqa: E402
-from features.decode import decode_audio, probe  # noqa: E402
+from features.decode import MediaInfo, decode_audio, probe  # noqa: E402
 from features.extract import extract_clip  # noqa: E402
 from features.faces import Detections, FaceDetector  # noqa: E402
 from features.manifest import ClipRecord  # noqa: E402
 from features.synthetic import make_talking_face_clip, speaker_style  # noqa: E402
+
+# The two floors every mode is given against (see the module docstring).
+FLOORS = ("floor_decode", "floor_ffprobe")
 
 
 class TimedDetector(FaceDetector):
@@ -80,9 +90,10 @@ def _cpu() -> float:
     return time.process_time() + children.ru_utime + children.ru_stime
 
 
-def decode_floor(path: str) -> int:
-    """ffprobe, the audio, and every RGB frame through a plain ffmpeg pipe, read in 64 MiB blocks."""
-    info = probe(path)
+def decode_floor(path: str, info: MediaInfo | None = None) -> int:
+    """The audio and every RGB frame through a plain ffmpeg pipe, read in 64 MiB blocks; ffprobe first
+    unless ``info`` is given (then only its audio stream index and frame size are used)."""
+    info = info or probe(path)
     if info.has_audio:
         decode_audio(path, info=info)
     cmd = ["ffmpeg", "-nostdin", "-loglevel", "error", "-i", path, "-map", "0:v:0", "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:"]
@@ -189,10 +200,13 @@ def run(args: argparse.Namespace) -> dict:
     if args.min_face:
         # Same full-rate detection with a coarser MTCNN pyramid: the cheapest lever on CPU.
         configs[f"min{args.min_face}"] = replace(base, face=replace(base.face, min_face_size=args.min_face))
+    if args.separate:
+        configs["track_separate"] = configs["track"]
     detectors = {name: TimedDetector(cfg.face) for name, cfg in configs.items()}
     # Warm-up outside the clock: librosa/scipy imports, MTCNN first call.
     first = next(iter(groups.values()))[0]
     for name, cfg in configs.items():
+        extract.COMBINED_DECODE = name != "track_separate"
         extract_clip(ClipRecord("warm", "b", "s", "x", str(first), str(first)), cfg, detectors[name])
 
     results: dict[str, dict] = {}
@@ -203,12 +217,17 @@ def run(args: argparse.Namespace) -> dict:
             for path in paths:
                 rec = ClipRecord(path.stem, "bench", "s", "x", str(path), str(path))
                 wall, cpu = measure(lambda: decode_floor(str(path)))  # noqa: B023 (called at once, inside the loop)
-                acc["floor"]["wall"] += wall
-                acc["floor"]["cpu"] += cpu
+                acc["floor_ffprobe"]["wall"] += wall
+                acc["floor_ffprobe"]["cpu"] += cpu
+                info = probe(str(path))  # outside the clock
+                wall, cpu = measure(lambda: decode_floor(str(path), info))  # noqa: B023 (called at once)
+                acc["floor_decode"]["wall"] += wall
+                acc["floor_decode"]["cpu"] += cpu
                 for name, cfg in configs.items():
                     det = detectors[name]
                     det.mtcnn_cpu_s = 0.0
                     out: dict[str, object] = {}
+                    extract.COMBINED_DECODE = name != "track_separate"
                     wall, cpu = measure(lambda: out.setdefault("f", extract_clip(rec, cfg, det)))  # noqa: B023 (called at once)
                     acc[name]["wall"] += wall
                     acc[name]["cpu"] += cpu
@@ -224,11 +243,13 @@ def run(args: argparse.Namespace) -> dict:
             if "mtcnn_cpu" in m:
                 row[f"{mode}_mtcnn_cpu_s_per_clip"] = m["mtcnn_cpu"] / n
                 row[f"{mode}_rss_mb_after"] = m["rss_mb_after"]
-        for mode in configs:
-            row[f"{mode}_vs_floor_cpu"] = row[f"{mode}_cpu_s_per_clip"] / row["floor_cpu_s_per_clip"]
-            row[f"{mode}_vs_floor_wall"] = row["floor_clips_per_s"] / row[f"{mode}_clips_per_s"]
+        for mode in ["floor_ffprobe", *configs]:
+            for floor in FLOORS:
+                row[f"{mode}_vs_{floor}_cpu"] = row[f"{mode}_cpu_s_per_clip"] / row[f"{floor}_cpu_s_per_clip"]
+                row[f"{mode}_vs_{floor}_wall"] = row[f"{floor}_clips_per_s"] / row[f"{mode}_clips_per_s"]
         results[group] = row
     tmp.cleanup()
+    extract.COMBINED_DECODE = True
     return {
         "command": " ".join(sys.argv),
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s), peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3:.0f} MB",
@@ -240,17 +261,22 @@ def run(args: argparse.Namespace) -> dict:
 
 def print_table(report: dict) -> None:
     print(f"# {report['command']}\n# {report['machine']}")
-    head = f"{'clips':<22}{'mode':<8}{'clips/s':>9}{'CPU s/clip':>12}{'MTCNN CPU s':>13}{'x floor CPU':>13}{'x floor wall':>14}{'RSS MB after':>14}"
+    print("# x decode: against floor_decode (audio + RGB frames); x +ffprobe: against floor_ffprobe (the same plus ffprobe)")
+    head = f"{'clips':<22}{'mode':<16}{'clips/s':>9}{'CPU s/clip':>12}{'MTCNN CPU s':>13}"
+    head += f"{'x decode CPU':>14}{'x decode wall':>15}{'x +ffprobe CPU':>16}{'x +ffprobe wall':>17}{'RSS MB after':>14}"
     print(head)
     for group, row in report["groups"].items():
-        for mode in ["floor", *report["modes"]]:
+        for mode in [*FLOORS, *report["modes"]]:
             mt = row.get(f"{mode}_mtcnn_cpu_s_per_clip")
-            ratio_c = row.get(f"{mode}_vs_floor_cpu", 1.0)
-            ratio_w = row.get(f"{mode}_vs_floor_wall", 1.0)
+            ratios = "".join(
+                f"{row.get(f'{mode}_vs_{floor}_{kind}', 1.0):>{width}.2f}"
+                for floor in FLOORS
+                for kind, width in (("cpu", 14 if floor == "floor_decode" else 16), ("wall", 15 if floor == "floor_decode" else 17))
+            )
             print(
-                f"{group if mode == 'floor' else '':<22}{mode:<8}{row[f'{mode}_clips_per_s']:>9.2f}"
+                f"{group if mode == FLOORS[0] else '':<22}{mode:<16}{row[f'{mode}_clips_per_s']:>9.2f}"
                 f"{row[f'{mode}_cpu_s_per_clip']:>12.3f}{'' if mt is None else f'{mt:.3f}':>13}"
-                f"{ratio_c:>13.2f}{ratio_w:>14.2f}{row.get(f'{mode}_rss_mb_after', 0):>14.0f}"
+                f"{ratios}{row.get(f'{mode}_rss_mb_after', 0):>14.0f}"
             )
         print(f"{'':<22}({row['clips']} clips x {row['repeats']}, {row['frames_per_clip']:.0f} frames/clip)")
 
@@ -268,6 +294,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--torch-threads", type=int, default=1)
     parser.add_argument("--min-face", type=int, default=0, help="extra full-rate mode with this MTCNN min_face_size (0: off)")
+    parser.add_argument(
+        "--separate", action="store_true", help="also track with audio and video decoded by two ffmpeg processes (as before)"
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     report = run(args)
