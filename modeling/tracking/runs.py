@@ -24,6 +24,7 @@ The training driver reaches these functions only through ``MlflowRunLogger``
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -58,6 +59,9 @@ def configure_tracking(uri: str | None = None) -> str:
     import mlflow
 
     os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
+    # MLflow logs its SQLite schema set-up at INFO on every new database ("Creating initial MLflow
+    # database tables..."): noise above msata's own output; warnings and errors still show.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     uri = uri or tracking_uri()
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
