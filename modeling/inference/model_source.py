@@ -50,9 +50,12 @@ def resolve_checkpoint(model: str, tracking_uri: str | None = None) -> Iterator[
         return
     from mlflow.exceptions import MlflowException
 
-    from modeling.tracking.runs import tracking_uri as resolved_tracking_uri
+    from modeling.tracking.runs import configure_tracking
 
-    uri = tracking_uri or resolved_tracking_uri()  # passed to the download; MLflow's process-wide URIs are left alone
+    # MLflow resolves a models:/ URI's alias or version through its process-wide registry URI, whatever
+    # download_artifacts is given: without this, a fresh `msata predict` looked in MLflow's own default
+    # (./mlflow.db of the working directory) instead of msata's store under MSATA_HOME.
+    uri = configure_tracking(tracking_uri)
     with tempfile.TemporaryDirectory(prefix="msata-model-") as tmp:
         try:
             local = Path(mlflow_download(model, tmp, uri))

@@ -59,9 +59,10 @@ def configure_tracking(uri: str | None = None) -> str:
     import mlflow
 
     os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
-    # MLflow logs its SQLite schema set-up at INFO on every new database ("Creating initial MLflow
-    # database tables..."): noise above msata's own output; warnings and errors still show.
-    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+    # MLflow logs at INFO its SQLite schema set-up on every new database and each step of logging a
+    # model (uv.lock copied, input example validated): a dozen lines above msata's own summary of a
+    # run. Warnings and errors still show.
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
     uri = uri or tracking_uri()
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from modeling.training.checkpoint import CheckpointError, load_checkpoint, save_
 LABELS = ("happy", "sad")
 # Sparse face detection and small crops keep MTCNN and the model cheap on a busy CPU.
 FEATURES = FeatureConfig(face=FaceConfig(crop_size=48, detect_every=5))
+REPO_ROOT = Path(__file__).resolve().parents[3]
 MODEL = {"d_model": 32, "n_heads": 2, "n_layers": 1, "video_channels": [8, 16], "dropout": 0.0}
 SIZE = (160, 120)
 
@@ -355,3 +357,41 @@ def test_mlflow_registry_round_trip(trained: dict, tmp_path: Path, monkeypatch: 
     for bad in (f"models:/{registered.name}@no-such-alias", "models:/no-such-model/1", f"models:/{registered.name}/99"):
         with pytest.raises(ValueError, match="cannot load MLflow model"):
             load_predictor(bad)
+
+
+@pytest.mark.slow
+def test_a_fresh_process_finds_the_registered_model_in_msata_home(trained: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`msata predict --model models:/NAME@champion` as a user runs it: a new process, no MLFLOW_TRACKING_URI,
+    msata's default store under MSATA_HOME, another working directory (MLflow's own default is ./mlflow.db)."""
+    import subprocess
+    import sys
+
+    from modeling.tracking import registry
+    from modeling.tracking import runs as tracking
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("MSATA_HOME", str(home))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    tracking.configure_tracking()  # the default store: sqlite:///HOME/mlflow/mlflow.db
+    run_id = tracking.create_run(tracking.get_or_create_experiment("crema-d"), "fresh-process-test")
+    model_uri = registry.log_pyfunc_model(run_id, trained["checkpoint"], list(LABELS))
+    tags = {"dataset": "crema_d", "n_folds": 1, "splits_hash": "x", "feature_config_hash": FEATURES.config_hash(), "val_uar_mean": 0.5}
+    registered = registry.register_and_promote(model_uri, "crema-d", tags | {"test_uar_mean": 0.5})
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    script = (
+        "import sys; from modeling.inference.model_source import resolve_checkpoint\n"
+        "with resolve_checkpoint(sys.argv[1]) as path: print(path.name)"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | {"PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", script, f"models:/{registered.name}@champion"],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith(".pt")
+    assert not (elsewhere / "mlflow.db").exists() and not (elsewhere / "mlruns").exists()
