@@ -47,7 +47,7 @@ import torch
 
 from modeling.network.batch import Batch
 from modeling.network.encoder import MsataConfig, MsataModel
-from modeling.network.losses import ObjectiveParts, training_objective
+from modeling.network.losses import ObjectiveParts, ctm_weight, training_objective
 
 N_CLASSES = 2
 TASK_KINDS = ("synchrony", "correspondence")
@@ -239,12 +239,14 @@ class Variant:
     lambda_ctm: float = 0.0
     drop: str | None = None  # "audio" / "video": single-modality baseline
     ctm_on: str = "frontend"  # MsataConfig.ctm_on: the tokens CTM compares
+    ctm_schedule: str = "constant"  # TrainConfig.ctm_schedule: the CTM weight over the run (losses.ctm_weight)
 
 
 VARIANTS: dict[str, Variant] = {
     v.name: v
     for v in (
-        Variant("tarope+ctm", lambda_ctm=0.1),  # the default CTM form (front-end tokens)
+        Variant("tarope+ctm", lambda_ctm=0.1),  # the default CTM form (front-end tokens), constant weight
+        Variant("tarope+ctm-cosine", lambda_ctm=0.1, ctm_schedule="cosine"),  # weight 0.1 at step 0, cosine to 0 at the end
         Variant("tarope+ctm-encoder", lambda_ctm=0.1, ctm_on="encoder"),  # the first form: joint-encoder outputs
         Variant("tarope"),
         Variant("index", positions="index"),
@@ -354,8 +356,10 @@ def fit_variant(
     for step in range(budget.steps):
         batch = generate(budget.batch_size, task, seed=training_seed(seed, step)).batch(drop=variant.drop)
         out = model(batch)
+        # the training path's schedule (modeling.network.losses.ctm_weight), over this run's steps
+        lam = ctm_weight(variant.lambda_ctm, variant.ctm_schedule, step, budget.steps)
         parts = training_objective(
-            out, batch.labels, lambda_ctm=variant.lambda_ctm, projector=model.ctm_head,
+            out, batch.labels, lambda_ctm=lam, projector=model.ctm_head,
             sigma=config.ctm_sigma, tau=config.ctm_tau,
         )  # fmt: skip
         if on_step is not None:

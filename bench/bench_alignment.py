@@ -5,6 +5,7 @@ the task). Chance is 1/2.
 
     python bench/bench_alignment.py                       # all variants, 3 seeds, 1 thread
     python bench/bench_alignment.py --variants tarope,index --seeds 1 --steps 300
+    python bench/bench_alignment.py --variants tarope+ctm-cosine,tarope --seed-list 3,4,5    # fresh seeds
     python bench/bench_alignment.py --variants tarope+ctm@1.0,tarope+ctm-encoder@0.01 --jobs 6   # lambda per variant, 6 processes
 
 Runs are independent (fresh model, seeded clips), so ``--jobs N`` runs N of them at once, one
@@ -45,6 +46,17 @@ def parse_variant(spec: str, lambda_ctm: float | None = None) -> Variant:
     return variant
 
 
+def parse_seeds(spec: str) -> list[int]:
+    """ "3,4,5" -> [3, 4, 5]; distinct non-negative integers."""
+    try:
+        seeds = [int(s) for s in spec.split(",") if s.strip()]
+    except ValueError:
+        raise SystemExit(f"--seed-list must be comma-separated integers, got {spec!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise SystemExit(f"--seed-list needs distinct non-negative seeds, got {spec!r}")
+    return seeds
+
+
 def _run(args: tuple[Variant, int, int, TaskConfig, TrainBudget, int, bool]) -> RunResult:
     variant, seed, n_test, task, budget, threads, progress = args
     torch.set_num_threads(threads)
@@ -62,7 +74,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {list(VARIANTS)}")
     parser.add_argument("--task", default="synchrony", choices=TASK_KINDS, help="which task (bench/alignment_task.py)")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=3, help="run seeds 0 .. N-1")
+    parser.add_argument("--seed-list", default=None, help="comma list of run seeds instead of --seeds, e.g. 3,4,5 (fresh seeds)")
     parser.add_argument("--steps", type=int, default=TrainBudget.steps)
     parser.add_argument("--n-test", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=1)
@@ -77,6 +90,7 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
+    seeds = parse_seeds(args.seed_list) if args.seed_list else list(range(args.seeds))
     variants = [parse_variant(v.strip(), args.lambda_ctm) for v in args.variants.split(",") if v.strip()]
     names = [v.name for v in variants]
     task = TaskConfig(kind=args.task)
@@ -85,7 +99,7 @@ def main() -> None:
     print(f"task={task}\nbudget={budget}\nthreads={args.threads} jobs={args.jobs} torch={torch.__version__}", flush=True)
 
     # Training clips depend on (seed, step) only, so every variant of a seed sees the same clips.
-    jobs = [(v, seed, args.n_test, task, budget, args.threads, args.progress) for seed in range(args.seeds) for v in variants]
+    jobs = [(v, seed, args.n_test, task, budget, args.threads, args.progress) for seed in seeds for v in variants]
     if args.jobs > 1:
         with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             results = list(pool.map(_run, jobs))
@@ -93,7 +107,7 @@ def main() -> None:
         results = [_run(job) for job in jobs]
 
     print(
-        f"\n| variant | test accuracy (mean ± std, {args.seeds} seeds) | per-seed | steps to 0.95 (per seed) | final training CE | s / run |"
+        f"\n| variant | test accuracy (mean ± std, seeds {','.join(map(str, seeds))}) | per-seed | steps to 0.95 (per seed) | final training CE | s / run |"
     )
     print("|---|---|---|---|---|---|")
     for name in names:

@@ -27,9 +27,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.alignment_task import VARIANTS, TaskConfig, TaskData, TrainBudget, fit_variant, generate  # noqa: E402
+from bench.alignment_task import VARIANTS, TaskConfig, TaskData, TrainBudget, Variant, fit_variant, generate  # noqa: E402
 from modeling.network.encoder import MsataModel  # noqa: E402
-from modeling.network.losses import ObjectiveParts, _masked_mean, _soft_cross_entropy, ctm_loss, ctm_loss_from_output  # noqa: E402
+from modeling.network.losses import (  # noqa: E402
+    ObjectiveParts,
+    _masked_mean,
+    _soft_cross_entropy,
+    ctm_loss,
+    ctm_loss_from_output,
+    ctm_weight,
+)
 
 GROUPS = ("audio_frontend", "video_frontend", "encoder", "ctm_head", "classifier")
 
@@ -124,11 +131,14 @@ def main() -> None:
     report = {}
     for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
         variant = VARIANTS[name] if args.lambda_ctm is None else replace(VARIANTS[name], lambda_ctm=args.lambda_ctm)
-        lam = variant.lambda_ctm
         records: list[dict] = []
 
-        def hook(step: int, model: MsataModel, parts: ObjectiveParts, lam: float = lam, records: list = records, name: str = name) -> None:
+        def hook(
+            step: int, model: MsataModel, parts: ObjectiveParts, variant: Variant = variant, records: list = records, name: str = name
+        ) -> None:
             if step % args.every == 0:
+                # the weight this step trained with (a scheduled variant's weight changes with the step)
+                lam = ctm_weight(variant.lambda_ctm, variant.ctm_schedule, step, budget.steps)
                 records.append(gradient_record(step, model, parts, lam))
                 r = records[-1]
                 print(

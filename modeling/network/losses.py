@@ -19,6 +19,7 @@ returns an exact 0 that is still connected to the graph.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -31,6 +32,9 @@ DEFAULT_SIGMA = 1.0 / 30.0  # seconds: one frame at 30 fps
 DEFAULT_TAU = 0.1
 DEFAULT_MAX_OFFSET_SIGMAS = 3.0
 _NEG = -1e9  # finite "minus infinity": keeps 0 * log q finite in the masked entries
+# How the CTM weight moves over a run: "constant" = lambda_ctm at every step; "cosine" = lambda_ctm at
+# step 0 decaying to 0 at the run's end (CTM helps while CE is on its plateau; CE finishes alone).
+CTM_SCHEDULES = ("constant", "cosine")
 
 
 def _soft_cross_entropy(logits: torch.Tensor, log_weights: torch.Tensor, pair: torch.Tensor, dim: int) -> torch.Tensor:
@@ -107,6 +111,22 @@ def ctm_loss_from_output(
         tau=tau,
         max_offset_sigmas=max_offset_sigmas,
     )
+
+
+def ctm_weight(lambda_ctm: float, schedule: str, step: int, total_steps: int) -> float:
+    """The CTM weight at optimiser step ``step`` (0-based) of a run of ``total_steps`` steps.
+
+    "constant": ``lambda_ctm``. "cosine": ``lambda_ctm * (1 + cos(pi * step / total_steps)) / 2``, the peak at
+    step 0 (no warm-up: the help is wanted during CE's plateau at the start), half at the middle, 0 at
+    ``total_steps`` (steps past it stay at 0, e.g. an epoch count larger than the schedule's horizon).
+    """
+    if schedule not in CTM_SCHEDULES:
+        raise ValueError(f"unknown CTM schedule {schedule!r}; expected one of {CTM_SCHEDULES}")
+    if schedule == "constant":
+        return lambda_ctm
+    if total_steps <= 0 or step < 0:
+        raise ValueError(f"a cosine CTM schedule needs step >= 0 and total_steps > 0, got step={step}, total_steps={total_steps}")
+    return lambda_ctm * 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / total_steps)))
 
 
 @dataclass

@@ -43,7 +43,7 @@ from modeling.training.train_loop import TrainConfig
 RESULT_INDEPENDENT_TRAIN_KEYS = ("num_workers", "cache_bytes")  # a resume may change them; results do not depend on them
 # Training settings added after run keys were first written: left out of the key at these defaults,
 # so the run directories of older experiments keep their names (and `--resume` finds them).
-LATER_TRAIN_DEFAULTS = {"refit": False}
+LATER_TRAIN_DEFAULTS = {"refit": False, "ctm_schedule": "constant"}
 
 
 def data_overrides(data: dict[str, Any] | None) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """One training run in plain PyTorch (no Prefect, no MLflow): fit, evaluate, resume.
 
-AdamW, linear warm-up then cosine decay (per step), CE + lambda * CTM, gradient
+AdamW, linear warm-up then cosine decay (per step), CE + lambda * CTM (lambda constant
+or on a cosine to 0, ``TrainConfig.ctm_schedule``), gradient
 clipping, bf16 autocast on CUDA (fp32 on CPU), early stopping on validation UAR.
 After every epoch ``last.pt`` is written atomically, and ``best.pt`` whenever the
 validation UAR strictly improves. ``resume=True`` continues from ``last.pt`` with
@@ -35,6 +36,7 @@ from features.config_keys import reject_unknown_keys
 from modeling.data.dataset import ShardedBatchSampler
 from modeling.data.examples import DEFAULT_CACHE_BYTES, DataConfig
 from modeling.network.batch import Batch
+from modeling.network.losses import CTM_SCHEDULES, ctm_weight
 from modeling.network.precision import autocast
 from modeling.training import distributed as dist
 from modeling.training.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
@@ -49,7 +51,8 @@ class TrainConfig:
     weight_decay: float = 0.05
     warmup_epochs: float = 2.0  # linear warm-up length; cosine decay to 0 afterwards
     encoder_lr_scale: float = 0.1  # fine-tuned pretrained blocks train at lr * this (they start near a good solution)
-    lambda_ctm: float = 0.1  # weight of the cross-temporal matching loss
+    lambda_ctm: float = 0.1  # weight of the cross-temporal matching loss (its peak under a schedule)
+    ctm_schedule: str = "constant"  # CTM weight over the run: "constant" | "cosine" (lambda_ctm -> 0 at the last epoch's end)
     grad_clip: float = 1.0  # max global grad norm; <= 0 disables clipping
     patience: int = 8  # epochs without a validation-UAR improvement before stopping
     max_duration_s: float = 4.0  # training crop length
@@ -62,6 +65,10 @@ class TrainConfig:
     num_workers: int = 2
     seed: int = 0
     device: str = "auto"  # "auto" = cuda when available, else cpu
+
+    def __post_init__(self) -> None:
+        if self.ctm_schedule not in CTM_SCHEDULES:
+            raise ValueError(f"TrainConfig.ctm_schedule={self.ctm_schedule!r}; expected one of {CTM_SCHEDULES}")
 
     def data_config(self) -> DataConfig:
         return DataConfig(
@@ -98,6 +105,7 @@ class EpochRecord:
     seconds: float  # the whole epoch, validation included
     train_clips_per_s: float = 0.0  # training clips per second of the training pass
     data_wait_share: float = 0.0  # share of the training pass spent waiting for the next batch
+    ctm_weight: float = math.nan  # mean CTM weight over the epoch's steps (NaN in records written before it was kept)
 
 
 @dataclass
@@ -298,11 +306,15 @@ def train_model(
         model.train()
         started = time.perf_counter()
         sums = np.zeros(4)  # loss, ce, ctm (each times clips), clips
+        weights = []  # the CTM weight of every step (the same on every rank)
         waited = 0.0
         batches = iter(train_loader)
         for step, (mine, global_clips) in enumerate(plan, start=1):
             optimizer.zero_grad(set_to_none=True)
             loss_value = 0.0
+            # global step over the whole run (the learning-rate schedule's horizon, also in a refit)
+            lam = ctm_weight(config.lambda_ctm, config.ctm_schedule, (epoch - 1) * n_steps + step - 1, config.epochs * n_steps)
+            weights.append(lam)
             if mine or not global_clips:  # a rank with no clip in this step only joins the all-reduce
                 fetch_started = time.perf_counter()
                 batch: Batch = next(batches)
@@ -310,7 +322,7 @@ def train_model(
                 batch = batch.to(device, non_blocking=True)
                 with autocast(device):
                     output = model(batch)
-                total, ce, ctm = _objective(model, output, batch.labels, config.lambda_ctm)
+                total, ce, ctm = _objective(model, output, batch.labels, lam)
                 if not torch.isfinite(total):
                     raise FloatingPointError(f"non-finite loss {float(total)} at epoch {epoch} step {step} (clips {batch.clip_ids[:4]})")
                 # This rank's share of the global batch's mean loss: summed over ranks it is that mean.
@@ -344,6 +356,7 @@ def train_model(
             seconds=time.perf_counter() - started,
             train_clips_per_s=count / train_s if train_s > 0 else 0.0,
             data_wait_share=wait_share,
+            ctm_weight=float(np.mean(weights)) if weights else math.nan,
         )
         history.append(record)
         if val_loader is None:  # a refit chooses nothing: its model is that of its last epoch, written once

@@ -100,3 +100,35 @@ def test_correspondence_task_label_is_only_in_the_pairing():
             assert float(freq.min() / freq.max()) > 0.8
     with pytest.raises(ValueError, match="kind"):
         TaskConfig(kind="other")
+
+
+def test_a_scheduled_variant_trains_with_the_training_paths_weight(monkeypatch):
+    """fit_variant takes the CTM weight of each step from modeling.network.losses.ctm_weight."""
+    import bench.alignment_task as at
+    from modeling.network.losses import ctm_weight
+
+    seen = []
+    real = at.training_objective
+
+    def spy(output, labels, lambda_ctm=0.0, **kwargs):
+        seen.append(lambda_ctm)
+        return real(output, labels, lambda_ctm=lambda_ctm, **kwargs)
+
+    monkeypatch.setattr(at, "training_objective", spy)
+    budget = at.TrainBudget(steps=6, batch_size=4, warmup_steps=2, d_model=8, n_heads=2, n_layers=1, video_channels=(4,), eval_every=0)
+    test = generate(8, TASK, seed=20_000)
+    for name in ("tarope+ctm-cosine", "tarope+ctm"):
+        seen.clear()
+        variant = at.VARIANTS[name]
+        at.train_variant(variant, test, TASK, budget, seed=0)
+        assert seen == pytest.approx([ctm_weight(0.1, variant.ctm_schedule, s, 6) for s in range(6)])
+    assert seen == [0.1] * 6  # the constant form is unchanged
+
+
+def test_seed_list_parsing():
+    from bench.bench_alignment import parse_seeds
+
+    assert parse_seeds("3,4,5") == [3, 4, 5]
+    for bad in ("3,x", "3,3", "-1", ""):
+        with pytest.raises(SystemExit, match="seed"):
+            parse_seeds(bad)

@@ -47,7 +47,7 @@ def test_the_json_form_keeps_the_old_keys_and_the_run_key() -> None:
     # every old key, value for value; settings added since appear at their defaults
     assert spec.to_dict() == V1 | {
         "data": DEFAULT_AUGMENTATION,
-        "train": V1["train"] | {"refit": False},
+        "train": V1["train"] | {"refit": False, "ctm_schedule": "constant"},
         "model": V1["model"] | LATER_MODEL,
     }
     assert spec.run_key() == V1_KEY  # `--resume` without --run-dir finds the old directory
