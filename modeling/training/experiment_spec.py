@@ -41,8 +41,10 @@ from modeling.training.run_logger import MlflowRef
 from modeling.training.train_loop import TrainConfig
 
 RESULT_INDEPENDENT_TRAIN_KEYS = ("num_workers", "cache_bytes")  # a resume may change them; results do not depend on them
-# Training settings added after run keys were first written: left out of the key at these defaults,
-# so the run directories of older experiments keep their names (and `--resume` finds them).
+# Training settings added after run keys were first written, at the value every older run trained with:
+# left out of the key at that value, so the run directories of older experiments keep their names (and
+# `--resume` finds them), and filled in with it when an older spec lacks the setting (whatever
+# TrainConfig's default is by then).
 LATER_TRAIN_DEFAULTS = {"refit": False, "ctm_schedule": "constant"}
 
 
@@ -136,7 +138,7 @@ class ExperimentSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ExperimentSpec:
-        train = TrainConfig.from_dict(data["train"])
+        train = TrainConfig.from_dict(LATER_TRAIN_DEFAULTS | data["train"])
         mlflow = data.get("mlflow")
         return cls(
             store_path=data["store_path"],

@@ -66,6 +66,17 @@ def test_run_key_of_older_specs_is_kept_and_a_schedule_changes_it() -> None:
     assert constant.run_key() == V1_KEY and cosine.run_key() != V1_KEY
 
 
+def test_an_older_spec_loads_with_what_it_trained_with_not_todays_default(monkeypatch) -> None:
+    """A spec without ctm_schedule trained with a constant weight; it must load so even if the default changes."""
+    from modeling.training import experiment_spec
+
+    monkeypatch.setattr(experiment_spec, "LATER_TRAIN_DEFAULTS", {"refit": False, "ctm_schedule": "cosine"})
+    assert "ctm_schedule" not in V1["train"]
+    assert ExperimentSpec.from_dict(V1).train.ctm_schedule == "cosine"  # filled from LATER_TRAIN_DEFAULTS, not TrainConfig
+    written = V1 | {"train": V1["train"] | {"ctm_schedule": "constant"}}
+    assert ExperimentSpec.from_dict(written).train.ctm_schedule == "constant"  # a recorded value wins
+
+
 @pytest.fixture(scope="module")
 def store_path(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("store") / "tiny"
