@@ -26,7 +26,9 @@ class ClipFeatures:
       audio_times  (Ta,)        float64  centre time of each frame
     Video (None when the clip has no video, or no face in any frame); face_crops or
     face_blendshapes, as the feature config's face representation says:
-      face_crops     (Tv, S, S, 3) uint8  RGB square crops ("crops")
+      face_crops     (Tv, S, S, 3) uint8  RGB square crops ("crops"); past features.spill.SPILL_BYTES
+                                          (long clips) a read-only np.memmap over a nameless temporary
+                                          file, freed with the array (pickling it copies it into memory)
       face_blendshapes (Tv, 52)    float32  MediaPipe blendshape scores, 0 where no face ("blendshapes")
       video_times    (Tv,)         float64  presentation time of each frame
       face_mask      (Tv,)         bool     False where no face was found

@@ -22,7 +22,13 @@ from features.manifest import ClipRecord
 COMBINED_DECODE = False
 
 
-def extract_clip(record: ClipRecord, config: FeatureConfig, detector: FaceDetector | None = None, chunk: int = 32) -> ClipFeatures:
+def extract_clip(
+    record: ClipRecord,
+    config: FeatureConfig,
+    detector: FaceDetector | None = None,
+    chunk: int = 32,
+    spill_dir: str | None = None,
+) -> ClipFeatures:
     """Extract the features of ``record`` (see ClipFeatures for shapes and units).
 
     Every file is probed before anything is decoded, so a broken file fails fast.
@@ -30,7 +36,10 @@ def extract_clip(record: ClipRecord, config: FeatureConfig, detector: FaceDetect
     read, is empty or truncated, or a clip left with no usable modality raises
     ClipError. A video without a face in any frame is kept audio-only with a note.
     Frames are streamed ``chunk`` at a time into the detector, so memory does not
-    grow with the clip's length. Pass a shared ``detector`` to avoid reloading MTCNN.
+    grow with the clip's length; nor do the face crops and Whisper encoder states kept: past
+    features.spill.SPILL_BYTES they go to a nameless file in ``spill_dir`` (default $TMPDIR)
+    and ``face_crops`` / ``audio_states`` is a read-only memmap over it. Pass a shared
+    ``detector`` to avoid reloading MTCNN.
     When both audio and video are used, one ffmpeg process decodes both
     (decode_audio_video); whatever it refuses is decoded again by the separate
     decoders, so features, notes and errors are theirs, bit for bit.
@@ -64,7 +73,7 @@ def extract_clip(record: ClipRecord, config: FeatureConfig, detector: FaceDetect
         if config.face.representation == "blendshapes":
             return _blendshape_extractor().track(chunks)
         detector = detector or FaceDetector(config.face)
-        return detector.track(chunks)
+        return detector.track(chunks, spill_dir=spill_dir)
 
     wave, track = None, None
     if use_audio and use_video and COMBINED_DECODE:
@@ -90,12 +99,13 @@ def extract_clip(record: ClipRecord, config: FeatureConfig, detector: FaceDetect
             if len(logmel):
                 features.logmel, features.audio_times = logmel, times
         else:
-            states, times = _encoder_states(wave, config)  # (Ta, L, D), (Ta,)
+            states, times = _encoder_states(wave, config, spill_dir)  # (Ta, L, D), (Ta,)
             frame_ms = 20.0  # Whisper: 10 ms mel hop, stride-2 convolution; wav2vec2 family: 25 ms receptive field, 20 ms hop
             if len(states):
                 features.audio_states, features.audio_times = states, times
         if features.audio_times is None:
             notes.append(f"audio of {a_info.path} is shorter than one frame of the audio encoder (about {frame_ms:.0f} ms)")
+    wave = None  # not needed past this point: 38 MB for 10 minutes at 16 kHz, not held through the video pass
 
     if use_video and track is None:
         assert v_info is not None
@@ -138,11 +148,11 @@ def _blendshape_extractor():  # -> BlendshapeExtractor; one per process: the bun
     return BlendshapeExtractor()
 
 
-def _encoder_states(wave: np.ndarray, config: FeatureConfig) -> tuple[np.ndarray, np.ndarray]:
+def _encoder_states(wave: np.ndarray, config: FeatureConfig, spill_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
     """Imported here so that log-mel preprocessing never loads the encoder code or weights."""
     from features.audio_encoders.stage import encode_wave
 
-    return encode_wave(wave, config.audio_encoder)
+    return encode_wave(wave, config.audio_encoder, spill_dir=spill_dir)
 
 
 def _to_container_clock(features: ClipFeatures, info: MediaInfo, spans: list[float]) -> list[float]:

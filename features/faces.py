@@ -22,6 +22,7 @@ from PIL import Image
 
 from features.config import FaceConfig
 from features.mtcnn import Mtcnn, Window
+from features.spill import FrameSpool
 
 # Two detections are joined by interpolation only if they overlap at least this much;
 # otherwise (a cut, a different face, a jump) the frames between are detected one by one.
@@ -353,47 +354,53 @@ class FaceDetector:
         out.probs[j] = prob
         out.found[j] = True
 
-    def track(self, chunks: Iterable[tuple[np.ndarray, np.ndarray]]) -> FaceTrack:
+    def track(self, chunks: Iterable[tuple[np.ndarray, np.ndarray]], spill_dir: str | None = None) -> FaceTrack:
         """Faces for a stream of (frames (N, H, W, 3), times (N,)) chunks, e.g. from iter_video_frames.
 
         MTCNN runs on frames 0, k, 2k, ... and the last frame (k = detect_every). The
         frames between two anchors are interpolated only when both anchors found
         overlapping faces (IoU >= MIN_INTERP_IOU); otherwise they are detected one by
         one, so a missed or jumping face is never papered over. Only the frames since
-        the last anchor are held back, so memory stays bounded by chunk + k frames.
+        the last anchor are held back, so memory stays bounded by chunk + k frames; the
+        crops kept go to a nameless file in ``spill_dir`` once they pass spill.SPILL_BYTES
+        (then ``crops`` is a read-only memmap), so they do not grow memory with the clip either.
         """
         k = self.config.detect_every
         self._prior, self._prior_input, self._since_full = None, None, 0  # a new video: no face to search near yet
-        acc = _Accumulator()
-        anchor: tuple[float, Detections] | None = None
-        pending_frames: list[np.ndarray] = []
-        pending_times: list[float] = []
-        index = 0
-        for frames, times in chunks:
-            is_anchor = (index + np.arange(len(frames))) % k == 0  # (N,)
-            dets = self.detect_sequence(frames if k == 1 else frames[is_anchor])
-            acc.n_detected += int(is_anchor.sum())
-            d = 0
-            for i in range(len(frames)):
-                if not is_anchor[i]:
-                    # Copy so a held-back frame does not pin its whole chunk in memory.
-                    pending_frames.append(frames[i].copy())
-                    pending_times.append(float(times[i]))
-                    continue
-                current = (float(times[i]), dets.take(slice(d, d + 1)))
-                d += 1
+        acc = _Accumulator(self.config.crop_size, spill_dir)
+        try:
+            anchor: tuple[float, Detections] | None = None
+            pending_frames: list[np.ndarray] = []
+            pending_times: list[float] = []
+            index = 0
+            for frames, times in chunks:
+                is_anchor = (index + np.arange(len(frames))) % k == 0  # (N,)
+                dets = self.detect_sequence(frames if k == 1 else frames[is_anchor])
+                acc.n_detected += int(is_anchor.sum())
+                d = 0
+                for i in range(len(frames)):
+                    if not is_anchor[i]:
+                        # Copy so a held-back frame does not pin its whole chunk in memory.
+                        pending_frames.append(frames[i].copy())
+                        pending_times.append(float(times[i]))
+                        continue
+                    current = (float(times[i]), dets.take(slice(d, d + 1)))
+                    d += 1
+                    self._resolve(anchor, pending_frames, pending_times, current, acc)
+                    acc.add(frames[i : i + 1], times[i : i + 1], current[1], self.config)
+                    anchor, pending_frames, pending_times = current, [], []
+                index += len(frames)
+                _release_free_heap()
+            if pending_frames:  # the stream ended between anchors: the last frame becomes one
+                last_frame, last_time = pending_frames.pop(), pending_times.pop()
+                current = (last_time, self.detect_sequence(last_frame[None]))
+                acc.n_detected += 1
                 self._resolve(anchor, pending_frames, pending_times, current, acc)
-                acc.add(frames[i : i + 1], times[i : i + 1], current[1], self.config)
-                anchor, pending_frames, pending_times = current, [], []
-            index += len(frames)
-            _release_free_heap()
-        if pending_frames:  # the stream ended between anchors: the last frame becomes one
-            last_frame, last_time = pending_frames.pop(), pending_times.pop()
-            current = (last_time, self.detect_sequence(last_frame[None]))
-            acc.n_detected += 1
-            self._resolve(anchor, pending_frames, pending_times, current, acc)
-            acc.add(last_frame[None], np.array([last_time]), current[1], self.config)
-        return acc.finish(self.config.crop_size)
+                acc.add(last_frame[None], np.array([last_time]), current[1], self.config)
+            return acc.finish()
+        except BaseException:
+            acc.discard()  # a spilled clip's file goes now, not when the traceback is freed
+            raise
 
     def _resolve(
         self,
@@ -444,20 +451,43 @@ def _release_free_heap() -> None:
 
 
 class _Accumulator:
-    """Collects per-frame results in order; only crops are kept, never frames."""
+    """Collects per-frame results in order; only crops are kept, never frames.
 
-    def __init__(self) -> None:
-        self.parts: list[tuple[np.ndarray, np.ndarray, Detections]] = []
+    Crops go to a FrameSpool (in memory up to spill.SPILL_BYTES, then a nameless file). The small
+    per-frame arrays (times, boxes, landmarks, probabilities: 69 bytes a frame) stay in memory, joined
+    every COMPACT_EVERY additions: kept one piece per frame, their Python objects cost ~1 KB a frame.
+    """
+
+    COMPACT_EVERY = 1024
+
+    def __init__(self, crop_size: int, spill_dir: str | None = None) -> None:
+        self.crops = FrameSpool((crop_size, crop_size, 3), np.uint8, directory=spill_dir)
+        self.parts: list[tuple[np.ndarray, Detections]] = []
         self.n_detected = 0
 
     def add(self, frames: np.ndarray, times: np.ndarray, det: Detections, config: FaceConfig) -> None:
-        crops = crop_faces(frames, det, config.crop_size, config.margin)
-        self.parts.append((crops, np.asarray(times, np.float64), det))
+        self.crops.append(crop_faces(frames, det, config.crop_size, config.margin))
+        self.parts.append((np.asarray(times, np.float64), det))
+        if len(self.parts) >= self.COMPACT_EVERY:
+            self.parts = [self._joined()]
 
-    def finish(self, crop_size: int) -> FaceTrack:
+    def _joined(self) -> tuple[np.ndarray, Detections]:
+        return np.concatenate([p[0] for p in self.parts]), Detections(
+            boxes=np.concatenate([p[1].boxes for p in self.parts]),
+            landmarks=np.concatenate([p[1].landmarks for p in self.parts]),
+            probs=np.concatenate([p[1].probs for p in self.parts]),
+            found=np.concatenate([p[1].found for p in self.parts]),
+        )
+
+    def discard(self) -> None:
+        self.crops.close()
+        self.parts = []
+
+    def finish(self) -> FaceTrack:
+        crops = self.crops.array()
         if not self.parts:
             return FaceTrack(
-                crops=np.zeros((0, crop_size, crop_size, 3), np.uint8),
+                crops=crops,
                 times=np.zeros(0, np.float64),
                 mask=np.zeros(0, bool),
                 boxes=np.zeros((0, 4), np.float32),
@@ -465,12 +495,7 @@ class _Accumulator:
                 probs=np.zeros(0, np.float32),
                 n_detected=0,
             )
+        times, det = self._joined()
         return FaceTrack(
-            crops=np.concatenate([p[0] for p in self.parts]),
-            times=np.concatenate([p[1] for p in self.parts]),
-            mask=np.concatenate([p[2].found for p in self.parts]),
-            boxes=np.concatenate([p[2].boxes for p in self.parts]),
-            landmarks=np.concatenate([p[2].landmarks for p in self.parts]),
-            probs=np.concatenate([p[2].probs for p in self.parts]),
-            n_detected=self.n_detected,
+            crops=crops, times=times, mask=det.found, boxes=det.boxes, landmarks=det.landmarks, probs=det.probs, n_detected=self.n_detected
         )

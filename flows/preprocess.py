@@ -92,7 +92,7 @@ def process_clip(record: ClipRecord, store_path: str, config: FeatureConfig) -> 
     uses_mtcnn = record.has_video and config.face.representation == "crops"  # blendshapes bring their own detector
     detector = _detector(json.dumps(asdict(config.face), sort_keys=True)) if uses_mtcnn else None
     try:
-        features = extract_clip(record, config, detector=detector)
+        features = extract_clip(record, config, detector=detector, spill_dir=store.spill_dir)
     except ClipError as err:
         store.record_failure(record.clip_id, record.video_path or record.audio_path or "", str(err))
         return ClipOutcome(record.clip_id, "failed", str(err), time.perf_counter() - start)

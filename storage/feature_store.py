@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import mmap
 import os
 import warnings
 from collections.abc import Collection
@@ -78,6 +79,10 @@ LAYOUT_VERSION = 1
 ROOT_ATTR = "msata_feature_store"
 CLIPS, MANIFEST_DIR, FAILURES_DIR, COMPACTED = "clips", "manifest", "failures", "manifest.parquet"
 STALE_AFTER_S = 6 * 3600.0  # a clip write takes seconds; older staging leftovers are dead
+# A clip array larger than this is written a slice of whole chunks at a time: a long clip's crops may be a
+# memmap over a spill file (features/spill.py), and one zarr call over all of it would read every page
+# in at once (zarr encodes a call's chunks concurrently). Same bound as the spill and the decode chunks.
+WRITE_SLICE_BYTES = 64 * 2**20
 
 # Each clip group carries inline consolidated metadata (a zarr-python extension, read by
 # zarr-python only): one metadata read per clip instead of nine halves read latency.
@@ -123,6 +128,13 @@ class FeatureStore:
 
     def __repr__(self) -> str:
         return f"FeatureStore({self.url!r}, config_hash={self.config_hash!r}, read_only={self.read_only})"
+
+    @property
+    def spill_dir(self) -> str | None:
+        """Where extraction should spill a long clip's crops (extract_clip's ``spill_dir``): the store's
+        staging folder on a local store, the same disk the features go to; None (the system's temporary
+        folder) for object stores."""
+        return self._files.join(STAGING) if self._files.local and not self.read_only else None
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -296,5 +308,30 @@ class FeatureStore:
                 name, shape=array.shape, dtype=array.dtype, chunks=chunk_shape(name, array.shape), compressors=compressor(array.dtype)
             )
             if array.size:
-                target[...] = array
+                _write_in_slices(target, array, chunk_shape(name, array.shape)[0])
         zarr.consolidate_metadata(store)
+
+
+def _write_in_slices(target: zarr.Array, array: np.ndarray, chunk_frames: int) -> None:
+    """``target[...] = array`` in slices of whole chunks of at most WRITE_SLICE_BYTES (one call when it
+    fits), so the stored chunks are the same either way. When ``array`` is backed by a memory map (a
+    spilled clip), the pages each slice read are dropped from this process afterwards (MADV_DONTNEED:
+    they are clean file pages, read again from the file if needed), so resident memory stays bounded."""
+    frame_bytes = max(1, array.nbytes // len(array))
+    step = max(1, WRITE_SLICE_BYTES // (frame_bytes * chunk_frames)) * chunk_frames
+    if step >= len(array):
+        target[...] = array
+        return
+    mapping = _mapping_of(array)
+    for start in range(0, len(array), step):
+        target[start : start + step] = array[start : start + step]
+        if mapping is not None and hasattr(mapping, "madvise"):
+            mapping.madvise(mmap.MADV_DONTNEED)
+
+
+def _mapping_of(array: np.ndarray) -> mmap.mmap | None:
+    """The mmap under ``array`` (an np.memmap or a view of one), or None for memory of its own."""
+    base: object = array
+    while isinstance(base, np.ndarray):
+        base = base.base
+    return base if isinstance(base, mmap.mmap) else None

@@ -22,6 +22,7 @@ from features.audio_encoders.registry import HF_PREFIX, packaged_encoder
 from features.audio_encoders.weights import load_encoder_tensors, weight_files
 from features.audio_encoders.whisper import MAX_FRAMES, SAMPLE_RATE, SAMPLES_PER_FRAME, WhisperEncoder, frame_times, whisper_log_mel
 from features.config import AudioEncoderConfig
+from features.spill import FrameSpool
 
 
 def default_device() -> torch.device:
@@ -64,13 +65,17 @@ def window_samples(config: AudioEncoderConfig) -> int:
     return frames * SAMPLES_PER_FRAME
 
 
-def encode_wave(wave: np.ndarray, config: AudioEncoderConfig, device: torch.device | str | None = None) -> tuple[np.ndarray, np.ndarray]:
+def encode_wave(
+    wave: np.ndarray, config: AudioEncoderConfig, device: torch.device | str | None = None, spill_dir: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Hidden states of ``config``'s encoder for a mono 16 kHz wave.
 
     Returns ``(states, times)``: states (T, L, D) float16 with (L, D) = config.state_shape(),
     times (T,) float64 centre of each frame from the wave's first sample. Whisper: 20 ms frames
     at 0.02 j s; a wave shorter than one frame (320 samples) gives T = 0 and a trailing piece
     under one frame is dropped. wav2vec2 family: see ``hf_checkpoint.encode_wav2vec2_family``.
+    Whisper states past features.spill.SPILL_BYTES (~3 minutes of whisper-base's 7 x 512) go to a
+    nameless file in ``spill_dir`` and come back as a read-only memmap (10 minutes: 215 MB).
     """
     if wave.ndim != 1:
         raise ValueError(f"encode_wave expects a mono (N,) wave, got shape {wave.shape}")
@@ -89,25 +94,32 @@ def encode_wave(wave: np.ndarray, config: AudioEncoderConfig, device: torch.devi
             )  # fmt: skip
     else:
         model = load_packaged_encoder(config.name, str(device))
-    return encode_whisper(model, wave, config, layers, device)
+    return encode_whisper(model, wave, config, layers, device, spill_dir)
 
 
 def encode_whisper(
-    model: WhisperEncoder, wave: np.ndarray, config: AudioEncoderConfig, layers: list[int], device: torch.device
+    model: WhisperEncoder,
+    wave: np.ndarray,
+    config: AudioEncoderConfig,
+    layers: list[int],
+    device: torch.device,
+    spill_dir: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``encode_wave`` for a Whisper encoder already loaded (windows, float16 states, frame times)."""
     step = window_samples(config)
-    pieces: list[np.ndarray] = []
-    for start in range(0, wave.shape[0], step):
-        piece = wave[start : start + step]
-        if piece.shape[0] < SAMPLES_PER_FRAME:
-            break
-        with torch.inference_mode():
-            mel = whisper_log_mel(torch.from_numpy(np.ascontiguousarray(piece, dtype=np.float32)).to(device))  # (80, M)
-            states = model(mel[None])  # L_all x (1, T_w, D)
-            chosen = torch.stack([states[i][0] for i in layers], dim=1)  # (T_w, L, D)
-        pieces.append(chosen.to(torch.float16).cpu().numpy())
-    if not pieces:
-        return np.zeros((0, *config.state_shape()), np.float16), np.zeros(0, np.float64)
-    states_all = np.concatenate(pieces)  # (T, L, D)
+    pieces = FrameSpool(config.state_shape(), np.float16, directory=spill_dir)  # (T, L, D) in windows; bounded in memory
+    try:
+        for start in range(0, wave.shape[0], step):
+            piece = wave[start : start + step]
+            if piece.shape[0] < SAMPLES_PER_FRAME:
+                break
+            with torch.inference_mode():
+                mel = whisper_log_mel(torch.from_numpy(np.ascontiguousarray(piece, dtype=np.float32)).to(device))  # (80, M)
+                states = model(mel[None])  # L_all x (1, T_w, D)
+                chosen = torch.stack([states[i][0] for i in layers], dim=1)  # (T_w, L, D)
+            pieces.append(chosen.to(torch.float16).cpu().numpy())
+    except BaseException:
+        pieces.close()  # a spilled file goes now, not when the traceback does
+        raise
+    states_all = pieces.array()  # (T, L, D); (0, L, D) when the wave is under one frame
     return states_all, frame_times(states_all.shape[0])
