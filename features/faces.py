@@ -5,7 +5,7 @@ The box maths (selection, squaring, interpolation, cropping) are pure functions;
 always in source-frame pixels, even though MTCNN sees frames shrunk to
 ``FaceConfig.detect_max_side``; crops are cut from the full-resolution frames.
 
-One module of ~480 lines because the detector wrapper, crop geometry and per-frame bookkeeping change together when the face pipeline changes; the MTCNN networks themselves are in mtcnn.py.
+One module of ~500 lines because the detector wrapper, crop geometry and per-frame bookkeeping change together when the face pipeline changes; the MTCNN networks themselves are in mtcnn.py.
 """
 
 from __future__ import annotations
