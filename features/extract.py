@@ -27,6 +27,7 @@ def extract_clip(
     config: FeatureConfig,
     detector: FaceDetector | None = None,
     chunk: int = 32,
+    device: str | None = None,
     spill_dir: str | None = None,
 ) -> ClipFeatures:
     """Extract the features of ``record`` (see ClipFeatures for shapes and units).
@@ -40,6 +41,8 @@ def extract_clip(
     features.spill.SPILL_BYTES they go to a nameless file in ``spill_dir`` (default $TMPDIR)
     and ``face_crops`` / ``audio_states`` is a read-only memmap over it. Pass a shared
     ``detector`` to avoid reloading MTCNN.
+    ``device`` (a torch device string) runs MTCNN and the audio encoder there; None: MTCNN
+    on the CPU (or the ``detector``'s device), the encoder on CUDA when present.
     When both audio and video are used, one ffmpeg process decodes both
     (decode_audio_video); whatever it refuses is decoded again by the separate
     decoders, so features, notes and errors are theirs, bit for bit.
@@ -72,7 +75,7 @@ def extract_clip(
         nonlocal detector
         if config.face.representation == "blendshapes":
             return _blendshape_extractor().track(chunks)
-        detector = detector or FaceDetector(config.face)
+        detector = detector or FaceDetector(config.face, device=device or "cpu")
         return detector.track(chunks, spill_dir=spill_dir)
 
     wave, track = None, None
@@ -99,7 +102,7 @@ def extract_clip(
             if len(logmel):
                 features.logmel, features.audio_times = logmel, times
         else:
-            states, times = _encoder_states(wave, config, spill_dir)  # (Ta, L, D), (Ta,)
+            states, times = _encoder_states(wave, config, device, spill_dir)  # (Ta, L, D), (Ta,)
             frame_ms = 20.0  # Whisper: 10 ms mel hop, stride-2 convolution; wav2vec2 family: 25 ms receptive field, 20 ms hop
             if len(states):
                 features.audio_states, features.audio_times = states, times
@@ -148,11 +151,11 @@ def _blendshape_extractor():  # -> BlendshapeExtractor; one per process: the bun
     return BlendshapeExtractor()
 
 
-def _encoder_states(wave: np.ndarray, config: FeatureConfig, spill_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
+def _encoder_states(wave: np.ndarray, config: FeatureConfig, device: str | None, spill_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
     """Imported here so that log-mel preprocessing never loads the encoder code or weights."""
     from features.audio_encoders.stage import encode_wave
 
-    return encode_wave(wave, config.audio_encoder, spill_dir=spill_dir)
+    return encode_wave(wave, config.audio_encoder, device, spill_dir)
 
 
 def _to_container_clock(features: ClipFeatures, info: MediaInfo, spans: list[float]) -> list[float]:

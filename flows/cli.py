@@ -78,13 +78,18 @@ def preprocess(
         None,
         help="Audio representation (audio_encoder.name): log-mel (default), or the hidden states of a packaged pretrained encoder: whisper-base, whisper-tiny.en, or of a local Hugging Face checkpoint directory (Whisper, wav2vec2, HuBERT, WavLM; model.safetensors): hf:/path/to/dir.",
     ),
+    device: str = typer.Option(
+        "auto",
+        help="Where MTCNN and the audio encoder run: auto (CUDA when the worker has a GPU, local workers spread over the GPUs), cpu, cuda or cuda:N. Not part of the features' config.",
+    ),
 ) -> None:
     """Decode a corpus and write timestamped audio and face features to a Zarr store."""
     from features.recipes import discover
-    from flows.preprocess import run_preprocessing
+    from flows.preprocess import check_device, run_preprocessing
     from flows.runners import validate_workers
 
     validate_workers(workers, dask_address)  # a bad --dask-address fails here, before the recipe scans the corpus
+    check_device(device, dask_address)
     config = feature_config_from(
         feature_config,
         {
@@ -114,6 +119,7 @@ def preprocess(
             limit=limit,
             feature_config=config,
             on_progress=on_progress,
+            device=device,
         )
     print_preprocess_summary(summary)
     if summary.done + summary.skipped == 0:

@@ -53,13 +53,13 @@ class PreprocessSummary:
 
 
 @functools.lru_cache(maxsize=2)
-def _detector(face_config_json: str):  # -> FaceDetector; cached so each worker loads MTCNN once
+def _detector(face_config_json: str, device: str):  # -> FaceDetector; cached so each worker loads MTCNN once
     import json
 
     from features.config import FaceConfig
     from features.faces import FaceDetector
 
-    return FaceDetector(FaceConfig(**json.loads(face_config_json)))
+    return FaceDetector(FaceConfig(**json.loads(face_config_json)), device=device)
 
 
 def _one_torch_thread() -> None:
@@ -77,22 +77,29 @@ def _one_torch_thread() -> None:
         torch.set_num_threads(threads)
 
 
-def process_clip(record: ClipRecord, store_path: str, config: FeatureConfig) -> ClipOutcome:
-    """Extract and store one clip unless it is already stored. Plain function, no Prefect."""
+def process_clip(record: ClipRecord, store_path: str, config: FeatureConfig, device: str = "auto") -> ClipOutcome:
+    """Extract and store one clip unless it is already stored. Plain function, no Prefect.
+
+    ``device`` (features/devices.py) is resolved here, on the worker that runs the clip:
+    the GPUs are those of that worker's host. A worker that cannot honour it raises
+    ValueError, which the flow records as this clip's failure with that message.
+    """
     import json
 
+    from features.devices import worker_device
     from features.extract import extract_clip
 
     _one_torch_thread()
+    torch_device = worker_device(device)
 
     start = time.perf_counter()
     store = FeatureStore.create(store_path, config)
     if store.has(record.clip_id):
         return ClipOutcome(record.clip_id, "skipped")
     uses_mtcnn = record.has_video and config.face.representation == "crops"  # blendshapes bring their own detector
-    detector = _detector(json.dumps(asdict(config.face), sort_keys=True)) if uses_mtcnn else None
+    detector = _detector(json.dumps(asdict(config.face), sort_keys=True), torch_device) if uses_mtcnn else None
     try:
-        features = extract_clip(record, config, detector=detector, spill_dir=store.spill_dir)
+        features = extract_clip(record, config, detector=detector, device=torch_device, spill_dir=store.spill_dir)
     except ClipError as err:
         store.record_failure(record.clip_id, record.video_path or record.audio_path or "", str(err))
         return ClipOutcome(record.clip_id, "failed", str(err), time.perf_counter() - start)
@@ -101,8 +108,8 @@ def process_clip(record: ClipRecord, store_path: str, config: FeatureConfig) -> 
 
 
 @task(name="process-clip", cache_policy=NO_CACHE, task_run_name="clip-{record[clip_id]}")
-def process_clip_task(record: dict[str, Any], store_path: str, config: dict[str, Any]) -> ClipOutcome:
-    return process_clip(ClipRecord(**record), store_path, FeatureConfig.from_dict(config))
+def process_clip_task(record: dict[str, Any], store_path: str, config: dict[str, Any], device: str = "auto") -> ClipOutcome:
+    return process_clip(ClipRecord(**record), store_path, FeatureConfig.from_dict(config), device)
 
 
 @task(name="discover-clips", cache_policy=NO_CACHE)
@@ -118,9 +125,9 @@ def commit_task(store_path: str, config: dict[str, Any]) -> None:
 
 
 @flow(name="preprocess-clips", log_prints=True)
-def preprocess_clips(records: list[dict[str, Any]], store: str, config: dict[str, Any]) -> list[ClipOutcome]:
+def preprocess_clips(records: list[dict[str, Any]], store: str, config: dict[str, Any], device: str = "auto") -> list[ClipOutcome]:
     """One task per clip on the task runner the parent chose; outcomes in the order of ``records``."""
-    futures = process_clip_task.map(records, store_path=unmapped(store), config=unmapped(config))
+    futures = process_clip_task.map(records, store_path=unmapped(store), config=unmapped(config), device=unmapped(device))
     index = {f.task_run_id: i for i, f in enumerate(futures)}
     outcomes: list[ClipOutcome | None] = [None] * len(records)
     for future in as_completed(futures):
@@ -139,14 +146,18 @@ def preprocess_dataset(
     feature_config: dict[str, Any] | None = None,
     workers: int = 1,
     dask_address: str | None = None,
+    device: str = "auto",
 ) -> PreprocessSummary:
     """Extract every clip of ``root`` into ``store``; finished clips are skipped.
 
     Runner: ``dask_address`` (a running Dask scheduler, e.g. tcp://host:8786), else
     ``workers`` local processes when > 1, else one thread: at most that many clips are
-    decoded at once.
+    decoded at once. ``device`` for MTCNN and the audio encoder: auto (CUDA when the
+    worker has it; local workers spread over the host's GPUs), cpu, cuda, cuda:N
+    (features/devices.py).
     """
     validate_workers(workers, dask_address)
+    check_device(device, dask_address)
     config = FeatureConfig.from_dict(feature_config) if feature_config else FeatureConfig()
     config_dict = config.to_dict()
     found = discover_task(dataset, root, csv_path)
@@ -158,7 +169,7 @@ def preprocess_dataset(
         feature_store.record_failure("", rejection.path, rejection.reason)
 
     clips = preprocess_clips.with_options(task_runner=task_runner_for(workers, dask_address))
-    outcomes = clips([r.to_dict() for r in records], store, config_dict) if records else []
+    outcomes = clips([r.to_dict() for r in records], store, config_dict, device) if records else []
     for record, outcome in zip(records, outcomes, strict=False):
         if outcome.status == "failed":
             summary.failed += 1
@@ -175,6 +186,16 @@ def preprocess_dataset(
         f"preprocess-dataset: {summary.done} done, {summary.skipped} skipped, {summary.failed} failed, {summary.rejected} rejected -> {store}"
     )
     return summary
+
+
+def check_device(device: str, dask_address: str | None) -> None:
+    """Fail before any work on a device this host cannot give. A remote cluster's workers
+    have their own GPUs, so there only the spelling is checked here; each worker checks the rest."""
+    from features.devices import check_device_spelling, worker_device
+
+    check_device_spelling(device)
+    if dask_address is None:
+        worker_device(device)
 
 
 def _outcome_of(future: Any, record: ClipRecord) -> ClipOutcome:
@@ -206,6 +227,7 @@ def run_preprocessing(
     limit: int | None = None,
     feature_config: FeatureConfig | None = None,
     on_progress: ProgressCallback | None = None,
+    device: str = "auto",
 ) -> PreprocessSummary:
     """Run ``preprocess-dataset`` against PREFECT_API_URL or a temporary API.
 
@@ -215,6 +237,7 @@ def run_preprocessing(
     from flows.api import prefect_api
 
     validate_workers(workers, dask_address)
+    check_device(device, dask_address)
     root, store = str(root), str(store)
     clip_ids = [r.clip_id for r in discover(dataset, root, csv_path).records][:limit] if on_progress else []
     with prefect_api(), store_progress(store, clip_ids, on_progress), _flushing_api_logs():
@@ -227,4 +250,5 @@ def run_preprocessing(
             feature_config=(feature_config or FeatureConfig()).to_dict(),
             workers=workers,
             dask_address=dask_address,
+            device=device,
         )

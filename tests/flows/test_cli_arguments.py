@@ -127,6 +127,32 @@ def test_bad_dask_address_is_one_line_before_any_work(corpus: Path, tmp_path: Pa
 
 
 @pytest.mark.parametrize(
+    ("device", "first_line"),
+    [
+        ("gpu", "error: device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+        ("cuda:9", None),  # no GPU here: "asks for a GPU"; on a GPU host: "sees N CUDA device(s)"
+    ],
+)
+def test_bad_device_is_one_line_before_any_work(corpus: Path, tmp_path: Path, device: str, first_line: str | None) -> None:
+    import torch
+
+    args = ["preprocess", "--dataset", "crema-d", "--root", str(corpus), "--store", str(tmp_path / "store"), "--device", device]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    lines = result.output.splitlines()
+    if first_line is None:
+        if torch.cuda.device_count() > 9:
+            pytest.skip("this host has a tenth GPU")
+        expected = (
+            "asks for a GPU, but this worker sees no CUDA device" if not torch.cuda.is_available() else "CUDA device(s), numbered 0 to"
+        )
+        assert lines[0].startswith("error: device='cuda:9'") and expected in lines[0], result.output
+    else:
+        assert lines[0] == first_line, result.output
+    assert len(lines) == 2 and not (tmp_path / "store").exists()
+
+
+@pytest.mark.parametrize(
     ("extra", "expected"),
     [
         (["--folds", "1"], "Invalid value for '--folds'"),
