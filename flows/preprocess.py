@@ -65,16 +65,23 @@ def _detector(face_config_json: str, device: str):  # -> FaceDetector; cached so
 def _one_torch_thread() -> None:
     """Preprocessing runs torch at one intra-op thread: MTCNN is thousands of small ops, and a
     second thread cost 3.9x the CPU end to end (measured in issue 13); parallelism
-    comes from the workers (clips at once). MSATA_PREPROCESS_TORCH_THREADS overrides it."""
+    comes from the workers (clips at once). MSATA_PREPROCESS_TORCH_THREADS overrides it.
+
+    BLAS runs at one thread too, in every runner: Dask's workers start with
+    OPENBLAS_NUM_THREADS=1 while the thread runner had OpenBLAS's default, and the log-mel's
+    matrix product then differed in its last bit between --workers 1 and 2 (836 of 102,560
+    values, at most 9.5e-7; docs/benchmarks.md). Features must not depend on the worker count."""
     import os
 
     import torch
+    from threadpoolctl import threadpool_limits
 
     threads = int(os.environ.get("MSATA_PREPROCESS_TORCH_THREADS", "1"))
     if threads < 1:
         raise ValueError(f"MSATA_PREPROCESS_TORCH_THREADS={threads}: must be >= 1")
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
+    threadpool_limits(limits=1, user_api="blas")  # process-wide, kept (not used as a context manager)
 
 
 def process_clip(record: ClipRecord, store_path: str, config: FeatureConfig, device: str = "auto") -> ClipOutcome:

@@ -52,7 +52,14 @@ def task_runner_for(workers: int = 1, dask_address: str | None = None):
 
         return DaskTaskRunner(address=dask_address)
     if workers > 1:
+        import dask
         from prefect_dask import DaskTaskRunner
+
+        # Dask's nannies start workers with MALLOC_TRIM_THRESHOLD_=65536, which fixes glibc's trim
+        # threshold and switches off its adaptive mmap threshold: ~1.7 CPU-s more per CREMA-D clip in
+        # system time (docs/benchmarks.md). msata trims the heap itself after every chunk of frames
+        # (features/faces.py), so msata's own local workers start without it. None unsets it.
+        dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
 
         # Processes, one thread each: MTCNN and librosa are CPU-bound and hold the GIL in places.
         return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None})

@@ -6,6 +6,7 @@ import csv
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from features.config import AudioConfig, FeatureConfig
@@ -92,13 +93,50 @@ def test_store_refuses_another_feature_config(folder_dataset: Path, tmp_path: Pa
 
 
 def test_ravdess_audio_on_a_local_dask_cluster(shared_data: Path, tmp_path: Path) -> None:
-    """The same tasks on two Dask worker processes (prefect-dask), on real RAVDESS audio."""
+    """The same tasks on two Dask worker processes (prefect-dask), on real RAVDESS audio; the
+    features are those of one worker thread, bit for bit (before the BLAS thread limit in
+    flows/preprocess.py, OpenBLAS's thread count moved the log-mel's last bit: 301 values of
+    these 8 clips differed)."""
     summary = run_preprocessing("ravdess", shared_data / "ravdess_speech_16k", tmp_path / "store", workers=2, limit=8)
     assert summary.done == 8 and summary.failed == 0
-    manifest = FeatureStore.open(tmp_path / "store").manifest()
+    store = FeatureStore.open(tmp_path / "store")
+    manifest = store.manifest()
     assert len(manifest) == 8 and manifest.has_audio.all() and not manifest.has_video.any()
     # RAVDESS utterances last about 3-5 s: at 50 frames/s that is 150-250 log-mel frames.
     assert manifest.n_audio_frames.between(100, 300).all()
+
+    one = run_preprocessing("ravdess", shared_data / "ravdess_speech_16k", tmp_path / "one-worker", workers=1, limit=8)
+    assert one.done == 8
+    threaded = FeatureStore.open(tmp_path / "one-worker")
+    for clip_id in manifest.clip_id:
+        a, b = store.read(clip_id), threaded.read(clip_id)
+        assert np.array_equal(a.logmel, b.logmel) and np.array_equal(a.audio_times, b.audio_times), clip_id
+
+
+def test_msata_local_dask_workers_start_without_dasks_malloc_trim_threshold() -> None:
+    """task_runner_for(2) unsets MALLOC_TRIM_THRESHOLD_ for the nannies it will start (~1.7 CPU-s per
+    clip of system time, docs/benchmarks.md); Dask's other pre-spawn variables stay."""
+    import os
+
+    import dask
+    from distributed import Client, LocalCluster
+
+    from flows.runners import task_runner_for
+
+    key = "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_"
+    before = dask.config.get(key, default=None)  # distributed is imported: its defaults are loaded
+    try:
+        task_runner_for(2)
+        with (
+            LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+            Client(cluster) as client,
+        ):
+            env = client.submit(
+                lambda: {k: os.environ.get(k) for k in ("MALLOC_TRIM_THRESHOLD_", "OPENBLAS_NUM_THREADS")}, pure=False
+            ).result()
+    finally:
+        dask.config.set({key: before})
+    assert env == {"MALLOC_TRIM_THRESHOLD_": os.environ.get("MALLOC_TRIM_THRESHOLD_"), "OPENBLAS_NUM_THREADS": "1"}, env
 
 
 def test_crema_d_sample_with_faces(shared_data: Path, tmp_path: Path) -> None:
