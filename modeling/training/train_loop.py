@@ -52,7 +52,7 @@ class TrainConfig:
     warmup_epochs: float = 2.0  # linear warm-up length; cosine decay to 0 afterwards
     encoder_lr_scale: float = 0.1  # fine-tuned pretrained blocks train at lr * this (they start near a good solution)
     lambda_ctm: float = 0.1  # weight of the cross-temporal matching loss (its peak under a schedule)
-    ctm_schedule: str = "constant"  # CTM weight over the run: "constant" | "cosine" (lambda_ctm -> 0 at the last epoch's end)
+    ctm_schedule: str = "cosine"  # CTM weight over the run: "cosine" (lambda_ctm at the start -> 0 at the last epoch's end) | "constant"
     grad_clip: float = 1.0  # max global grad norm; <= 0 disables clipping
     patience: int = 8  # epochs without a validation-UAR improvement before stopping
     max_duration_s: float = 4.0  # training crop length

@@ -49,7 +49,7 @@ def test_bad_schedule_or_horizon_is_rejected_naming_the_value() -> None:
 
 
 def test_train_config_round_trip_and_rejects_an_unknown_schedule() -> None:
-    assert TrainConfig().ctm_schedule in CTM_SCHEDULES
+    assert TrainConfig().ctm_schedule == "cosine"  # the default since the synthetic-task runs (docs/benchmarks.md)
     cfg = TrainConfig(ctm_schedule="cosine", lambda_ctm=0.2)
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg and cfg.to_dict()["ctm_schedule"] == "cosine"
     with pytest.raises(ValueError, match="ctm_schedule='cosin'"):

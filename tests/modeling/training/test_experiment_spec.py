@@ -32,7 +32,7 @@ def test_a_spec_written_by_the_dict_code_loads_typed(tmp_path: Path) -> None:
     (tmp_path / "experiment.json").write_text(json.dumps(V1))
     spec = load_spec(tmp_path)
     assert isinstance(spec, ExperimentSpec)
-    assert spec.train == TrainConfig(epochs=1)
+    assert spec.train == TrainConfig(epochs=1, ctm_schedule="constant")  # it trained with a constant CTM weight
     assert spec.data == TrainConfig(epochs=1).data_config()  # no [data] then: the defaults
     assert spec.splits == SplitConfig(n_folds=2)
     assert len(spec.folds) == 2 and spec.folds[0].test_speakers == ("spk01", "spk02", "spk03")
@@ -82,7 +82,8 @@ def test_a_run_dir_written_by_the_dict_code_resumes(tmp_path: Path, monkeypatch)
         logger=NullRunLogger(),
     )
     spec = load_spec(run_dir)
-    assert spec.train == TrainConfig(epochs=1, lr=1e-2, num_workers=0)  # only the workers (and cache) follow the new call
+    # only the workers (and cache) follow the new call; the CTM schedule is the one the old run trained with
+    assert spec.train == TrainConfig(epochs=1, lr=1e-2, num_workers=0, ctm_schedule="constant")
     assert spec.to_dict() | {"train": old["train"]} == old | {"data": DEFAULT_AUGMENTATION, "model": old["model"] | LATER_MODEL}
 
 
