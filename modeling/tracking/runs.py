@@ -142,6 +142,7 @@ def log_history(run_id: str, history: Sequence[Any]) -> None:
             "train_loss",
             "train_ce",
             "train_ctm",
+            "ctm_weight",  # the epoch's mean CTM weight (train.ctm_schedule): read train_ctm beside it
             "val_loss",
             "val_wa",
             "val_uar",
