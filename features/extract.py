@@ -16,9 +16,11 @@ from features.faces import FaceDetector
 from features.manifest import ClipRecord
 
 # Audio and video of a clip from one ffmpeg process when both are used (saves one process start, ~0.1
-# CPU s per clip; same features bit for bit, tests/features/test_extract.py). Off by default: with it on,
-# tests/flows/test_cli_stop.py's Ctrl-C case failed in two full-suite runs (msata preprocess finished
-# every clip instead of stopping), never when run alone; the cause was not found (docs/benchmarks.md).
+# CPU s per clip; same features bit for bit, tests/features/test_extract.py). Off by default since
+# tests/flows/test_cli_stop.py's Ctrl-C case failed in two full-suite runs with it on. Session 7 found the
+# same failure with it off, and its cause in the test runs themselves: started as background jobs, they
+# ran with SIGINT ignored, which msata inherited (docs/benchmarks.md). Turning it on again waits for a
+# full-suite run with it on and the corrected test.
 COMBINED_DECODE = False
 
 

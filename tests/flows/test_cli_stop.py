@@ -35,6 +35,17 @@ def server_env(tmp_path_factory: pytest.TempPathFactory):
         stop_all(started)
 
 
+def as_in_a_terminal() -> None:
+    """Run in the child before exec: SIGINT and SIGQUIT at their defaults, as for a command a user
+    starts in a terminal. A test run started as a background job by a shell without job control
+    (`.ci/run &` in a script) has both ignored, POSIX's rule for such jobs; a child inherits that,
+    Python then installs no KeyboardInterrupt handler, and msata, rightly, ignores Ctrl-C like any
+    program started that way. Without this the ctrl-c case failed in exactly those runs (the CLI
+    went on storing clips after SIGINT)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+
+
 def committed(store: Path) -> int:
     return len(list((store / "manifest").glob("*.json"))) if (store / "manifest").is_dir() else 0
 
@@ -44,7 +55,9 @@ def test_stop_is_prompt_and_the_store_resumes(server_env: dict, slow_dataset: Pa
     store = tmp_path / "store"
     args = [MSATA, "preprocess", "--dataset", "folder", "--root", str(slow_dataset), "--store", str(store)]
     log = open(tmp_path / "cli.log", "wb")
-    proc = subprocess.Popen(args, env=server_env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        args, env=server_env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=as_in_a_terminal
+    )
     try:
         deadline = time.monotonic() + 400
         while committed(store) < 1:
