@@ -21,6 +21,7 @@ dask-cuda does.
 from __future__ import annotations
 
 import re
+import sys
 
 DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
 _CUDA_INDEX = re.compile(r"cuda:(\d+)")
@@ -57,6 +58,8 @@ def resolve_device(device: str, cuda_count: int, worker_index: int | None = None
 def local_worker_index() -> int | None:
     """This process's index among a local Dask cluster's workers, or None (not a Dask worker,
     or a worker whose name is not a number, such as a remote ``dask worker``)."""
+    if "distributed" not in sys.modules:  # a Dask worker has imported it; a thread runner need not pay the import
+        return None
     try:
         from distributed import get_worker
 
