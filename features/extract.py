@@ -14,6 +14,7 @@ from features.config import FeatureConfig
 from features.decode import MediaInfo, decode_audio, decode_audio_video, iter_video_frames, probe
 from features.faces import FaceDetector
 from features.manifest import ClipRecord
+from features.speed import speed_perturb
 
 # Audio and video of a clip from one ffmpeg process when both are used (saves one process start, ~0.1
 # CPU s per clip; same features bit for bit, tests/features/test_extract.py). Off by default since
@@ -45,6 +46,8 @@ def extract_clip(
     ``detector`` to avoid reloading MTCNN.
     ``device`` (a torch device string) runs MTCNN and the audio encoder there; None: MTCNN
     on the CPU (or the ``detector``'s device), the encoder on CUDA when present.
+    A speed copy (``record.speed``, features/speed.py) is its source recording resampled: the
+    wave is played ``speed`` times as fast and every timestamp is the source's divided by it.
     When both audio and video are used, one ffmpeg process decodes both
     (decode_audio_video); whatever it refuses is decoded again by the separate
     decoders, so features, notes and errors are theirs, bit for bit.
@@ -80,8 +83,9 @@ def extract_clip(
         detector = detector or FaceDetector(config.face, device=device or "cpu")
         return detector.track(chunks, spill_dir=spill_dir)
 
+    speed = record.speed_factor  # a speed copy (features/speed.py): every time is the source's / speed
     wave, track = None, None
-    if use_audio and use_video and COMBINED_DECODE:
+    if use_audio and use_video and COMBINED_DECODE and speed == 1.0:
         assert a_info is not None and v_info is not None
         try:  # one ffmpeg for both streams: the same samples and frames as the separate decoders below
             wave, track = decode_audio_video(a_info, v_info, face_track, config.audio.sample_rate, chunk)
@@ -97,6 +101,8 @@ def extract_clip(
         assert a_info is not None
         if wave is None:
             wave = decode_audio(a_info.path, config.audio.sample_rate, info=a_info)  # (N,)
+        if speed != 1.0:
+            wave = speed_perturb(wave, speed)  # (about N / speed,)
         spans.append(wave.shape[0] / config.audio.sample_rate)
         if config.audio_encoder.is_log_mel:
             logmel, times = log_mel(wave, config.audio)  # (Ta, F), (Ta,)
@@ -118,18 +124,18 @@ def extract_clip(
     if use_video and config.face.representation == "blendshapes":
         assert v_info is not None
         frame_s = 1.0 / v_info.fps if v_info.fps else 0.0
-        spans.append(float(track.times[-1]) + frame_s if len(track.times) else 0.0)
+        spans.append((float(track.times[-1]) + frame_s) / speed if len(track.times) else 0.0)
         if track.mask.any():
-            features.face_blendshapes, features.video_times, features.face_mask = track.blendshapes, track.times, track.mask
+            features.face_blendshapes, features.video_times, features.face_mask = track.blendshapes, track.times / speed, track.mask
         else:
             notes.append(f"no face in any of the {len(track.mask)} frames of {v_info.path}: kept audio-only")
     elif use_video:
         assert v_info is not None
         frame_s = 1.0 / v_info.fps if v_info.fps else 0.0
-        spans.append(float(track.times[-1]) + frame_s)
+        spans.append((float(track.times[-1]) + frame_s) / speed)
         if track.mask.any():
             features.face_crops = track.crops
-            features.video_times = track.times
+            features.video_times = track.times / speed
             features.face_mask = track.mask
             features.face_boxes = track.boxes
             features.face_landmarks = track.landmarks
@@ -138,7 +144,7 @@ def extract_clip(
             notes.append(f"no face in any of the {len(track.mask)} frames of {v_info.path}: kept audio-only")
 
     if config.format_version >= 2 and use_audio and use_video and record.audio_path == record.video_path:
-        spans = _to_container_clock(features, a_info, spans)
+        spans = _to_container_clock(features, a_info, spans, speed)
 
     if not features.has_audio and not features.has_video:
         raise ClipError(f"{', '.join(sorted(infos))}: nothing usable: {'; '.join(notes)}")
@@ -160,7 +166,7 @@ def _encoder_states(wave: np.ndarray, config: FeatureConfig, device: str | None,
     return encode_wave(wave, config.audio_encoder, device, spill_dir)
 
 
-def _to_container_clock(features: ClipFeatures, info: MediaInfo, spans: list[float]) -> list[float]:
+def _to_container_clock(features: ClipFeatures, info: MediaInfo, spans: list[float], speed: float = 1.0) -> list[float]:
     """Shift both streams of one container onto its clock, origin at the earlier stream's start.
 
     Each decoder counts from its own stream's first sample or frame, so an audio track
@@ -171,7 +177,7 @@ def _to_container_clock(features: ClipFeatures, info: MediaInfo, spans: list[flo
     if info.audio_start_s is None or info.video_start_s is None:
         return spans
     origin = min(info.audio_start_s, info.video_start_s)
-    audio_shift, video_shift = info.audio_start_s - origin, info.video_start_s - origin
+    audio_shift, video_shift = (info.audio_start_s - origin) / speed, (info.video_start_s - origin) / speed
     if features.audio_times is not None:
         features.audio_times = features.audio_times + audio_shift
     if features.video_times is not None:

@@ -29,6 +29,10 @@ class ClipRecord:
     intensity: str | None = None
     sentence: str | None = None
     split: str | None = None  # only when the user's CSV fixes one
+    # A speed-perturbed training copy (features/speed.py): the clip it was made from and the
+    # factor as text ("0.9"); both None for a recording itself.
+    source_clip_id: str | None = None
+    speed: str | None = None
 
     @property
     def has_audio(self) -> bool:
@@ -37,6 +41,10 @@ class ClipRecord:
     @property
     def has_video(self) -> bool:
         return self.video_path is not None
+
+    @property
+    def speed_factor(self) -> float:
+        return float(self.speed) if self.speed is not None else 1.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -82,14 +82,20 @@ def preprocess(
         "auto",
         help="Where MTCNN and the audio encoder run: auto (CUDA when the worker has a GPU, local workers spread over the GPUs), cpu, cuda or cuda:N. Not part of the features' config.",
     ),
+    speed_perturb: str | None = typer.Option(
+        None,
+        help="Also store speed-perturbed training copies of every clip at these factors, e.g. 0.9,1.1 (each in [0.5, 2], tempo and pitch together; ids CLIP_sp0.9). Training uses them with [data] speed_copies = true, for training speakers only.",
+    ),
 ) -> None:
     """Decode a corpus and write timestamped audio and face features to a Zarr store."""
     from features.recipes import discover
+    from features.speed import parse_speed_factors
     from flows.preprocess import check_device, run_preprocessing
     from flows.runners import validate_workers
 
     validate_workers(workers, dask_address)  # a bad --dask-address fails here, before the recipe scans the corpus
     check_device(device, dask_address)
+    speed_factors = parse_speed_factors(speed_perturb)
     config = feature_config_from(
         feature_config,
         {
@@ -120,6 +126,7 @@ def preprocess(
             feature_config=config,
             on_progress=on_progress,
             device=device,
+            speed_factors=speed_factors,
         )
     print_preprocess_summary(summary)
     if summary.done + summary.skipped == 0:

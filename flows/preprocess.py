@@ -24,6 +24,7 @@ from features.clip import ClipError
 from features.config import FeatureConfig
 from features.manifest import ClipRecord, RecipeResult
 from features.recipes import discover
+from features.speed import check_speed_factors, with_speed_copies
 from flows.artifacts import publish_preprocess_summary
 from flows.progress import ProgressCallback, store_progress
 from flows.runners import task_runner_for, validate_workers
@@ -154,8 +155,12 @@ def preprocess_dataset(
     workers: int = 1,
     dask_address: str | None = None,
     device: str = "auto",
+    speed_factors: list[float] | None = None,
 ) -> PreprocessSummary:
     """Extract every clip of ``root`` into ``store``; finished clips are skipped.
+
+    ``speed_factors`` (e.g. [0.9, 1.1]) also store a speed-perturbed copy of every clip at each
+    factor (features/speed.py), after the clips themselves; ``limit`` counts recordings.
 
     Runner: ``dask_address`` (a running Dask scheduler, e.g. tcp://host:8786), else
     ``workers`` local processes when > 1, else one thread: at most that many clips are
@@ -165,10 +170,11 @@ def preprocess_dataset(
     """
     validate_workers(workers, dask_address)
     check_device(device, dask_address)
+    factors = check_speed_factors(speed_factors or [])
     config = FeatureConfig.from_dict(feature_config) if feature_config else FeatureConfig()
     config_dict = config.to_dict()
     found = discover_task(dataset, root, csv_path)
-    records = found.records[:limit] if limit else found.records
+    records = with_speed_copies(found.records[:limit] if limit else found.records, factors)
     feature_store = FeatureStore.create(store, config)  # fail fast on a config mismatch, before any work
     summary = PreprocessSummary(store=store, config_hash=config.config_hash(), rejected=len(found.rejected))
     for rejection in found.rejected:
@@ -235,6 +241,7 @@ def run_preprocessing(
     feature_config: FeatureConfig | None = None,
     on_progress: ProgressCallback | None = None,
     device: str = "auto",
+    speed_factors: tuple[float, ...] | list[float] = (),
 ) -> PreprocessSummary:
     """Run ``preprocess-dataset`` against PREFECT_API_URL or a temporary API.
 
@@ -245,8 +252,9 @@ def run_preprocessing(
 
     validate_workers(workers, dask_address)
     check_device(device, dask_address)
+    factors = check_speed_factors(speed_factors)
     root, store = str(root), str(store)
-    clip_ids = [r.clip_id for r in discover(dataset, root, csv_path).records][:limit] if on_progress else []
+    clip_ids = [r.clip_id for r in with_speed_copies(discover(dataset, root, csv_path).records[:limit], factors)] if on_progress else []
     with prefect_api(), store_progress(store, clip_ids, on_progress), _flushing_api_logs():
         return preprocess_dataset(
             dataset=dataset,
@@ -258,4 +266,5 @@ def run_preprocessing(
             workers=workers,
             dask_address=dask_address,
             device=device,
+            speed_factors=list(factors),
         )

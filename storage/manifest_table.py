@@ -175,8 +175,13 @@ def to_parquet_bytes(table: pa.Table) -> bytes:
 
 
 def from_parquet_bytes(data: bytes, schema: pa.Schema) -> pa.Table:
-    # select + cast pins column order and types so it concatenates with the JSON rows.
-    return pq.read_table(io.BytesIO(data)).select(schema.names).cast(schema)
+    # select + cast pins column order and types so it concatenates with the JSON rows. A snapshot
+    # written before a column existed (e.g. ``speed``) gets it as nulls, as its JSON rows do.
+    table = pq.read_table(io.BytesIO(data))
+    for name in schema.names:
+        if name not in table.column_names:
+            table = table.append_column(name, pa.nulls(len(table), schema.field(name).type))
+    return table.select(schema.names).cast(schema)
 
 
 def concat_sorted(tables: list[pa.Table], schema: pa.Schema, key: tuple[str, ...] = ("clip_id",)) -> pa.Table:

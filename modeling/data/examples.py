@@ -45,12 +45,18 @@ class DataConfig:
     # Transductive: standardise each audio channel with its speaker's statistics over all of
     # that speaker's clips (test speakers' unlabelled clips included). Reported apart.
     speaker_norm: bool = False
+    # Train on the store's speed-perturbed copies of the training clips as well (made by
+    # `msata preprocess --speed-perturb`, features/speed.py); never on copies in validation or test.
+    speed_copies: bool = False
     seed: int = 0
 
 
 # The DataConfig fields a run config sets in its [data] table (the experiment spec's ``data``);
 # the other fields mirror TrainConfig's and are set in [train] only.
-AUGMENT_FIELDS = ("time_masks", "time_mask_max_frames", "freq_masks", "freq_mask_max_bins", "crop_jitter_px")
+AUGMENT_FIELDS = ("time_masks", "time_mask_max_frames", "freq_masks", "freq_mask_max_bins", "crop_jitter_px", "speed_copies")
+# [data] settings added later, at the value every older run had: left out of a spec's ``data`` at that
+# value, so older run keys and MLflow parameters stay as they were (as LATER_TRAIN_DEFAULTS for [train]).
+LATER_DATA_DEFAULTS = {"speed_copies": False}
 
 
 def crop_window(duration_s: float, max_duration_s: float | None, rng: np.random.Generator | None) -> tuple[float, float]:

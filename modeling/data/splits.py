@@ -256,3 +256,27 @@ def fold_to_dict(fold: Fold) -> dict:
 
 def fold_from_dict(data: dict) -> Fold:
     return Fold(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+def split_speed_copies(manifest: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, tuple[str, ...]]]:
+    """(the recordings, source clip id -> its speed-perturbed copies' ids) of a store's manifest.
+
+    Folds, validation, tests and every count are made of the recordings alone; a copy
+    (features/speed.py) only ever joins its source in a training part (:func:`with_speed_copies`).
+    A store written before copies existed has no ``source_clip_id`` column: all recordings.
+    """
+    if "source_clip_id" not in manifest.columns:
+        return manifest, {}
+    is_copy = manifest["source_clip_id"].notna()
+    recordings = manifest.loc[~is_copy].reset_index(drop=True)
+    copies: dict[str, list[str]] = {}
+    for source, copy_id in zip(
+        manifest.loc[is_copy, "source_clip_id"].astype(str), manifest.loc[is_copy, "clip_id"].astype(str), strict=True
+    ):
+        copies.setdefault(source, []).append(copy_id)
+    return recordings, {source: tuple(sorted(ids)) for source, ids in copies.items()}
+
+
+def with_speed_copies(ids: tuple[str, ...], copies: dict[str, tuple[str, ...]]) -> tuple[str, ...]:
+    """Training clip ids followed by the copies of each (those the store holds)."""
+    return tuple(ids) + tuple(c for cid in ids for c in copies.get(cid, ()))

@@ -112,7 +112,7 @@ def prepare_experiment(
     split_config = split_config or sp.SplitConfig()
     store = FeatureStore.open(store_path)
     sp.check_feature_config(store.config, expected_feature_config)
-    manifest = store.manifest()
+    manifest, copies = sp.split_speed_copies(store.manifest())  # folds are made of recordings; copies only join training
     label_names = sp.resolve_label_names(dataset, manifest) if len(manifest) else []
     sp.validate_manifest(manifest, label_names, split_config)
     folds = sp.make_folds(manifest, split_config)
@@ -121,12 +121,21 @@ def prepare_experiment(
         raise sp.ProtocolError(
             "audio_finetune_blocks with train.speaker_norm: the fine-tuned blocks expect the encoder's own states, not standardised ones; choose one"
         )
+    data_config = make_data_config(train_config, data_overrides)
+    if data_config.speed_copies and not copies:
+        raise sp.ProtocolError(
+            f"[data] speed_copies = true, but {store_path} holds no speed-perturbed copies: make them with msata preprocess --speed-perturb 0.9,1.1"
+        )
+    if data_config.speed_copies and train_config.speaker_norm:
+        raise sp.ProtocolError(
+            "[data] speed_copies with train.speaker_norm: a speaker's statistics would mix its recordings with their perturbed copies; choose one"
+        )
     spec = ExperimentSpec(
         store_path=str(store_path),
         dataset=canonical_name(dataset),
         label_names=label_names,
         train=train_config,
-        data=make_data_config(train_config, data_overrides),
+        data=data_config,
         splits=split_config,
         model=MsataConfig.from_dict(model_config),
         feature_config=store.config,

@@ -34,7 +34,7 @@ from typing import Any
 from features.config import FeatureConfig
 from features.config_keys import reject_unknown_keys
 from modeling.data import splits as sp
-from modeling.data.examples import AUGMENT_FIELDS, DataConfig
+from modeling.data.examples import AUGMENT_FIELDS, LATER_DATA_DEFAULTS, DataConfig
 from modeling.network.encoder import LATER_MODEL_DEFAULTS, MsataConfig
 from modeling.training.run_dir import SPEC_FILE, write_json
 from modeling.training.run_logger import MlflowRef
@@ -65,7 +65,9 @@ def make_data_config(train: TrainConfig, data: dict[str, Any] | None = None) -> 
 
 
 def augmentation(data: DataConfig) -> dict[str, Any]:
-    return {name: getattr(data, name) for name in AUGMENT_FIELDS}
+    """The ``[data]`` settings, less those at their LATER_DATA_DEFAULTS value (older specs' form)."""
+    values = {name: getattr(data, name) for name in AUGMENT_FIELDS}
+    return {k: v for k, v in values.items() if not (k in LATER_DATA_DEFAULTS and v == LATER_DATA_DEFAULTS[k])}
 
 
 @dataclass

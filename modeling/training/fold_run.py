@@ -60,6 +60,7 @@ def loaders(spec: ExperimentSpec, fold: sp.Fold, config: TrainConfig, ctx: dist.
 
     store = FeatureStore.open(spec.store_path)
     manifest = store.manifest()
+    _, copies = sp.split_speed_copies(manifest) if spec.data.speed_copies else (manifest, {})
     label_of = dict(zip(manifest["clip_id"].astype(str), manifest["label"].astype(str), strict=False))
     speaker_of = dict(zip(manifest["clip_id"].astype(str), manifest["speaker"].astype(str), strict=False))  # for train.speaker_norm
     index = {name: i for i, name in enumerate(spec.label_names)}
@@ -67,6 +68,8 @@ def loaders(spec: ExperimentSpec, fold: sp.Fold, config: TrainConfig, ctx: dist.
     pin = training_device(config, ctx).type == "cuda"
 
     def loader(ids: tuple[str, ...], train: bool, workers: int):
+        if train:  # [data] speed_copies: the training clips' perturbed copies join them (never validation or test)
+            ids = sp.with_speed_copies(ids, copies)
         ds = ClipDataset(
             spec.store_path, ids, [index[label_of[c]] for c in ids], store.config, data_config, train, [speaker_of[c] for c in ids]
         )

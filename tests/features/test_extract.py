@@ -199,3 +199,19 @@ def test_one_process_decode_changes_nothing_on_crema_d(
                 np.testing.assert_array_equal(got[name], value, err_msg=name)
             else:
                 assert got[name] == value, name
+
+
+@pytest.mark.slow
+def test_a_speed_copy_runs_faster_on_both_streams(make_clip, detector: FaceDetector) -> None:
+    from features.speed import speed_copy
+
+    clip = make_clip("av_speed.mp4", duration_s=1.2, fps=25, width=320, height=240, label="sad", seed=11)
+    record = _record(clip.path, clip.path)
+    source = extract_clip(record, CFG, detector)
+    fast = extract_clip(speed_copy(record, 1.2), CFG, detector)
+    assert fast.clip_id == "c1_sp1.2"
+    assert fast.logmel.shape == (50, 80)  # 1.2 s played 1.2x as fast: 1.0 s at 50 frames/s
+    assert fast.duration_s == pytest.approx(source.duration_s / 1.2, abs=0.01)
+    np.testing.assert_allclose(fast.video_times, source.video_times / 1.2)  # the same frames, sooner
+    np.testing.assert_array_equal(fast.face_crops, source.face_crops)
+    assert abs(fast.audio_times[-1] - fast.video_times[-1]) < 0.05  # the streams stay in step
