@@ -15,6 +15,10 @@ included). It is reported apart, labelled transductive.
 
     .venv/bin/python bench/pooled_baselines.py --store STORE --dataset ravdess --folds 5 --val-fraction 0.2 --out OUT.json
 
+``--speed-copies`` fits on the store's speed-perturbed copies of the training (and, refitted,
+validation) speakers' clips as well, as ``[data] speed_copies = true`` trains msata (the floor
+of that recipe); copies are never validated or tested on, and without the flag they are ignored.
+
 ``--store bench-features:WORK/ENCODER --audio RAVDESS_ROOT`` reads the memory-mapped features
 ``bench/gpu_ravdess.py`` saved in its --work folder instead of a Zarr store (same clips, same folds).
 """
@@ -34,7 +38,7 @@ from sklearn.preprocessing import StandardScaler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from modeling.data.splits import SplitConfig, make_folds, resolve_label_names  # noqa: E402
+from modeling.data.splits import SplitConfig, make_folds, resolve_label_names, split_speed_copies, with_speed_copies  # noqa: E402
 from modeling.training.metrics import compute_metrics, mean_std  # noqa: E402
 from storage import FeatureStore  # noqa: E402
 
@@ -96,16 +100,30 @@ class BenchFeatures:
         return self._memory.read(clip_id)
 
 
-def run(store_path: str, dataset: str, split_config: SplitConfig, speaker_norm: bool, audio_root: str = "", refit: bool = False) -> dict:
+def run(
+    store_path: str,
+    dataset: str,
+    split_config: SplitConfig,
+    speaker_norm: bool,
+    audio_root: str = "",
+    refit: bool = False,
+    speed_copies: bool = False,
+) -> dict:
     if store_path.startswith("bench-features:"):
         store = BenchFeatures(Path(store_path.split(":", 1)[1]), audio_root)
     else:
         store = FeatureStore.open(store_path)
-    manifest = store.manifest()
+    if speed_copies and speaker_norm:
+        raise SystemExit("--speed-copies with --speaker-norm: a speaker's statistics would mix recordings and copies; choose one")
+    everything = store.manifest()
+    manifest, copies = split_speed_copies(everything)  # folds of recordings; copies only ever join training
+    if speed_copies and not copies:
+        raise SystemExit(f"--speed-copies: {store_path} holds no speed-perturbed copies (msata preprocess --speed-perturb 0.9,1.1)")
+    read = everything if speed_copies else manifest
     labels = resolve_label_names(dataset, manifest)
-    clip_ids = manifest["clip_id"].astype(str).tolist()
-    y = np.array([labels.index(v) for v in manifest["label"]])
-    speakers = manifest["speaker"].astype(str).to_numpy()
+    clip_ids = read["clip_id"].astype(str).tolist()
+    y = np.array([labels.index(v) for v in read["label"]])
+    speakers = read["speaker"].astype(str).to_numpy()
     views = pooled_views(store, clip_ids)
     if speaker_norm:
         views = {name: speaker_standardise(x, speakers) for name, x in views.items()}
@@ -113,7 +131,8 @@ def run(store_path: str, dataset: str, split_config: SplitConfig, speaker_norm: 
     folds = make_folds(manifest, split_config)
     per_fold = []
     for fold in folds:
-        tr, va, te = (np.array([position[c] for c in ids]) for ids in (fold.train_ids, fold.val_ids, fold.test_ids))
+        train_ids = with_speed_copies(fold.train_ids, copies) if speed_copies else fold.train_ids
+        tr, va, te = (np.array([position[c] for c in ids]) for ids in (train_ids, fold.val_ids, fold.test_ids))
         best = None
         for name, x in views.items():  # model choice: validation speakers only
             for c in C_GRID:
@@ -121,7 +140,8 @@ def run(store_path: str, dataset: str, split_config: SplitConfig, speaker_norm: 
                 if best is None or val_uar > best[0]:
                     best = (val_uar, name, c)
         _, name, c = best
-        fit_on = np.concatenate([tr, va]) if refit else tr  # --refit: the choice refitted on training + validation speakers
+        val_copies = [position[c] for c in with_speed_copies(fold.val_ids, copies)[len(fold.val_ids) :]] if speed_copies else []
+        fit_on = np.concatenate([tr, va, np.array(val_copies, dtype=int)]) if refit else tr  # --refit: training + validation speakers
         test = compute_metrics(y[te], fit_score(views[name], y, fit_on, te, c, split_config.seed), len(labels))
         per_fold.append(
             {"fold": fold.index, "view": name, "C": c, "val_uar": best[0], **test.scalars(), "test_speakers": list(fold.test_speakers)}
@@ -139,6 +159,7 @@ def run(store_path: str, dataset: str, split_config: SplitConfig, speaker_norm: 
         "feature_config_hash": store.config_hash,
         "speaker_norm": speaker_norm,
         "refit": refit,
+        "speed_copies": speed_copies,
         "folds": per_fold,
         "summary": summary,
     }
@@ -153,6 +174,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--speaker-norm", action="store_true", help="transductive: standardise per speaker")
     parser.add_argument("--refit", action="store_true", help="refit the validation choice on training + validation speakers")
+    parser.add_argument("--speed-copies", action="store_true", help="fit on the store's speed-perturbed copies of training clips too")
     parser.add_argument("--out", help="write the result as JSON")
     parser.add_argument("--audio", default="", help="RAVDESS root, with --store bench-features:DIR")
     args = parser.parse_args()
@@ -164,11 +186,13 @@ def main() -> None:
         args.speaker_norm,
         args.audio,
         args.refit,
+        args.speed_copies,
     )
     result["wall_s"] = round(time.time() - started, 1)
     s = result["summary"]
     tag = " (transductive: per-speaker standardisation)" if args.speaker_norm else ""
     tag += " (refit on training + validation speakers)" if args.refit else ""
+    tag += " (with speed-perturbed copies of the training clips)" if args.speed_copies else ""
     print(
         f"{args.store}{tag}: WA {s['wa_mean']:.3f} ± {s['wa_std']:.3f}, UAR {s['uar_mean']:.3f} ± {s['uar_std']:.3f}, macro-F1 {s['macro_f1_mean']:.3f} ± {s['macro_f1_std']:.3f}"
     )

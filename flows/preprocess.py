@@ -9,6 +9,8 @@ Tasks never pass arrays: each one decodes, extracts and writes its clip itself.
 from __future__ import annotations
 
 import functools
+import json
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -55,8 +57,6 @@ class PreprocessSummary:
 
 @functools.lru_cache(maxsize=2)
 def _detector(face_config_json: str, device: str):  # -> FaceDetector; cached so each worker loads MTCNN once
-    import json
-
     from features.config import FaceConfig
     from features.faces import FaceDetector
 
@@ -92,8 +92,6 @@ def process_clip(record: ClipRecord, store_path: str, config: FeatureConfig, dev
     the GPUs are those of that worker's host. A worker that cannot honour it raises
     ValueError, which the flow records as this clip's failure with that message.
     """
-    import json
-
     from features.devices import worker_device
     from features.extract import extract_clip
 
@@ -133,8 +131,14 @@ def commit_task(store_path: str, config: dict[str, Any]) -> None:
 
 
 @flow(name="preprocess-clips", log_prints=True)
-def preprocess_clips(records: list[dict[str, Any]], store: str, config: dict[str, Any], device: str = "auto") -> list[ClipOutcome]:
-    """One task per clip on the task runner the parent chose; outcomes in the order of ``records``."""
+def preprocess_clips(records_file: str, store: str, config: dict[str, Any], device: str = "auto") -> list[ClipOutcome]:
+    """One task per clip on the task runner the parent chose; outcomes in the order of the records.
+
+    ``records_file``: a JSON list of ClipRecord dicts written by the parent flow. A reference, not
+    the list: Prefect refuses flow-run parameters over 512 KiB, which the records of ~1,700 clips
+    reach (RAVDESS with two speed copies: 1.07 MB). A subflow runs in its parent's process,
+    so the file is local to it whatever runner the clip tasks go to."""
+    records = json.loads(Path(records_file).read_text())
     futures = process_clip_task.map(records, store_path=unmapped(store), config=unmapped(config), device=unmapped(device))
     index = {f.task_run_id: i for i, f in enumerate(futures)}
     outcomes: list[ClipOutcome | None] = [None] * len(records)
@@ -181,8 +185,19 @@ def preprocess_dataset(
         summary.failures.append({"clip_id": "", "path": rejection.path, "reason": rejection.reason})
         feature_store.record_failure("", rejection.path, rejection.reason)
 
+    # Clips already stored are counted here, not sent to the runner: a clip task costs ~0.5-1 s of
+    # Prefect bookkeeping even when it only finds its clip done (RAVDESS: ~10 min to skip 1,200 clips
+    # on 2 workers before this). process_clip still checks, for clips stored since this listing.
+    stored = set(feature_store.clip_ids())
+    summary.skipped = sum(r.clip_id in stored for r in records)
+    records = [r for r in records if r.clip_id not in stored]
     clips = preprocess_clips.with_options(task_runner=task_runner_for(workers, dask_address))
-    outcomes = clips([r.to_dict() for r in records], store, config_dict, device) if records else []
+    outcomes: list[ClipOutcome] = []
+    if records:
+        with tempfile.TemporaryDirectory(prefix="msata-records-") as folder:
+            records_file = Path(folder) / "records.json"
+            records_file.write_text(json.dumps([r.to_dict() for r in records]))
+            outcomes = clips(str(records_file), store, config_dict, device)
     for record, outcome in zip(records, outcomes, strict=False):
         if outcome.status == "failed":
             summary.failed += 1

@@ -79,6 +79,15 @@ def test_flow_builds_store_records_failures_and_resumes(folder_dataset: Path, tm
     assert f"| {summary.done} | 0 | {summary.failed} | {summary.rejected} |" in text and str(store_path) in text
     assert all(f["reason"].split()[0] in text for f in summary.failures) and "corrupt.mp4" in text
 
+    # The clip subflow gets its records as a file, not as parameters: Prefect refuses parameters over
+    # 512 KiB, which ~1,700 records reach. The file is gone once the flow is done.
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["preprocess-clips"])))
+    assert runs and all(set(r.parameters) == {"records_file", "store", "config", "device"} for r in runs)
+    assert not any(Path(r.parameters["records_file"]).exists() for r in runs)
+
     # A second run finds everything done and touches nothing.
     again = run_preprocessing("folder", folder_dataset, store_path)
     assert again.done == 0 and again.skipped == 6

@@ -429,3 +429,15 @@ def test_fsspec_urls(tmp_path: Path, scheme: str) -> None:
             fs.rm(root.rsplit("/", 1)[0], recursive=True)
     with pytest.raises(StoreError, match="not a feature store"):
         FeatureStore.open(f"memory://msata-test-{uuid.uuid4().hex}/absent")
+
+
+def test_a_manifest_snapshot_from_before_a_column_existed_still_reads() -> None:
+    import pyarrow as pa
+
+    from storage.manifest_table import MANIFEST_SCHEMA, from_parquet_bytes, to_parquet_bytes
+
+    older_schema = pa.schema([f for f in MANIFEST_SCHEMA if f.name not in ("source_clip_id", "speed")])
+    row = {f.name: None for f in older_schema} | {"clip_id": "c1", "speaker": "s1", "label": "sad", "has_audio": True, "n_audio_frames": 5}
+    table = from_parquet_bytes(to_parquet_bytes(pa.Table.from_pylist([row], schema=older_schema)), MANIFEST_SCHEMA)
+    assert table.schema == MANIFEST_SCHEMA
+    assert table.column("source_clip_id").to_pylist() == [None] and table.column("clip_id").to_pylist() == ["c1"]

@@ -129,3 +129,22 @@ def test_export_splits(tmp_path) -> None:
     payload = json.loads(json_path.read_text())
     assert payload["1"]["clips"] == folds[1].assignment()
     assert payload["0"]["speakers"]["test"] == list(folds[0].test_speakers)
+
+
+def test_speed_copies_are_split_from_the_recordings() -> None:
+    from modeling.data.splits import split_speed_copies, with_speed_copies
+
+    manifest = pd.DataFrame(
+        {
+            "clip_id": ["a", "a_sp0.9", "a_sp1.1", "b"],
+            "speaker": ["s1", "s1", "s1", "s2"],
+            "label": ["sad"] * 4,
+            "source_clip_id": [None, "a", "a", None],
+        }
+    )
+    recordings, copies = split_speed_copies(manifest)
+    assert recordings["clip_id"].tolist() == ["a", "b"] and copies == {"a": ("a_sp0.9", "a_sp1.1")}
+    assert with_speed_copies(("a", "b"), copies) == ("a", "b", "a_sp0.9", "a_sp1.1")
+    older = manifest.drop(columns="source_clip_id").iloc[[0, 3]]  # a store written before copies existed
+    same, none = split_speed_copies(older)
+    assert same is older and none == {}
