@@ -22,7 +22,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from features.manifest import ClipRecord
+from features.manifest import ClipRecord, Rejection
 
 MIN_SPEED, MAX_SPEED = 0.5, 2.0  # beyond these a copy no longer sounds like speech
 SPEED_DENOMINATOR = 100  # factors are exact to 0.01: the resampling ratio is a small fraction
@@ -71,9 +71,25 @@ def speed_copy(record: ClipRecord, factor: float) -> ClipRecord:
     return replace(record, clip_id=f"{record.clip_id}_sp{label}", source_clip_id=record.clip_id, speed=label)
 
 
+def plan_speed_copies(records: list[ClipRecord], factors: tuple[float, ...]) -> tuple[list[ClipRecord], list[Rejection]]:
+    """(each record's copies, factor by factor; the copies refused). A copy whose id is already a
+    recording's (a folder corpus holding both ``a.mp4`` and ``a_sp0.9.mp4``) is refused, with the reason."""
+    taken = {r.clip_id for r in records}
+    copies, refused = [], []
+    for factor in factors:
+        for record in records:
+            copy = speed_copy(record, factor)
+            if copy.clip_id in taken:
+                path = record.audio_path or record.video_path or ""
+                refused.append(Rejection(path, f"its speed copy {copy.clip_id!r} would take the id of a recording of the corpus"))
+            else:
+                copies.append(copy)
+    return copies, refused
+
+
 def with_speed_copies(records: list[ClipRecord], factors: tuple[float, ...]) -> list[ClipRecord]:
-    """The records, then each one's copies (factor by factor), so originals are processed first."""
-    return list(records) + [speed_copy(r, f) for f in factors for r in records]
+    """The records, then each one's copies (factor by factor), so recordings are processed first."""
+    return list(records) + plan_speed_copies(records, factors)[0]
 
 
 def speed_perturb(wave: np.ndarray, factor: float) -> np.ndarray:

@@ -58,7 +58,7 @@ def preprocess(
     csv: str | None = typer.Option(None, help="Labels CSV for --dataset folder (default ROOT/labels.csv)."),
     workers: int = typer.Option(1, min=1, help="Clips extracted at once: local Dask worker processes when > 1."),
     dask_address: str | None = typer.Option(None, help="Run the clip tasks on this running Dask scheduler (tcp://host:8786)."),
-    limit: int | None = typer.Option(None, min=1, help="Process only the first N clips."),
+    limit: int | None = typer.Option(None, min=1, help="Process only the first N recordings (and their --speed-perturb copies)."),
     feature_config: Path | None = typer.Option(
         None,
         exists=True,

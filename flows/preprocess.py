@@ -26,7 +26,7 @@ from features.clip import ClipError
 from features.config import FeatureConfig
 from features.manifest import ClipRecord, RecipeResult
 from features.recipes import discover
-from features.speed import check_speed_factors, with_speed_copies
+from features.speed import check_speed_factors, plan_speed_copies, with_speed_copies
 from flows.artifacts import publish_preprocess_summary
 from flows.progress import ProgressCallback, store_progress
 from flows.runners import task_runner_for, validate_workers
@@ -178,10 +178,13 @@ def preprocess_dataset(
     config = FeatureConfig.from_dict(feature_config) if feature_config else FeatureConfig()
     config_dict = config.to_dict()
     found = discover_task(dataset, root, csv_path)
-    records = with_speed_copies(found.records[:limit] if limit else found.records, factors)
+    recordings = found.records[:limit] if limit else found.records
+    copies, refused = plan_speed_copies(recordings, factors)
+    records = recordings + copies
+    rejected = found.rejected + refused
     feature_store = FeatureStore.create(store, config)  # fail fast on a config mismatch, before any work
-    summary = PreprocessSummary(store=store, config_hash=config.config_hash(), rejected=len(found.rejected))
-    for rejection in found.rejected:
+    summary = PreprocessSummary(store=store, config_hash=config.config_hash(), rejected=len(rejected))
+    for rejection in rejected:
         summary.failures.append({"clip_id": "", "path": rejection.path, "reason": rejection.reason})
         feature_store.record_failure("", rejection.path, rejection.reason)
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, create_model
 
-from modeling.data.examples import AUGMENT_FIELDS, DataConfig
+from modeling.data.examples import AUGMENT_FIELDS, LATER_DATA_DEFAULTS, DataConfig
 from modeling.data.splits import SplitConfig
 from modeling.network.encoder import MsataConfig
 from modeling.training.train_loop import TrainConfig
@@ -60,7 +60,9 @@ class _DataParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     def overrides(self) -> dict[str, Any]:
-        return self.model_dump()
+        """Every [data] setting, less those at their LATER_DATA_DEFAULTS value (older runs' and ablations' keys)."""
+        values = self.model_dump()
+        return {k: v for k, v in values.items() if not (k in LATER_DATA_DEFAULTS and v == LATER_DATA_DEFAULTS[k])}
 
 
 def _params_model(config: type, base: type[BaseModel], optional: bool, only: tuple[str, ...] | None = None) -> type[BaseModel]:

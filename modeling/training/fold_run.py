@@ -124,6 +124,8 @@ def train_and_test_fold(
     )
     config = spec.train
     train_loader, val_loader, test_loader, make_loader = loaders(spec, fold, config, ctx)
+    if spec.data.speed_copies:  # the training examples: recordings and the store's copies of them
+        logger.log_params(run_id, {"n_train_with_copies": str(len(train_loader.dataset))})
     label_names = spec.label_names
     meta = {
         "model_config": spec.model.to_dict(),

@@ -51,3 +51,12 @@ def test_perturbed_wave_is_shorter_or_longer_and_higher_or_lower(factor: float) 
     assert np.abs(out).max() == pytest.approx(1.0, abs=0.02)  # the level is kept
     with pytest.raises(ValueError, match="mono"):
         speed_perturb(np.zeros((2, 100), np.float32), factor)
+
+
+def test_a_copy_that_would_take_a_recordings_id_is_refused() -> None:
+    from features.speed import plan_speed_copies
+
+    a, clash = _record("a"), _record("a_sp0.9")
+    copies, refused = plan_speed_copies([a, clash], (0.9,))
+    assert [c.clip_id for c in copies] == ["a_sp0.9_sp0.9"]
+    assert len(refused) == 1 and "'a_sp0.9' would take the id of a recording" in refused[0].reason
