@@ -5,7 +5,8 @@ protocol as tags (dataset, n_folds, splits_hash, feature_config_hash), its test
 and validation metrics as metrics of the logged model (and, for ``msata compare``,
 as tags), and a description of how it was trained. The ``champion`` alias moves to
 a new version only when no champion exists or the champion was evaluated on the
-same protocol and the new validation UAR mean is strictly higher. An experiment
+same protocol, is inductive or transductive as the new one is (``speaker_norm``), and
+the new validation UAR mean is strictly higher. An experiment
 registers one version: finalizing it again returns that version.
 
 One module of ~310 lines because registration, the champion rule and the version texts all read
@@ -96,6 +97,12 @@ def _protocol(tags: dict[str, str]) -> tuple[str, ...]:
     return tuple(str(tags.get(k)) for k in PROTOCOL_TAGS)
 
 
+def _inference(tags: dict[str, str]) -> str:
+    """ "transductive" for a model that standardises each speaker with that speaker's unlabelled clips
+    (train.speaker_norm), else "inductive"; versions registered before the tag existed count as inductive."""
+    return "transductive" if str(tags.get("speaker_norm")) == "True" else "inductive"
+
+
 class RegistryError(RuntimeError):
     """The registry could not be read or written: nothing was promoted."""
 
@@ -157,6 +164,10 @@ def register_and_promote(model_uri: str, dataset: str, tags: dict[str, Any]) -> 
     elif _protocol(champion.tags) != _protocol(str_tags):
         promote = False
         reason = f"champion v{champion.version} was evaluated on another protocol {_protocol(champion.tags)}; not comparable"
+    elif _inference(champion.tags) != _inference(str_tags):
+        # Reported apart (docs/results.md): a transductive figure never takes the place of an inductive one, or back.
+        promote = False
+        reason = f"champion v{champion.version} is {_inference(champion.tags)}, this version {_inference(str_tags)}; not comparable"
     else:
         old_uar = float(champion.tags.get("val_uar_mean", "-inf"))  # -inf: registered before the rule used it
         promote = new_uar > old_uar
@@ -195,6 +206,7 @@ def register_experiment_model(
         "selected_fold": selected.index,
         "selected_fold_val_uar": selected.best_val_uar,
         "refit": bool(spec["train"].get("refit", False)),  # the model was retrained on training + validation speakers
+        "speaker_norm": bool(spec["train"].get("speaker_norm", False)),  # transductive: never compared with inductive versions
         "val_uar_mean": float(np.mean([f.best_val_uar for f in folds])),
         "parent_run_id": parent_run_id,
         **{f"test_{k}": v for k, v in summary.items()},

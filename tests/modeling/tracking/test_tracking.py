@@ -83,15 +83,18 @@ def test_champion_rule_and_a_registry_it_cannot_read(mlflow_db: Path, logged_mod
     first = register_and_promote(uri, "crema-d", tags(0.5))
     assert first.champion and first.version == "1"  # no model yet: the only case of "no champion"
     assert not register_and_promote(uri, "crema-d", tags(0.4)).champion
+    transductive = register_and_promote(uri, "crema-d", tags(0.95) | {"speaker_norm": True})  # per-speaker standardisation
+    assert not transductive.champion and "is inductive, this version transductive; not comparable" in transductive.reason
+    assert register_and_promote(uri, "crema-d", tags(0.6) | {"speaker_norm": False}).champion  # inductive, higher: promoted
     # The champion alias now points at a version that cannot be read (here: its row is gone).
     with sqlite3.connect(mlflow_db) as con:
-        con.execute("DELETE FROM model_versions WHERE version = 1")
-    with pytest.raises(RegistryError, match=r"cannot read the champion of msata-crema-d \(v1\)") as info:
+        con.execute("DELETE FROM model_versions WHERE version = 4")
+    with pytest.raises(RegistryError, match=r"cannot read the champion of msata-crema-d \(v4\)") as info:
         register_and_promote(uri, "crema-d", tags(0.9))
     assert "\n" not in str(info.value)
     client = MlflowClient()
-    assert [str(mv.version) for mv in client.search_model_versions("name='msata-crema-d'")] == ["2"]  # nothing registered
-    assert str(client.get_registered_model("msata-crema-d").aliases["champion"]) == "1"  # alias not moved
+    assert sorted(str(mv.version) for mv in client.search_model_versions("name='msata-crema-d'")) == ["1", "2", "3"]  # nothing registered
+    assert str(client.get_registered_model("msata-crema-d").aliases["champion"]) == "4"  # alias not moved
 
 
 # ----------------------------------------------------------------------------- the logged pyfunc
