@@ -189,7 +189,7 @@ def preprocess_dataset(
         feature_store.record_failure("", rejection.path, rejection.reason)
 
     # Clips already stored are counted here, not sent to the runner: a clip task costs ~0.5-1 s of
-    # Prefect bookkeeping even when it only finds its clip done (RAVDESS: ~10 min to skip 1,200 clips
+    # Prefect bookkeeping even when it only finds its clip done (RAVDESS: ~5 min to skip 1,200 clips
     # on 2 workers before this). process_clip still checks, for clips stored since this listing.
     stored = set(feature_store.clip_ids())
     summary.skipped = sum(r.clip_id in stored for r in records)
