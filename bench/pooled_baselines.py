@@ -38,7 +38,7 @@ from sklearn.preprocessing import StandardScaler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from modeling.data.splits import SplitConfig, make_folds, resolve_label_names, split_speed_copies, with_speed_copies  # noqa: E402
+from modeling.data.splits import SplitConfig, ids_with_copies, make_folds, resolve_label_names, split_speed_copies  # noqa: E402
 from modeling.training.metrics import compute_metrics, mean_std  # noqa: E402
 from storage import FeatureStore  # noqa: E402
 
@@ -131,7 +131,7 @@ def run(
     folds = make_folds(manifest, split_config)
     per_fold = []
     for fold in folds:
-        train_ids = with_speed_copies(fold.train_ids, copies) if speed_copies else fold.train_ids
+        train_ids = ids_with_copies(fold.train_ids, copies) if speed_copies else fold.train_ids
         tr, va, te = (np.array([position[c] for c in ids]) for ids in (train_ids, fold.val_ids, fold.test_ids))
         best = None
         for name, x in views.items():  # model choice: validation speakers only
@@ -140,7 +140,7 @@ def run(
                 if best is None or val_uar > best[0]:
                     best = (val_uar, name, c)
         _, name, c = best
-        val_copies = [position[c] for c in with_speed_copies(fold.val_ids, copies)[len(fold.val_ids) :]] if speed_copies else []
+        val_copies = [position[c] for cid in fold.val_ids for c in copies.get(cid, ())] if speed_copies else []
         fit_on = np.concatenate([tr, va, np.array(val_copies, dtype=int)]) if refit else tr  # --refit: training + validation speakers
         test = compute_metrics(y[te], fit_score(views[name], y, fit_on, te, c, split_config.seed), len(labels))
         per_fold.append(

@@ -262,7 +262,7 @@ def split_speed_copies(manifest: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, 
     """(the recordings, source clip id -> its speed-perturbed copies' ids) of a store's manifest.
 
     Folds, validation, tests and every count are made of the recordings alone; a copy
-    (features/speed.py) only ever joins its source in a training part (:func:`with_speed_copies`).
+    (features/speed.py) only ever joins its source in a training part (:func:`ids_with_copies`).
     A store written before copies existed has no ``source_clip_id`` column: all recordings.
     """
     if "source_clip_id" not in manifest.columns:
@@ -277,6 +277,7 @@ def split_speed_copies(manifest: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, 
     return recordings, {source: tuple(sorted(ids)) for source, ids in copies.items()}
 
 
-def with_speed_copies(ids: tuple[str, ...], copies: dict[str, tuple[str, ...]]) -> tuple[str, ...]:
-    """Training clip ids followed by the copies of each (those the store holds)."""
+def ids_with_copies(ids: tuple[str, ...], copies: dict[str, tuple[str, ...]]) -> tuple[str, ...]:
+    """Training clip ids followed by the copies of each (those the store holds). Ids, not records:
+    features.speed.with_speed_copies makes the copies' records at preprocessing."""
     return tuple(ids) + tuple(c for cid in ids for c in copies.get(cid, ()))

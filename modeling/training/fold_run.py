@@ -69,7 +69,7 @@ def loaders(spec: ExperimentSpec, fold: sp.Fold, config: TrainConfig, ctx: dist.
 
     def loader(ids: tuple[str, ...], train: bool, workers: int):
         if train:  # [data] speed_copies: the training clips' perturbed copies join them (never validation or test)
-            ids = sp.with_speed_copies(ids, copies)
+            ids = sp.ids_with_copies(ids, copies)
         ds = ClipDataset(
             spec.store_path, ids, [index[label_of[c]] for c in ids], store.config, data_config, train, [speaker_of[c] for c in ids]
         )

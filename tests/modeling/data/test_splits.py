@@ -132,7 +132,7 @@ def test_export_splits(tmp_path) -> None:
 
 
 def test_speed_copies_are_split_from_the_recordings() -> None:
-    from modeling.data.splits import split_speed_copies, with_speed_copies
+    from modeling.data.splits import ids_with_copies, split_speed_copies
 
     manifest = pd.DataFrame(
         {
@@ -144,7 +144,7 @@ def test_speed_copies_are_split_from_the_recordings() -> None:
     )
     recordings, copies = split_speed_copies(manifest)
     assert recordings["clip_id"].tolist() == ["a", "b"] and copies == {"a": ("a_sp0.9", "a_sp1.1")}
-    assert with_speed_copies(("a", "b"), copies) == ("a", "b", "a_sp0.9", "a_sp1.1")
+    assert ids_with_copies(("a", "b"), copies) == ("a", "b", "a_sp0.9", "a_sp1.1")
     older = manifest.drop(columns="source_clip_id").iloc[[0, 3]]  # a store written before copies existed
     same, none = split_speed_copies(older)
     assert same is older and none == {}
