@@ -62,9 +62,13 @@ MODALITY_KINDS = ("audio", "video")
 # The log-mel front-end: per-frame 1-D convolutions over all mel channels, or a 2-D CNN over
 # time x frequency (ConvAudioFrontend). Encoder states always go through EncoderStatesFrontend.
 AUDIO_FRONTENDS = ("conv1d", "cnn2d")
+# How encoder states' layers become one vector per frame (LAYER_MIXES): "softmax", SUPERB's
+# learned weighted sum (one weight per layer); "concat", every layer side by side into the
+# projection (a learned read-out per layer and channel, what the pooled logistic-regression floor sees).
+LAYER_MIXES = ("softmax", "concat")
 # Model settings added after run keys were first written: left out of an experiment's run key at
 # these defaults, so older run directories keep their names (as LATER_TRAIN_DEFAULTS for training).
-LATER_MODEL_DEFAULTS: dict[str, Any] = {"audio_frontend": "conv1d", "audio_channels": [16, 32, 64]}
+LATER_MODEL_DEFAULTS: dict[str, Any] = {"audio_frontend": "conv1d", "audio_channels": [16, 32, 64], "audio_layer_mix": "softmax"}
 
 
 @dataclass
@@ -83,6 +87,7 @@ class MsataConfig:
     audio_width: int = 0
     audio_heads: int = 0  # the encoder's attention heads (set from the store; used when fine-tuning)
     audio_finetune_blocks: int = 0  # > 0: the encoder's top k blocks re-run on the stored states and train
+    audio_layer_mix: str = "softmax"  # encoder states: "softmax" | "concat" (LAYER_MIXES), how the layers combine per frame
     pooling: str = "mean"  # "mean" | "attention" | "stats" (mean and std, 2D wide): how tokens become one clip vector
     crop_size: int = 96  # face crop side, must match the feature store's FaceConfig.crop_size
     video_channels: tuple[int, ...] = (32, 64, 128, 128)  # one stride-2 CNN stage each
@@ -126,6 +131,8 @@ class MsataConfig:
                 f"audio_downsample={self.audio_downsample}: the 2-D CNN pools time by 2 per stage of audio_channels, "
                 f"so a power of 2 up to {2 ** len(self.audio_channels)}"
             )
+        if self.audio_layer_mix not in LAYER_MIXES:
+            raise ValueError(f"audio_layer_mix={self.audio_layer_mix!r}; expected one of {LAYER_MIXES}")
         if self.pooling not in POOLING_KINDS:
             raise ValueError(f"pooling={self.pooling!r}; expected one of {POOLING_KINDS}")
         if (self.audio_layers > 0) != (self.audio_width > 0):
@@ -308,6 +315,7 @@ class MsataModel(nn.Module):
                 config.dropout,
                 config.audio_finetune_blocks,
                 config.audio_heads,
+                layer_mix=config.audio_layer_mix,
             )
         elif config.audio_frontend == "cnn2d":
             self.audio_frontend = ConvAudioFrontend(config.n_mels, d, config.audio_downsample, config.dropout, config.audio_channels)

@@ -149,7 +149,9 @@ class EncoderStatesFrontend(nn.Module):
     """Pretrained-encoder hidden states (B, Ta, L, D_in) at 50/s -> tokens (B, Ta', d_model).
 
     As in SUPERB: each stored layer is layer-normed (no affine), the layers are mixed by a
-    learned softmax weighting, then projected to d_model. With downsample k > 1, k
+    learned softmax weighting, then projected to d_model. With ``layer_mix="concat"`` the
+    normalised layers are instead laid side by side (L x D_in wide) into the projection, so it
+    learns a read-out per layer and channel rather than one weight per layer. With downsample k > 1, k
     consecutive frames are averaged into one token (time = mean of theirs), which keeps the
     joint encoder's cost down; the pretrained encoder already gives each frame wide context.
 
@@ -161,12 +163,24 @@ class EncoderStatesFrontend(nn.Module):
     """
 
     def __init__(
-        self, n_layers: int, width: int, d_model: int, downsample: int, dropout: float, finetune_blocks: int = 0, encoder_heads: int = 0
+        self,
+        n_layers: int,
+        width: int,
+        d_model: int,
+        downsample: int,
+        dropout: float,
+        finetune_blocks: int = 0,
+        encoder_heads: int = 0,
+        layer_mix: str = "softmax",
     ) -> None:
         super().__init__()
-        self.n_layers, self.width, self.downsample = n_layers, width, downsample
-        self.layer_logits = nn.Parameter(torch.zeros(n_layers))  # uniform mix at init
-        self.proj = nn.Sequential(nn.Linear(width, d_model), nn.GELU(), nn.Linear(d_model, d_model))
+        if layer_mix not in ("softmax", "concat"):
+            raise ValueError(f"layer_mix={layer_mix!r}; expected 'softmax' or 'concat'")
+        self.n_layers, self.width, self.downsample, self.layer_mix = n_layers, width, downsample, layer_mix
+        if layer_mix == "softmax":
+            self.layer_logits = nn.Parameter(torch.zeros(n_layers))  # uniform mix at init
+        mixed_width = width * n_layers if layer_mix == "concat" else width
+        self.proj = nn.Sequential(nn.Linear(mixed_width, d_model), nn.GELU(), nn.Linear(d_model, d_model))
         self.drop = nn.Dropout(dropout)
         self.d_model = d_model
         self.finetune_blocks = finetune_blocks
@@ -183,6 +197,9 @@ class EncoderStatesFrontend(nn.Module):
             self.top_norm = nn.LayerNorm(width)
 
     def layer_weights(self) -> torch.Tensor:
+        """The learned softmax mix (L,); only for layer_mix="softmax"."""
+        if self.layer_mix != "softmax":
+            raise ValueError(f"layer_mix={self.layer_mix!r} has no layer weights: every layer goes into the projection")
         return torch.softmax(self.layer_logits, dim=0)  # (L,)
 
     @torch.no_grad()
@@ -230,12 +247,15 @@ class EncoderStatesFrontend(nn.Module):
         if self.finetune_blocks:
             x = self._rerun_top(x, mask)
         x = F.layer_norm(x, (self.width,))
-        x = torch.einsum("btld,l->btd", x, self.layer_weights())  # (B, Ta, D_in)
+        if self.layer_mix == "softmax":
+            x = torch.einsum("btld,l->btd", x, self.layer_weights())  # (B, Ta, D_in)
+        else:
+            x = x.flatten(2)  # (B, Ta, L * D_in)
         x = x * mask.unsqueeze(-1)
         if self.downsample > 1:
             pad = (-t) % self.downsample
             m = F.pad(mask, (0, pad)).view(b, -1, self.downsample).to(x.dtype)  # (B, Ta', k)
-            x = F.pad(x, (0, 0, 0, pad)).view(b, -1, self.downsample, self.width).sum(2) / m.sum(-1, keepdim=True).clamp_min(1.0)
+            x = F.pad(x, (0, 0, 0, pad)).view(b, -1, self.downsample, x.shape[-1]).sum(2) / m.sum(-1, keepdim=True).clamp_min(1.0)
             times, mask = merge_times(times, mask, self.downsample)
         x = self.drop(self.proj(x))  # (B, Ta', d_model)
         return Tokens(x, times.to(torch.float32), mask)

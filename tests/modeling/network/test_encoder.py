@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -204,6 +206,25 @@ def test_encoder_states_model_ignores_padding_and_learns_a_layer_mix(pooling: st
     loss = torch.nn.functional.cross_entropy(model(collate([states_clip(25, 1), states_clip(40, 2)])).logits, torch.tensor([1, 2]))
     loss.backward()
     assert model.audio_frontend.layer_logits.grad is not None and model.audio_frontend.layer_logits.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("downsample", [1, 2])
+def test_concatenated_layers_feed_every_layer_to_the_projection(downsample: int) -> None:
+    model = model_for(audio_layers=3, audio_width=8, audio_downsample=downsample, audio_layer_mix="concat", pooling="stats")
+    frontend = model.audio_frontend
+    assert frontend.proj[0].in_features == 3 * 8 and not hasattr(frontend, "layer_logits")
+    with pytest.raises(ValueError, match="no layer weights"):
+        frontend.layer_weights()
+    alone = model(collate([states_clip(25, 1)])).logits
+    padded = model(collate([states_clip(25, 1), states_clip(60, 2)])).logits[:1]
+    assert torch.allclose(alone, padded, atol=1e-5)
+    # Each layer reaches the output on its own: changing only the last layer changes the logits.
+    clip = states_clip(25, 1)
+    changed = dataclasses.replace(clip, audio=clip.audio.clone())
+    changed.audio[:, -1] = torch.randn_like(changed.audio[:, -1])
+    assert not torch.allclose(alone, model(collate([changed])).logits, atol=1e-4)
+    with pytest.raises(ValueError, match="audio_layer_mix='sum'"):
+        tiny_config(audio_layers=3, audio_width=8, audio_layer_mix="sum")
 
 
 def test_encoder_states_of_the_wrong_shape_are_refused() -> None:
