@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+# What a clip id may be: one path component of the feature store, <= 150 characters (the store's
+# staging names add ~60 more under the 255-byte file-name limit). Recipes keep their ids inside it;
+# the store refuses any other.
+SAFE_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,149}$")
 
 
 class ClipNameError(ValueError):

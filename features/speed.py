@@ -22,7 +22,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from features.manifest import ClipRecord, Rejection
+from features.manifest import SAFE_ID, ClipRecord, Rejection
 
 MIN_SPEED, MAX_SPEED = 0.5, 2.0  # beyond these a copy no longer sounds like speech
 SPEED_DENOMINATOR = 100  # factors are exact to 0.01: the resampling ratio is a small fraction
@@ -73,15 +73,20 @@ def speed_copy(record: ClipRecord, factor: float) -> ClipRecord:
 
 def plan_speed_copies(records: list[ClipRecord], factors: tuple[float, ...]) -> tuple[list[ClipRecord], list[Rejection]]:
     """(each record's copies, factor by factor; the copies refused). A copy whose id is already a
-    recording's (a folder corpus holding both ``a.mp4`` and ``a_sp0.9.mp4``) is refused, with the reason."""
+    recording's (a folder corpus holding both ``a.mp4`` and ``a_sp0.9.mp4``), or whose id the suffix
+    makes too long for the store, is refused, with the reason."""
     taken = {r.clip_id for r in records}
     copies, refused = [], []
     for factor in factors:
         for record in records:
             copy = speed_copy(record, factor)
+            path = record.audio_path or record.video_path or ""
             if copy.clip_id in taken:
-                path = record.audio_path or record.video_path or ""
                 refused.append(Rejection(path, f"its speed copy {copy.clip_id!r} would take the id of a recording of the corpus"))
+            elif not SAFE_ID.match(copy.clip_id):
+                refused.append(
+                    Rejection(path, f"its speed copy's id would be {len(copy.clip_id)} characters, over the store's 150 ({copy.clip_id!r})")
+                )
             else:
                 copies.append(copy)
     return copies, refused

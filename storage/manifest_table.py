@@ -20,9 +20,7 @@ from zarr.codecs import BloscCodec
 
 from features.clip import ClipFeatures
 from features.config import FeatureConfig
-from features.manifest import ClipRecord
-
-SAFE_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,149}$")  # <= 150 chars: staging names add ~60
+from features.manifest import SAFE_ID, ClipRecord
 
 # name -> (dtype, frames per chunk). Crops dominate the size: ~32 frames (~1 s) per
 # chunk keeps a random crop window cheap to read while chunks stay around 0.9 MB raw.

@@ -19,6 +19,7 @@ before any training starts.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -275,6 +276,12 @@ def split_speed_copies(manifest: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, 
     ):
         copies.setdefault(source, []).append(copy_id)
     return recordings, {source: tuple(sorted(ids)) for source, ids in copies.items()}
+
+
+def copies_hash(copies: dict[str, tuple[str, ...]]) -> str:
+    """A short fingerprint of which copies a store holds for which recordings: the experiment records it
+    so that a resumed run, or a fold started later, never trains on a different set of copies."""
+    return hashlib.sha256(json.dumps(sorted(copies.items())).encode()).hexdigest()[:12]
 
 
 def ids_with_copies(ids: tuple[str, ...], copies: dict[str, tuple[str, ...]]) -> tuple[str, ...]:

@@ -144,6 +144,7 @@ def prepare_experiment(
         protocol=_protocol_name(folds, split_config, manifest, train_config),
         folds=folds,
         modalities=trained_modalities(manifest),
+        copies_hash=sp.copies_hash(copies) if data_config.speed_copies else None,
     )
     key = spec.run_key()
     run_dir = Path(run_dir) if run_dir else msata_home() / "runs" / spec.dataset / key
@@ -155,6 +156,11 @@ def prepare_experiment(
         for name in ("dataset", "feature_config_hash", "splits_hash", "model", "label_names", "data"):
             if old_dict[name] != new_dict[name]:
                 raise sp.ProtocolError(f"cannot resume {run_dir}: {name} changed from {old_dict[name]!r} to {new_dict[name]!r}")
+        if old.copies_hash is not None and old.copies_hash != spec.copies_hash:  # older specs did not record it
+            raise sp.ProtocolError(
+                f"cannot resume {run_dir}: the store's speed copies changed since the run began "
+                f"(fingerprint {old.copies_hash} then, {spec.copies_hash} now); start a new run without --resume"
+            )
         spec = replace(spec, train=old.train, data=old.data, mlflow=old.mlflow).resumed_with(train_config)
         logger.reopen(spec.parent_run_id)  # it was KILLED or FAILED, or FINISHED and finalized again
     else:

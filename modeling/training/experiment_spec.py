@@ -86,6 +86,9 @@ class ExperimentSpec:
     folds: list[sp.Fold]
     modalities: list[str] | None = None  # None in specs written before it was recorded: inference assumes both
     mlflow: MlflowRef | None = None
+    # [data] speed_copies: which copies of which recordings the store held (splits.copies_hash), so a
+    # resume or a later fold never trains on others; None without copies and in older specs.
+    copies_hash: str | None = None
 
     @property
     def parent_run_id(self) -> str | None:
@@ -136,6 +139,7 @@ class ExperimentSpec:
             "folds": [sp.fold_to_dict(f) for f in self.folds],
             "modalities": self.modalities,
             "mlflow": asdict(self.mlflow) if self.mlflow else None,
+            "copies_hash": self.copies_hash,
         }
 
     @classmethod
@@ -157,6 +161,7 @@ class ExperimentSpec:
             folds=[sp.fold_from_dict(d) for d in data["folds"]],
             modalities=data.get("modalities"),
             mlflow=MlflowRef(**mlflow) if mlflow else None,
+            copies_hash=data.get("copies_hash"),
         )
 
     def write(self, run_dir: str | Path) -> Path:

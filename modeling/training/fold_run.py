@@ -61,6 +61,11 @@ def loaders(spec: ExperimentSpec, fold: sp.Fold, config: TrainConfig, ctx: dist.
     store = FeatureStore.open(spec.store_path)
     manifest = store.manifest()
     _, copies = sp.split_speed_copies(manifest) if spec.data.speed_copies else (manifest, {})
+    if spec.copies_hash is not None and sp.copies_hash(copies) != spec.copies_hash:
+        raise sp.ProtocolError(
+            f"{spec.store_path}: its speed copies changed since the experiment began (fingerprint {spec.copies_hash} then, "
+            f"{sp.copies_hash(copies)} now); start a new run"
+        )
     label_of = dict(zip(manifest["clip_id"].astype(str), manifest["label"].astype(str), strict=False))
     speaker_of = dict(zip(manifest["clip_id"].astype(str), manifest["speaker"].astype(str), strict=False))  # for train.speaker_norm
     index = {name: i for i, name in enumerate(spec.label_names)}

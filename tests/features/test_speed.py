@@ -60,3 +60,12 @@ def test_a_copy_that_would_take_a_recordings_id_is_refused() -> None:
     copies, refused = plan_speed_copies([a, clash], (0.9,))
     assert [c.clip_id for c in copies] == ["a_sp0.9_sp0.9"]
     assert len(refused) == 1 and "'a_sp0.9' would take the id of a recording" in refused[0].reason
+
+
+def test_a_copy_whose_id_would_be_too_long_for_the_store_is_refused() -> None:
+    from features.speed import plan_speed_copies
+
+    long_id = "x" * 146  # a valid id (<= 150); with "_sp0.9" it would be 152
+    copies, refused = plan_speed_copies([_record(long_id), _record("b")], (0.9,))
+    assert [c.clip_id for c in copies] == ["b_sp0.9"]
+    assert len(refused) == 1 and "152 characters, over the store's 150" in refused[0].reason

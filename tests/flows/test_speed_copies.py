@@ -78,6 +78,38 @@ def test_training_uses_copies_of_training_speakers_only(store_with_copies: Path,
         )
 
 
+def test_a_run_records_its_copies_and_never_trains_on_others(store_with_copies: Path, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from modeling.data.splits import ProtocolError, SplitConfig, copies_hash, split_speed_copies
+    from modeling.training.experiment import prepare_experiment
+    from modeling.training.experiment_spec import load_spec
+    from modeling.training.fold_run import loaders
+    from modeling.training.run_logger import NullRunLogger
+    from modeling.training.train_loop import TrainConfig
+
+    train = TrainConfig(epochs=1, batch_size=4, num_workers=0, max_duration_s=1.0)
+    common = dict(split_config=SplitConfig(n_folds=2), logger=NullRunLogger(), data_overrides={"speed_copies": True})
+    run_dir = prepare_experiment(str(store_with_copies), "folder", train, run_dir=tmp_path / "run", **common)
+    spec = load_spec(run_dir)
+    _, copies = split_speed_copies(FeatureStore.open(store_with_copies).manifest())
+    assert spec.copies_hash == copies_hash(copies)
+    fewer = {k: v[:1] for k, v in copies.items()}  # as if the store had lost its 1.1x copies
+    assert copies_hash(fewer) != spec.copies_hash
+    # The store a run began with changed under it: a fold refuses to train, and so does --resume.
+    changed = replace(spec, copies_hash=copies_hash(fewer))
+    with pytest.raises(ProtocolError, match="speed copies changed since the experiment began"):
+        loaders(changed, changed.folds[0], changed.train)
+    changed.write(run_dir)
+    with pytest.raises(ProtocolError, match="speed copies changed since the run began"):
+        prepare_experiment(str(store_with_copies), "folder", train, run_dir=run_dir, resume=True, **common)
+    spec.write(run_dir)  # unchanged: the resume goes on
+    assert (
+        load_spec(prepare_experiment(str(store_with_copies), "folder", train, run_dir=run_dir, resume=True, **common)).copies_hash
+        == spec.copies_hash
+    )
+
+
 def test_asking_for_copies_a_store_does_not_hold_is_one_line(tmp_path: Path) -> None:
     store = preprocess_synthetic(tmp_path / "raw", tmp_path / "cli")
     config = tmp_path / "copies.toml"
