@@ -23,7 +23,8 @@ from modeling.training.train_loop import TrainConfig
 
 FIXTURES = Path(__file__).parent / "fixtures"
 V1 = json.loads((FIXTURES / "experiment_v1.json").read_text())
-LATER_MODEL = {"audio_frontend": "conv1d", "audio_channels": [16, 32, 64], "audio_layer_mix": "softmax"}  # model settings added since V1, at their defaults
+# model settings added since V1, at their defaults
+LATER_MODEL = {"audio_frontend": "conv1d", "audio_channels": [16, 32, 64], "audio_layer_mix": "softmax"}
 V1_KEY = (FIXTURES / "experiment_v1.key").read_text().strip()
 DEFAULT_AUGMENTATION = augmentation(DataConfig())  # the [data] settings older specs hold (later ones at their default left out)
 
