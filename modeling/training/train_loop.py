@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,8 +40,9 @@ from modeling.network.batch import Batch
 from modeling.network.losses import CTM_SCHEDULES, ctm_weight
 from modeling.network.precision import autocast
 from modeling.training import distributed as dist
-from modeling.training.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from modeling.training.checkpoint import CheckpointError, capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from modeling.training.metrics import ClassificationMetrics, compute_metrics
+from modeling.training.weight_average import WeightAverage
 
 
 @dataclass
@@ -62,6 +64,7 @@ class TrainConfig:
     cache_bytes: int = DEFAULT_CACHE_BYTES  # per loader (train, validation, test), split across its workers
     speaker_norm: bool = False  # transductive per-speaker standardisation of the audio (see DataConfig)
     refit: bool = False  # after the choice on validation: retrain on training + validation speakers up to the chosen epoch
+    ema_decay: float = 0.0  # > 0 (e.g. 0.99): validate, choose, test and ship a moving average of the weights (weight_average.py)
     num_workers: int = 2
     seed: int = 0
     device: str = "auto"  # "auto" = cuda when available, else cpu
@@ -69,6 +72,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.ctm_schedule not in CTM_SCHEDULES:
             raise ValueError(f"TrainConfig.ctm_schedule={self.ctm_schedule!r}; expected one of {CTM_SCHEDULES}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"TrainConfig.ema_decay={self.ema_decay}; expected 0 (off) or a decay in (0, 1) such as 0.99")
 
     def data_config(self) -> DataConfig:
         return DataConfig(
@@ -277,12 +282,17 @@ def train_model(
     n_steps = len(step_plan(train_loader))  # global steps: the same for any number of processes
     schedule = warmup_cosine(config.epochs * n_steps, int(round(config.warmup_epochs * n_steps)))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    average = WeightAverage(model, config.ema_decay) if config.ema_decay > 0 else None
     report = progress if ctx.is_main else None
 
     start_epoch, best_uar, best_epoch, bad_epochs, history = 1, -math.inf, 0, 0, []
     if resume and last_path.exists():
         state = load_checkpoint(last_path, map_location=device, require_resume=True)
-        model.load_state_dict(state["state_dict"])
+        if average is not None:  # the checkpoint's model is the average; the optimiser goes on from the raw weights
+            if "raw_state_dict" not in state:
+                raise CheckpointError(f"cannot resume {last_path} with train.ema_decay = {config.ema_decay}: it was written without it")
+            average.restore(state["state_dict"], state["weight_average_updates"], device)
+        model.load_state_dict(state["raw_state_dict"] if average is not None else state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch = int(state["epoch"]) + 1
@@ -334,55 +344,64 @@ def train_model(
                 nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
             scheduler.step()
+            if average is not None:
+                average.update(model)
             if report:
                 report(ProgressEvent("step", epoch, last_epoch, step=step, steps=n_steps, loss=loss_value))
         train_s = time.perf_counter() - started
         loss_sum, ce_sum, ctm_sum, count = dist.allreduce_sum(sums.tolist(), ctx)
         wait_share = dist.allreduce_max(waited / train_s if train_s > 0 else 0.0, ctx)  # the rank that waited most
-        val_wa = val_uar = val_macro_f1 = val_loss = math.nan  # a refit has no validation speakers
-        if val_loader is not None:
-            val_metrics, val_loss = evaluate(model, val_loader, device, n_classes, ctx)
-            val_wa, val_uar, val_macro_f1 = val_metrics.wa, val_metrics.uar, val_metrics.macro_f1
-        record = EpochRecord(
-            epoch=epoch,
-            train_loss=loss_sum / count,
-            train_ce=ce_sum / count,
-            train_ctm=ctm_sum / count,
-            val_loss=val_loss,
-            val_wa=val_wa,
-            val_uar=val_uar,
-            val_macro_f1=val_macro_f1,
-            lr=optimizer.param_groups[0]["lr"],
-            seconds=time.perf_counter() - started,
-            train_clips_per_s=count / train_s if train_s > 0 else 0.0,
-            data_wait_share=wait_share,
-            ctm_weight=float(np.mean(weights)) if weights else math.nan,
-        )
-        history.append(record)
-        if val_loader is None:  # a refit chooses nothing: its model is that of its last epoch, written once
-            improved = epoch == last_epoch
-            best_uar, best_epoch = (math.nan, epoch) if improved else (best_uar, best_epoch)
-        elif record.val_uar > best_uar:  # the gathered metrics: every rank decides alike
-            improved, best_uar, best_epoch, bad_epochs = True, record.val_uar, epoch, 0
-        else:
-            improved, bad_epochs = False, bad_epochs + 1
-        if ctx.is_main:
-            payload = {
-                **checkpoint_meta,
-                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                "train_config": config.to_dict(),
-                "epoch": epoch,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "best_metric": best_uar,
-                "best_epoch": best_epoch,
-                "bad_epochs": bad_epochs,
-                "history": [asdict(r) for r in history],
-                "rng": capture_rng(),
-            }
-            if improved:
-                save_checkpoint(best_path, payload)
-            save_checkpoint(last_path, payload)  # last: a kill after this line resumes at epoch + 1
+        # With train.ema_decay the averaged weights are validated and checkpointed; the raw ones come back after.
+        swapped = average.swapped_in(model) if average is not None else nullcontext({})
+        with swapped as raw_weights:
+            val_wa = val_uar = val_macro_f1 = val_loss = math.nan  # a refit has no validation speakers
+            if val_loader is not None:
+                val_metrics, val_loss = evaluate(model, val_loader, device, n_classes, ctx)
+                val_wa, val_uar, val_macro_f1 = val_metrics.wa, val_metrics.uar, val_metrics.macro_f1
+            record = EpochRecord(
+                epoch=epoch,
+                train_loss=loss_sum / count,
+                train_ce=ce_sum / count,
+                train_ctm=ctm_sum / count,
+                val_loss=val_loss,
+                val_wa=val_wa,
+                val_uar=val_uar,
+                val_macro_f1=val_macro_f1,
+                lr=optimizer.param_groups[0]["lr"],
+                seconds=time.perf_counter() - started,
+                train_clips_per_s=count / train_s if train_s > 0 else 0.0,
+                data_wait_share=wait_share,
+                ctm_weight=float(np.mean(weights)) if weights else math.nan,
+            )
+            history.append(record)
+            if val_loader is None:  # a refit chooses nothing: its model is that of its last epoch, written once
+                improved = epoch == last_epoch
+                best_uar, best_epoch = (math.nan, epoch) if improved else (best_uar, best_epoch)
+            elif record.val_uar > best_uar:  # the gathered metrics: every rank decides alike
+                improved, best_uar, best_epoch, bad_epochs = True, record.val_uar, epoch, 0
+            else:
+                improved, bad_epochs = False, bad_epochs + 1
+            if ctx.is_main:
+                payload = {
+                    **checkpoint_meta,
+                    "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                    "train_config": config.to_dict(),
+                    "epoch": epoch,
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "best_metric": best_uar,
+                    "best_epoch": best_epoch,
+                    "bad_epochs": bad_epochs,
+                    "history": [asdict(r) for r in history],
+                    "rng": capture_rng(),
+                }
+                if average is not None:
+                    # state_dict above is the average (what is tested and shipped); the raw weights resume the optimiser
+                    payload["raw_state_dict"] = {k: v.cpu() for k, v in raw_weights.items()}
+                    payload["weight_average_updates"] = average.updates
+                if improved:
+                    save_checkpoint(best_path, payload)
+                save_checkpoint(last_path, payload)  # last: a kill after this line resumes at epoch + 1
         dist.barrier(ctx)  # no rank reads a checkpoint (resume, test) before rank 0 has written it
         if report:
             report(ProgressEvent("epoch_end", epoch, last_epoch, steps=n_steps, record=record))
