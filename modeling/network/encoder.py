@@ -31,6 +31,7 @@ from features.config_keys import reject_unknown_keys
 from features.face_landmarks import N_BLENDSHAPES
 from modeling.network.batch import Batch
 from modeling.network.frontends import (
+    LAYER_MIXES,
     AudioFrontend,
     BlendshapeFrontend,
     ConvAudioFrontend,
@@ -62,10 +63,6 @@ MODALITY_KINDS = ("audio", "video")
 # The log-mel front-end: per-frame 1-D convolutions over all mel channels, or a 2-D CNN over
 # time x frequency (ConvAudioFrontend). Encoder states always go through EncoderStatesFrontend.
 AUDIO_FRONTENDS = ("conv1d", "cnn2d")
-# How encoder states' layers become one vector per frame (LAYER_MIXES): "softmax", SUPERB's
-# learned weighted sum (one weight per layer); "concat", every layer side by side into the
-# projection (a learned read-out per layer and channel, what the pooled logistic-regression floor sees).
-LAYER_MIXES = ("softmax", "concat")
 # Model settings added after run keys were first written: left out of an experiment's run key at
 # these defaults, so older run directories keep their names (as LATER_TRAIN_DEFAULTS for training).
 LATER_MODEL_DEFAULTS: dict[str, Any] = {"audio_frontend": "conv1d", "audio_channels": [16, 32, 64], "audio_layer_mix": "softmax"}

@@ -145,6 +145,12 @@ class ConvAudioFrontend(nn.Module):
         return Tokens(self.drop(self.out(x)), times.to(torch.float32), m)
 
 
+# How encoder states' layers become one vector per frame: "softmax", SUPERB's learned weighted
+# sum (one weight per layer); "concat", every layer side by side into the projection (a learned
+# read-out per layer and channel, what the pooled logistic-regression floor sees).
+LAYER_MIXES = ("softmax", "concat")
+
+
 class EncoderStatesFrontend(nn.Module):
     """Pretrained-encoder hidden states (B, Ta, L, D_in) at 50/s -> tokens (B, Ta', d_model).
 
@@ -174,8 +180,8 @@ class EncoderStatesFrontend(nn.Module):
         layer_mix: str = "softmax",
     ) -> None:
         super().__init__()
-        if layer_mix not in ("softmax", "concat"):
-            raise ValueError(f"layer_mix={layer_mix!r}; expected 'softmax' or 'concat'")
+        if layer_mix not in LAYER_MIXES:
+            raise ValueError(f"layer_mix={layer_mix!r}; expected one of {LAYER_MIXES}")
         self.n_layers, self.width, self.downsample, self.layer_mix = n_layers, width, downsample, layer_mix
         if layer_mix == "softmax":
             self.layer_logits = nn.Parameter(torch.zeros(n_layers))  # uniform mix at init
