@@ -59,6 +59,9 @@ def configure_tracking(uri: str | None = None) -> str:
     import mlflow
 
     os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
+    # MLflow draws a tqdm bar per artifact download ("Downloading artifacts: 1/77 ...", one line each
+    # on a pipe): 77 of them above `msata predict --model models:/...`'s answer. The user's setting wins.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # MLflow logs at INFO its SQLite schema set-up on every new database and each step of logging a
     # model (uv.lock copied, input example validated): a dozen lines above msata's own summary of a
     # run. Warnings and errors still show.

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import wave
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from flow_servers import MSATA, REPO, clean_env
 from training_fixtures import TINY_MODEL, build_tiny_store
 
 from features.config import FeatureConfig
@@ -89,6 +91,13 @@ def test_flow_trains_logs_registers_and_serves(home: Path, tmp_path: Path) -> No
     assert list(out.columns[:2]) == ["path", "label"] and out.loc[0, "label"] in result["label_names"]
     assert out.filter(like="prob_").sum(axis=1).iloc[0] == pytest.approx(1.0, abs=1e-5)
     assert out.loc[0, "modalities"] == "audio" and pd.isna(out.loc[0, "error"])
+    # The CLI answers from the registry too, without MLflow's per-artifact download bars above the answer.
+    done = subprocess.run(
+        [MSATA, "predict", str(tmp_path / "probe.wav"), "--model", "models:/msata-crema-d@champion"],
+        env=clean_env(tmp_path) | {"MSATA_HOME": str(home)}, cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0 and "probe.wav:" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "Downloading artifacts" not in done.stdout + done.stderr
 
     # Champion rule: only a strictly better validation UAR on the same protocol moves the alias;
     # the test score plays no part.
