@@ -9,7 +9,8 @@ from typing import Any
 # What a clip id may be: one path component of the feature store, <= 150 characters (the store's
 # staging names add ~60 more under the 255-byte file-name limit). Recipes keep their ids inside it;
 # the store refuses any other.
-SAFE_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,149}$")
+MAX_CLIP_ID = 150
+SAFE_ID = re.compile(rf"^[A-Za-z0-9_][A-Za-z0-9._-]{{0,{MAX_CLIP_ID - 1}}}$")
 
 
 class ClipNameError(ValueError):

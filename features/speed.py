@@ -22,7 +22,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from features.manifest import SAFE_ID, ClipRecord, Rejection
+from features.manifest import MAX_CLIP_ID, SAFE_ID, ClipRecord, Rejection
 
 MIN_SPEED, MAX_SPEED = 0.5, 2.0  # beyond these a copy no longer sounds like speech
 SPEED_DENOMINATOR = 100  # factors are exact to 0.01: the resampling ratio is a small fraction
@@ -83,10 +83,15 @@ def plan_speed_copies(records: list[ClipRecord], factors: tuple[float, ...]) -> 
             path = record.audio_path or record.video_path or ""
             if copy.clip_id in taken:
                 refused.append(Rejection(path, f"its speed copy {copy.clip_id!r} would take the id of a recording of the corpus"))
-            elif not SAFE_ID.match(copy.clip_id):
+            elif len(copy.clip_id) > MAX_CLIP_ID:
                 refused.append(
-                    Rejection(path, f"its speed copy's id would be {len(copy.clip_id)} characters, over the store's 150 ({copy.clip_id!r})")
+                    Rejection(
+                        path,
+                        f"its speed copy's id would be {len(copy.clip_id)} characters, over the store's {MAX_CLIP_ID} ({copy.clip_id!r})",
+                    )
                 )
+            elif not SAFE_ID.match(copy.clip_id):  # the source's own id is not one the store accepts
+                refused.append(Rejection(path, f"its id {record.clip_id!r} is not a safe path component ({SAFE_ID.pattern})"))
             else:
                 copies.append(copy)
     return copies, refused

@@ -130,6 +130,8 @@ class MsataConfig:
             )
         if self.audio_layer_mix not in LAYER_MIXES:
             raise ValueError(f"audio_layer_mix={self.audio_layer_mix!r}; expected one of {LAYER_MIXES}")
+        if self.audio_layer_mix != "softmax" and self.audio_layers == 0:
+            raise ValueError(f"audio_layer_mix={self.audio_layer_mix!r} mixes a pretrained encoder's layers; this store holds log-mel")
         if self.pooling not in POOLING_KINDS:
             raise ValueError(f"pooling={self.pooling!r}; expected one of {POOLING_KINDS}")
         if (self.audio_layers > 0) != (self.audio_width > 0):

@@ -292,6 +292,8 @@ def train_model(
             if "raw_state_dict" not in state:
                 raise CheckpointError(f"cannot resume {last_path} with train.ema_decay = {config.ema_decay}: it was written without it")
             average.restore(state["state_dict"], state["weight_average_updates"], device)
+        elif "raw_state_dict" in state:  # its state_dict is an average: the optimiser's weights are the raw ones
+            raise CheckpointError(f"cannot resume {last_path} without train.ema_decay: it was written with a weight average")
         model.load_state_dict(state["raw_state_dict"] if average is not None else state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -399,8 +401,8 @@ def train_model(
                     # state_dict above is the average (what is tested and shipped); the raw weights resume the optimiser
                     payload["raw_state_dict"] = {k: v.cpu() for k, v in raw_weights.items()}
                     payload["weight_average_updates"] = average.updates
-                if improved:
-                    save_checkpoint(best_path, payload)
+                if improved:  # best.pt is what ships (MLflow artifact): the raw weights only resume, from last.pt
+                    save_checkpoint(best_path, {k: v for k, v in payload.items() if k != "raw_state_dict"})
                 save_checkpoint(last_path, payload)  # last: a kill after this line resumes at epoch + 1
         dist.barrier(ctx)  # no rank reads a checkpoint (resume, test) before rank 0 has written it
         if report:

@@ -69,3 +69,5 @@ def test_a_copy_whose_id_would_be_too_long_for_the_store_is_refused() -> None:
     copies, refused = plan_speed_copies([_record(long_id), _record("b")], (0.9,))
     assert [c.clip_id for c in copies] == ["b_sp0.9"]
     assert len(refused) == 1 and "152 characters, over the store's 150" in refused[0].reason
+    copies, refused = plan_speed_copies([_record("a b")], (0.9,))  # a record built in code with an id the store refuses
+    assert copies == [] and "its id 'a b' is not a safe path component" in refused[0].reason

@@ -225,6 +225,8 @@ def test_concatenated_layers_feed_every_layer_to_the_projection(downsample: int)
     assert not torch.allclose(alone, model(collate([changed])).logits, atol=1e-4)
     with pytest.raises(ValueError, match="audio_layer_mix='sum'"):
         tiny_config(audio_layers=3, audio_width=8, audio_layer_mix="sum")
+    with pytest.raises(ValueError, match="this store holds log-mel"):
+        tiny_config(audio_layer_mix="concat")
 
 
 def test_encoder_states_of_the_wrong_shape_are_refused() -> None:

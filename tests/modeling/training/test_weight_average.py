@@ -8,8 +8,8 @@ from torch import nn
 from training_fixtures import build_tiny_store, tiny_loaders, tiny_meta
 
 from modeling.network.encoder import MsataConfig, MsataModel
-from modeling.training.checkpoint import load_checkpoint, model_from_checkpoint
-from modeling.training.train_loop import TrainConfig, train_model
+from modeling.training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from modeling.training.train_loop import TrainConfig, evaluate, train_model
 from modeling.training.weight_average import WeightAverage
 
 FAST = dict(batch_size=4, lr=3e-3, warmup_epochs=0.5, weight_decay=0.0, num_workers=0, max_duration_s=1.5, lambda_ctm=0.1)
@@ -62,8 +62,15 @@ def test_the_averaged_model_is_validated_shipped_and_resumes_like_an_uninterrupt
     shipped, raw = last["state_dict"], last["raw_state_dict"]
     assert last["weight_average_updates"] == 3 * len(train)
     assert any(not torch.equal(shipped[k], raw[k]) for k in shipped)  # the average, not the last step's weights
-    model = model_from_checkpoint(last)  # what the fold's test and msata predict load
-    assert all(torch.equal(model.state_dict()[k], shipped[k]) for k in shipped)
+    # What the fold's test and msata predict load (best.pt) is the averaged model that was validated:
+    # its validation loss is the epoch's record (the raw weights' would differ).
+    best = load_checkpoint(full.best_path, require_resume=True)
+    assert "raw_state_dict" not in best  # the raw weights only resume, from last.pt
+    n_classes = len(tiny_meta()["label_names"])
+    _, loss = evaluate(model_from_checkpoint(best), val, torch.device("cpu"), n_classes)
+    assert loss == pytest.approx(full.history[full.best_epoch - 1].val_loss, rel=1e-5)
+    _, raw_loss = evaluate(model_from_checkpoint(last | {"state_dict": raw}), val, torch.device("cpu"), n_classes)
+    assert raw_loss != pytest.approx(full.history[-1].val_loss, rel=1e-5)  # the check above can tell the two apart
 
     def stop_after_first(event) -> None:
         if event.kind == "epoch_end" and event.epoch == 1:
@@ -81,7 +88,10 @@ def test_the_averaged_model_is_validated_shipped_and_resumes_like_an_uninterrupt
     # A run started without the average cannot be resumed with it (its checkpoint has no raw weights).
     plain = TrainConfig(epochs=1, patience=10, **FAST)
     train_model(_model(), train, val, plain, tmp_path / "plain", tiny_meta())
-    with pytest.raises(Exception, match="written without it"):
+    with pytest.raises(CheckpointError, match="written without it"):
         train_model(
             _model(), train, val, TrainConfig(epochs=2, patience=10, ema_decay=0.9, **FAST), tmp_path / "plain", tiny_meta(), resume=True
         )
+    # ... nor one started with it, without it (its state_dict is the average, not the optimiser's weights).
+    with pytest.raises(CheckpointError, match="written with a weight average"):
+        train_model(_model(), train, val, TrainConfig(epochs=4, patience=10, **FAST), tmp_path / "full", tiny_meta(), resume=True)
