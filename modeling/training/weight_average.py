@@ -1,4 +1,4 @@
-"""An exponential moving average of a model's weights (``train.ema_decay``), as timm's ModelEmaV2.
+"""An exponential moving average of a model's weights (``train.ema_decay``), like timm's ModelEma (the whole state dict).
 
 Why: on ~1,000 training clips of a few speakers the weights after any one step are noisy;
 validation UAR moved by 0.05-0.1 from one epoch to the next in the frozen Whisper-base runs
@@ -6,8 +6,9 @@ validation UAR moved by 0.05-0.1 from one epoch to the next in the frozen Whispe
 weights is a smoother model; it is the one validated, chosen, tested and shipped, while the
 optimiser keeps stepping the raw weights.
 
-The effective decay warms up as ``min(decay, (1 + n) / (10 + n))`` after n updates, so the
-randomly initialised weights of the first steps do not linger in the average.
+The effective decay warms up as ``min(decay, (1 + n) / (10 + n))`` after n updates (the
+``num_updates`` rule of TensorFlow's ExponentialMovingAverage), so the randomly initialised
+weights of the first steps do not linger in the average.
 """
 
 from __future__ import annotations
