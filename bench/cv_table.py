@@ -4,7 +4,9 @@
 
 Per fold: test and validation actors, best epoch / epochs run, validation UAR (the only figure
 used to choose anything), test WA / UAR / macro-F1; then mean ± std (population std) over folds,
-and the pooled test confusion matrix.
+and the pooled test confusion matrix; then each fold's training curve from its ``fold_k/last.pt``
+(validation UAR per epoch, seconds of training, and the largest fall of validation UAR from one
+epoch to the next after epoch 3, the figure docs/results.md uses to compare how noisy runs are).
 """
 
 from __future__ import annotations
@@ -15,13 +17,18 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from modeling.training.checkpoint import load_checkpoint  # noqa: E402
+
 
 def table(run_dir: Path) -> str:
     spec = json.loads((run_dir / "experiment.json").read_text())
     result = json.loads((run_dir / "cv_result.json").read_text())
     lines = [
         f"Run `{run_dir.name}`: feature config `{spec['feature_config_hash']}`, model {json.dumps({k: spec['model'][k] for k in ('d_model', 'n_layers', 'audio_downsample', 'pooling', 'audio_layers')})}, "
-        f"speaker_norm={spec['train'].get('speaker_norm', False)}",
+        f"audio_layer_mix={spec['model'].get('audio_layer_mix', 'softmax')}, speaker_norm={spec['train'].get('speaker_norm', False)}, "
+        f"ema_decay={spec['train'].get('ema_decay', 0.0)}",
         "",
         "| fold | test actors | val actors | best epoch / run | val UAR | test WA | test UAR | test macro-F1 |",
         "|---|---|---|---|---:|---:|---:|---:|",
@@ -50,7 +57,32 @@ def table(run_dir: Path) -> str:
     for i, name in enumerate(names):
         row = " | ".join(f"**{v}**" if j == i else str(v) for j, v in enumerate(confusion[i]))
         lines.append(f"| {name} | {row} | {confusion[i, i] / max(confusion[i].sum(), 1):.2f} |")
-    return "\n".join(lines)
+    return "\n".join(lines + ["", *curves(run_dir, len(result["folds"]))])
+
+
+def curves(run_dir: Path, n_folds: int, settle_epochs: int = 3) -> list[str]:
+    """Markdown lines: each fold's validation UAR per epoch (first training, not a refit) from its last.pt."""
+    lines = [
+        "Training curves (validation UAR per epoch, from `fold_k/last.pt`):",
+        "",
+        f"| fold | validation UAR by epoch | training s | largest fall after epoch {settle_epochs} |",
+        "|---|---|---:|---:|",
+    ]
+    falls = []
+    for k in range(n_folds):
+        path = run_dir / f"fold_{k}" / "last.pt"
+        if not path.exists():
+            lines.append(f"| {k} | (no {path.name}) | | |")
+            continue
+        history = load_checkpoint(path)["history"]
+        uar = [r["val_uar"] for r in history]
+        fall = max((a - b for a, b in zip(uar[settle_epochs - 1 :], uar[settle_epochs:], strict=False)), default=0.0)
+        falls.append(fall)
+        seconds = sum(r["seconds"] for r in history)
+        lines.append(f"| {k} | {' '.join(f'{u:.3f}' for u in uar)} | {seconds:.0f} | {max(fall, 0.0):.3f} |")
+    if falls:
+        lines.append(f"| **all** | | | {max(max(falls), 0.0):.3f} |")
+    return lines
 
 
 if __name__ == "__main__":
