@@ -39,6 +39,11 @@ class DataConfig:
     time_mask_max_frames: int = 10  # 0.2 s at 50 fps
     freq_masks: int = 2
     freq_mask_max_bins: int = 8
+    # Encoder states (Ta, L, D) only: each (layer, channel) of a training clip is set to its clip
+    # mean with this probability, for the whole clip. The states' channels are unordered, so the
+    # contiguous frequency masks above mean nothing there; 0.1 masks the share of channels the
+    # log-mel masks do on average (2 masks of up to 8 of 80 bins). Refused on a log-mel store.
+    channel_drop: float = 0.0
     crop_jitter_px: int = 4  # random shift of every face crop of a clip, in pixels
     in_memory: bool = True  # cache decoded clips (bounded by cache_bytes); False reads every clip from the store every time
     cache_bytes: int = DEFAULT_CACHE_BYTES  # per loader, split across its worker processes
@@ -50,13 +55,17 @@ class DataConfig:
     speed_copies: bool = False
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.channel_drop < 1.0:
+            raise ValueError(f"[data] channel_drop = {self.channel_drop}; expected a probability in [0, 1), e.g. 0.1")
+
 
 # The DataConfig fields a run config sets in its [data] table (the experiment spec's ``data``);
 # the other fields mirror TrainConfig's and are set in [train] only.
-AUGMENT_FIELDS = ("time_masks", "time_mask_max_frames", "freq_masks", "freq_mask_max_bins", "crop_jitter_px", "speed_copies")
+AUGMENT_FIELDS = ("time_masks", "time_mask_max_frames", "freq_masks", "freq_mask_max_bins", "channel_drop", "crop_jitter_px", "speed_copies")
 # [data] settings added later, at the value every older run had: left out of a spec's ``data`` at that
 # value, so older run keys and MLflow parameters stay as they were (as LATER_TRAIN_DEFAULTS for [train]).
-LATER_DATA_DEFAULTS = {"speed_copies": False}
+LATER_DATA_DEFAULTS = {"speed_copies": False, "channel_drop": 0.0}
 
 
 def crop_window(duration_s: float, max_duration_s: float | None, rng: np.random.Generator | None) -> tuple[float, float]:
@@ -76,8 +85,9 @@ def _select(times: np.ndarray, t0: float, t1: float) -> np.ndarray:
 
 def spec_mask(audio: np.ndarray, config: DataConfig, rng: np.random.Generator) -> np.ndarray:
     """Time and frequency masking; masked cells get the clip's mean (for log-mel, its mean
-    log-energy: 0 is loud in log scale). Encoder states (Ta, L, D) get time masks only:
-    their channels are not frequencies, and neighbouring channels are unrelated."""
+    log-energy: 0 is loud in log scale). Encoder states (Ta, L, D) get time masks and, with
+    ``channel_drop`` > 0, scattered channel masks instead of frequency bands: their channels
+    are not frequencies, and neighbouring channels are unrelated."""
     out = audio.copy()  # (Ta, F) or (Ta, L, D)
     if out.size == 0:
         return out
@@ -89,6 +99,9 @@ def spec_mask(audio: np.ndarray, config: DataConfig, rng: np.random.Generator) -
             start = int(rng.integers(0, t_len - width + 1))
             out[start : start + width] = fill
     if out.ndim != 2:
+        if config.channel_drop > 0:  # no draw at 0: runs without it keep their augmentation stream
+            dropped = rng.random(out.shape[1:]) < config.channel_drop  # (L, D)
+            out[:, dropped] = fill[:, dropped]
         return out
     for _ in range(config.freq_masks):
         width = int(rng.integers(0, config.freq_mask_max_bins + 1))

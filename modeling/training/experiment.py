@@ -122,6 +122,11 @@ def prepare_experiment(
             "audio_finetune_blocks with train.speaker_norm: the fine-tuned blocks expect the encoder's own states, not standardised ones; choose one"
         )
     data_config = make_data_config(train_config, data_overrides)
+    if data_config.channel_drop and not model_config["audio_layers"]:
+        raise sp.ProtocolError(
+            f"[data] channel_drop = {data_config.channel_drop} masks a pretrained encoder's state channels; {store_path} holds log-mel "
+            "(use freq_masks there)"
+        )
     if data_config.speed_copies and not copies:
         raise sp.ProtocolError(
             f"[data] speed_copies = true, but {store_path} holds no speed-perturbed copies: make them with msata preprocess --speed-perturb 0.9,1.1"

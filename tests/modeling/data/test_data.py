@@ -90,6 +90,24 @@ def test_spec_mask_fills_with_clip_mean() -> None:
     assert np.array_equal(x, np.arange(200, dtype=np.float32).reshape(50, 4))  # input untouched
 
 
+def test_channel_drop_masks_whole_state_channels_with_their_clip_mean() -> None:
+    rng = np.random.default_rng(0)
+    states = rng.normal(size=(40, 3, 64)).astype(np.float32)  # (Ta, L, D) encoder states
+    cfg = DataConfig(time_masks=0, channel_drop=0.25)
+    out = spec_mask(states, cfg, np.random.default_rng(5))
+    changed = (out != states).any(axis=0)  # (L, D): a dropped cell is dropped in every frame
+    assert np.array_equal((out != states).all(axis=0), changed)
+    assert 0.15 < changed.mean() < 0.35  # about a quarter of the 192 cells
+    np.testing.assert_allclose(out[:, changed], np.broadcast_to(states.mean(axis=0)[changed], (40, int(changed.sum()))))
+    # The frequency masks leave encoder states alone, and at 0 nothing is drawn: older runs keep their crops and masks.
+    quiet = np.random.default_rng(5)
+    before = quiet.bit_generator.state
+    assert np.array_equal(spec_mask(states, DataConfig(time_masks=0, freq_masks=2, channel_drop=0.0), quiet), states)
+    assert quiet.bit_generator.state == before
+    with pytest.raises(ValueError, match="channel_drop = 1.0"):
+        DataConfig(channel_drop=1.0)
+
+
 def test_in_memory_cache_and_pickling(store_path: str) -> None:
     import pickle
 

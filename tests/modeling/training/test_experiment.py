@@ -219,3 +219,15 @@ def test_refit_retrains_on_training_and_validation_speakers_and_tests_that_model
     assert {"selection_uar_mean", "selection_uar_std"} <= set(result.extra)
     saved = json.loads((tmp_path / "run" / "cv_result.json").read_text())
     assert saved["folds"][0]["selection_test"] == result.folds[0].selection_test
+
+
+def test_channel_drop_on_a_log_mel_store_is_refused_before_any_training(home, store, tmp_path) -> None:
+    from modeling.data.splits import ProtocolError
+    from modeling.training.experiment import prepare_experiment
+
+    with pytest.raises(ProtocolError, match=r"channel_drop = 0.1 masks a pretrained encoder's state channels; .* holds log-mel"):
+        prepare_experiment(
+            store, "crema-d", TrainConfig(epochs=1), SplitConfig(n_folds=2), TINY_MODEL, run_dir=tmp_path / "run",
+            logger=NullRunLogger(), data_overrides={"channel_drop": 0.1},
+        )  # fmt: skip
+    assert not (tmp_path / "run").exists()
