@@ -3,7 +3,7 @@
     .venv/bin/python bench/cv_table.py RUN_DIR [RUN_DIR ...]
 
 Per fold: test and validation actors, best epoch / epochs run, validation UAR (the only figure
-used to choose anything), test WA / UAR / macro-F1; then mean ± std (population std) over folds,
+used to choose anything), test WA / UAR / macro-F1; then mean ± std (sample std, ddof=1, as `msata train` computes it) over folds,
 and the pooled test confusion matrix; then each fold's training curve from its ``fold_k/last.pt``
 (validation UAR per epoch, seconds of training, and the largest fall of validation UAR from one
 epoch to the next after epoch 3, the figure docs/results.md uses to compare how noisy runs are).

@@ -279,6 +279,11 @@ def run_fold(job: dict) -> dict:
 
 
 def summarise(rows: list[dict]) -> list[dict]:
+    """Per config: means over folds, and test metrics as (mean, sample std) like ``msata train``'s
+    summary (``mean_std``, ddof=1). Until session 10 this printed the population std (np.std),
+    sqrt(4/5) of it for 5 folds: the H200 tables of sessions 4-5 in docs/results.md say so."""
+    from modeling.training.metrics import mean_std
+
     table = []
     for name in dict.fromkeys(r["config"] for r in rows):
         mine = sorted((r for r in rows if r["config"] == name), key=lambda r: r["fold"])
@@ -292,9 +297,9 @@ def summarise(rows: list[dict]) -> list[dict]:
         }
         for metric in ("wa", "uar", "macro_f1"):
             values = [r["test"][metric] for r in mine]
-            entry[metric] = (float(np.mean(values)), float(np.std(values)))
+            entry[metric] = mean_std(values)
         before = [r.get("selection_test", r["test"])["uar"] for r in mine]  # rows of older runs have no refit
-        entry["selection_uar"] = (float(np.mean(before)), float(np.std(before)))
+        entry["selection_uar"] = mean_std(before)
         table.append(entry)
     return table
 

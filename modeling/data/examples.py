@@ -62,7 +62,15 @@ class DataConfig:
 
 # The DataConfig fields a run config sets in its [data] table (the experiment spec's ``data``);
 # the other fields mirror TrainConfig's and are set in [train] only.
-AUGMENT_FIELDS = ("time_masks", "time_mask_max_frames", "freq_masks", "freq_mask_max_bins", "channel_drop", "crop_jitter_px", "speed_copies")
+AUGMENT_FIELDS = (
+    "time_masks",
+    "time_mask_max_frames",
+    "freq_masks",
+    "freq_mask_max_bins",
+    "channel_drop",
+    "crop_jitter_px",
+    "speed_copies",
+)
 # [data] settings added later, at the value every older run had: left out of a spec's ``data`` at that
 # value, so older run keys and MLflow parameters stay as they were (as LATER_TRAIN_DEFAULTS for [train]).
 LATER_DATA_DEFAULTS = {"speed_copies": False, "channel_drop": 0.0}
