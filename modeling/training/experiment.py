@@ -124,8 +124,15 @@ def prepare_experiment(
     data_config = make_data_config(train_config, data_overrides)
     if data_config.channel_drop and not model_config["audio_layers"]:
         raise sp.ProtocolError(
-            f"[data] channel_drop = {data_config.channel_drop} masks a pretrained encoder's state channels; {store_path} holds log-mel "
-            "(use freq_masks there)"
+            f"[data] channel_drop = {data_config.channel_drop} masks a pretrained encoder's state channels; {store_path} holds none "
+            "(log-mel: use freq_masks there)"
+        )
+    if data_config.channel_drop and model_config["audio_finetune_blocks"]:
+        # The fine-tuned blocks recompute the top states from one stored state: masks on the top ones
+        # would be thrown away and the masked one fed to pretrained blocks. Not measured; refused.
+        raise sp.ProtocolError(
+            f"[data] channel_drop = {data_config.channel_drop} with audio_finetune_blocks = {model_config['audio_finetune_blocks']}: "
+            "the masks are for frozen states; choose one"
         )
     if data_config.speed_copies and not copies:
         raise sp.ProtocolError(

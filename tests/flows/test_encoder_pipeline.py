@@ -121,3 +121,26 @@ def test_finetuning_the_top_block_starts_from_the_packaged_weights_and_predicts(
     assert max((trained[k].float() - packaged[k].float()).abs().max().item() for k in packaged) < 0.5  # started there, moved a little
     predictions = predict_files(load_predictor(result.folds[0].best_path, device="cpu"), sorted((raw / "clips").glob("*.mp4"))[:2])
     assert all(p.error is None and p.label in ("happy", "sad") for p in predictions), predictions
+
+
+def test_channel_drop_is_a_setting_of_frozen_state_runs_only(encoder_store: tuple[Path, Path], tmp_path: Path) -> None:
+    from modeling.data.splits import ProtocolError, SplitConfig
+    from modeling.training.experiment import load_spec, prepare_experiment
+    from modeling.training.run_logger import NullRunLogger
+    from modeling.training.train_loop import TrainConfig
+
+    _, store = encoder_store
+    model = {"d_model": 32, "n_heads": 2, "n_layers": 1, "video_channels": [8, 16], "ctm_dim": 16}
+
+    def prepare(name: str, data: dict | None, finetune: int = 0) -> Path:
+        return prepare_experiment(
+            str(store), "folder", TrainConfig(epochs=1), SplitConfig(n_folds=2), model | {"audio_finetune_blocks": finetune},
+            run_dir=tmp_path / name, logger=NullRunLogger(), data_overrides=data,
+        )  # fmt: skip
+
+    plain, masked = load_spec(prepare("plain", None)), load_spec(prepare("masked", {"channel_drop": 0.1}))
+    assert masked.data.channel_drop == 0.1 and plain.data.channel_drop == 0.0
+    assert masked.run_key() != plain.run_key()
+    with pytest.raises(ProtocolError, match="channel_drop = 0.1 with audio_finetune_blocks = 1"):
+        prepare("finetuned", {"channel_drop": 0.1}, finetune=1)
+    assert not (tmp_path / "finetuned").exists()

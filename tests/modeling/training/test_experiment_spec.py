@@ -120,6 +120,15 @@ def test_augmentation_is_a_setting_of_the_run(tmp_path: Path, monkeypatch) -> No
         prepare({"time_masks": 1}, resume=True)
 
 
+def test_settings_added_later_stay_out_of_older_runs_data() -> None:
+    # A [data] table written before speed copies and channel masks existed: its spec's data, and so
+    # its run key, must not gain them at their defaults (LATER_DATA_DEFAULTS).
+    assert augmentation(DataConfig(time_masks=0)) == {
+        "time_masks": 0, "time_mask_max_frames": 10, "freq_masks": 2, "freq_mask_max_bins": 8, "crop_jitter_px": 4,
+    }  # fmt: skip
+    assert augmentation(DataConfig(speed_copies=True, channel_drop=0.1))["channel_drop"] == 0.1
+
+
 def test_data_overrides_take_augmentation_only() -> None:
     assert make_data_config(TrainConfig(max_duration_s=3.0), {"freq_masks": 0}) == replace(DataConfig(max_duration_s=3.0), freq_masks=0)
     with pytest.raises(ValueError, match=r"\['max_duration_s'\] are set in \[train\]"):
