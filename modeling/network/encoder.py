@@ -39,6 +39,7 @@ from modeling.network.frontends import (
     Tokens,
     VideoFrontend,
 )
+from modeling.network.pooled_probe import PooledProbe
 from modeling.network.tarope import (
     DEFAULT_BASE,
     DEFAULT_RATE,
@@ -167,7 +168,7 @@ class MsataConfig:
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # (B, C)
+    logits: torch.Tensor  # (B, C); with a pooled probe attached, the log of the mixed probabilities
     pooled: torch.Tensor  # (B, D) joint; (B, 2D) late = [audio pool; video pool]
     audio_tokens: torch.Tensor  # (B, Ta', D) encoder outputs at audio positions
     audio_times: torch.Tensor  # (B, Ta') seconds
@@ -333,6 +334,14 @@ class MsataModel(nn.Module):
         self.head_drop = nn.Dropout(config.dropout)
         self.classifier = nn.Linear(pooled_dim, config.n_classes)
         self.ctm_head = nn.Linear(d, config.ctm_dim)  # used by losses.ctm_loss only
+        # train.probe_weight: a linear probe on pooled audio statistics, fitted after training and mixed
+        # into the logits (modeling/network/pooled_probe.py); None while training and in models without one.
+        self.pooled_probe: PooledProbe | None = None
+
+    def attach_probe(self, probe: PooledProbe | None) -> None:
+        if probe is not None and "audio" not in self.config.modalities:
+            raise ValueError("a pooled audio probe needs a model that reads audio")
+        self.pooled_probe = probe
 
     def pretrained_parameters(self) -> list[nn.Parameter]:
         """Parameters started from pretrained weights (the training loop gives them a lower lr)."""
@@ -340,6 +349,7 @@ class MsataModel(nn.Module):
         return frontend.pretrained_parameters() if isinstance(frontend, EncoderStatesFrontend) else []
 
     def forward(self, batch: Batch) -> ModelOutput:
+        audio, audio_mask = batch.audio, batch.audio_mask  # the probe's input, before any modality is dropped
         if "audio" not in self.config.modalities:  # (B, 0, ...): no audio token exists
             batch = replace(batch, audio=batch.audio[:, :0], audio_times=batch.audio_times[:, :0], audio_mask=batch.audio_mask[:, :0])
         if "video" not in self.config.modalities:
@@ -361,6 +371,8 @@ class MsataModel(nn.Module):
             video_out = self.video_encoder(v, rotary_positions(kind, [v.times], rate))
             pooled = torch.cat([self.pool(audio_out, a.mask), self.video_pool(video_out, v.mask)], dim=-1)  # (B, 2D)
         logits = self.classifier(self.head_drop(pooled))  # (B, C)
+        if self.pooled_probe is not None:  # log of the mixed class probabilities (B, C)
+            logits = self.pooled_probe.mix(logits, audio, audio_mask)
         return ModelOutput(
             logits=logits,
             pooled=pooled,

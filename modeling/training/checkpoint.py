@@ -199,9 +199,15 @@ def model_from_checkpoint(payload: dict[str, Any], device: str | torch.device = 
     ``Predictor.from_checkpoint`` both call it): the config, strict weights, and a label
     list that agrees with the classifier. ``source`` names the checkpoint in errors."""
     from modeling.network.encoder import MsataConfig, MsataModel
+    from modeling.network.pooled_probe import CHECKPOINT_KEY, PooledProbe
 
     model = MsataModel(MsataConfig.from_dict(payload["model_config"]))
     model.load_state_dict(payload["state_dict"])
+    if payload.get(CHECKPOINT_KEY) is not None:  # train.probe_weight: the fitted probe travels beside the state dict
+        try:
+            model.attach_probe(PooledProbe.from_checkpoint(payload[CHECKPOINT_KEY], source))
+        except ValueError as err:
+            raise CheckpointError(f"checkpoint {source}: {err}") from err
     n_labels = len(payload["label_names"])
     if n_labels != model.config.n_classes:
         raise CheckpointError(f"checkpoint {source}: {n_labels} label names for {model.config.n_classes} classes")

@@ -134,6 +134,11 @@ def prepare_experiment(
             f"[data] channel_drop = {data_config.channel_drop} with audio_finetune_blocks = {model_config['audio_finetune_blocks']}: "
             "the masks are for frozen states; choose one"
         )
+    if train_config.probe_weight and not ("audio" in model_config["modalities"] and "audio" in trained_modalities(manifest)):
+        raise sp.ProtocolError(
+            f"train.probe_weight = {train_config.probe_weight} mixes in a probe on pooled audio statistics; "
+            f"this model reads {model_config['modalities']} and {store_path} holds {trained_modalities(manifest)}"
+        )
     if data_config.speed_copies and not copies:
         raise sp.ProtocolError(
             f"[data] speed_copies = true, but {store_path} holds no speed-perturbed copies: make them with msata preprocess --speed-perturb 0.9,1.1"
@@ -311,6 +316,8 @@ def finalize_experiment(run_dir: str | Path, register: bool = True, logger: RunL
     )
     if all(f.selection_test for f in fold_results):  # train.refit: the models chosen on validation, before their refit
         result.extra |= {"selection_" + k: v for k, v in summarize_folds([f.selection_test for f in fold_results]).items()}
+    if all(f.probe for f in fold_results):  # train.probe_weight: the models without their probe, reported beside
+        result.extra |= {"model_alone_" + k: v for k, v in summarize_folds([f.probe["test_model"] for f in fold_results]).items()}
     parent = result.parent_run_id
     with logger.ended_on_failure(parent):  # summary and pooled confusion on the parent run; the selected model registered once
         logger.log_metrics(parent, {f"test_{k}": v for k, v in summary.items()} | {f"test_{k}": v for k, v in result.extra.items()})

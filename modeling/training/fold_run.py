@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from modeling.data import splits as sp
 from modeling.training import distributed as dist
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 RESULT_FILE = "result.json"
 REFIT_DIR = "refit"  # with train.refit: the checkpoints of the model retrained on training + validation speakers
+PROBED_FILE = "probed.pt"  # with train.probe_weight: the tested model with its pooled probe (best.pt stays as trained)
 
 
 @dataclass
@@ -50,6 +51,9 @@ class FoldResult:
     best_path: str  # the model tested: the refit one when train.refit is set
     run_id: str | None = None
     selection_test: dict[str, float] | None = None  # with train.refit: the test figures of the model chosen on validation
+    # with train.probe_weight: the probe's C and validation UAR, validation UAR with and without it, and
+    # "test_model", the test figures of the model without it (reported beside the mixed ones, chooses nothing)
+    probe: dict[str, Any] | None = None
 
 
 def loaders(spec: ExperimentSpec, fold: sp.Fold, config: TrainConfig, ctx: dist.DistContext = dist.SINGLE):
@@ -72,8 +76,10 @@ def loaders(spec: ExperimentSpec, fold: sp.Fold, config: TrainConfig, ctx: dist.
     data_config = spec.data
     pin = training_device(config, ctx).type == "cuda"
 
-    def loader(ids: tuple[str, ...], train: bool, workers: int):
-        if train:  # [data] speed_copies: the training clips' perturbed copies join them (never validation or test)
+    def loader(ids: tuple[str, ...], train: bool, workers: int, with_copies: bool | None = None):
+        # [data] speed_copies: the training clips' perturbed copies join them (never validation or test);
+        # with_copies=True without train: the same clips in evaluation mode (the pooled probe's fit)
+        if train if with_copies is None else with_copies:
             ids = sp.ids_with_copies(ids, copies)
         ds = ClipDataset(
             spec.store_path, ids, [index[label_of[c]] for c in ids], store.config, data_config, train, [speaker_of[c] for c in ids]
@@ -180,6 +186,9 @@ def train_and_test_fold(
             stop_after_epoch=result.best_epoch,
         )
         selection_metrics, tested_path = test(result.best_path), refit.best_path
+    probe_record = None
+    if config.probe_weight > 0:
+        tested_path, probe_record = attach_pooled_probe(spec, fold, make_loader, tested_path, fold_dir, test, device, ctx)
     metrics = test(tested_path)
     fold_result = FoldResult(
         index=fold_index,
@@ -192,6 +201,7 @@ def train_and_test_fold(
         best_path=str(tested_path),
         run_id=run_id,
         selection_test=selection_metrics.scalars() if selection_metrics else None,
+        probe=probe_record,
     )
     if not ctx.is_main:
         return fold_result
@@ -200,10 +210,53 @@ def train_and_test_fold(
         run_id,
         {f"test_{k}": v for k, v in metrics.scalars().items()}
         | {"best_epoch": result.best_epoch, "best_val_uar": result.best_val_uar}
-        | selection,
+        | selection
+        | probe_metrics(probe_record),
     )
     logger.log_confusion(run_id, metrics.confusion, label_names, fold_dir / "confusion_test.png", f"fold {fold_index} test")
     logger.log_learning_curves(run_id, result.history, fold_dir / "learning_curves.png", f"fold {fold_index}")
     logger.end(run_id)
     write_json(fold_dir / RESULT_FILE, asdict(fold_result))  # last: marks the fold as done
     return fold_result
+
+
+def attach_pooled_probe(
+    spec: ExperimentSpec,
+    fold: sp.Fold,
+    make_loader: Any,
+    tested_path: Path,
+    fold_dir: Path,
+    test: Any,
+    device: Any,
+    ctx: dist.DistContext,
+) -> tuple[Path, dict[str, Any]]:
+    """``train.probe_weight``: fit the pooled probe (``modeling.training.probe_fit``) and write the tested
+    model with it to ``fold_dir / PROBED_FILE``; returns that path and the probe's record for FoldResult."""
+    from modeling.network.pooled_probe import CHECKPOINT_KEY
+    from modeling.training.checkpoint import load_checkpoint, load_trained_model, save_checkpoint
+    from modeling.training.probe_fit import choose_probe, pooled_features
+
+    config, workers = spec.train, spec.train.num_workers
+    train_clips = pooled_features(make_loader(fold.train_ids, False, workers, with_copies=True), ctx)
+    val_loader = make_loader(fold.val_ids, False, workers)
+    val_clips = pooled_features(val_loader, ctx)
+    refit_on = pooled_features(make_loader(fold.train_ids + fold.val_ids, False, workers, with_copies=True), ctx) if config.refit else None
+    choice = choose_probe(train_clips, val_clips, len(spec.label_names), config.probe_weight, config.seed, refit_on)
+    payload = load_checkpoint(tested_path)
+    payload[CHECKPOINT_KEY] = choice.probe.to_checkpoint()
+    probed = save_checkpoint(fold_dir / PROBED_FILE, payload)  # every rank writes the same bytes, each atomically
+    record = choice.record() | {"test_model": test(tested_path).scalars()}
+    if not config.refit:  # a refit model has trained on the validation speakers: no validation figure for it
+        for key, path in (("val_uar_model", tested_path), ("val_uar_mixed", probed)):
+            model, _, _ = load_trained_model(path, device)
+            y, probs, _, _ = predict(model, val_loader, device, ctx)
+            record[key] = compute_metrics(y, probs.argmax(axis=1), len(spec.label_names)).uar
+    return probed, record
+
+
+def probe_metrics(record: dict[str, Any] | None) -> dict[str, float]:
+    """The probe's figures as MLflow metrics of the fold's run (none without a probe)."""
+    if record is None:
+        return {}
+    scalars = {f"probe_{k}": float(v) for k, v in record.items() if k != "test_model"}
+    return scalars | {f"test_model_alone_{k}": v for k, v in record["test_model"].items()}

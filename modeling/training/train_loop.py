@@ -65,6 +65,9 @@ class TrainConfig:
     speaker_norm: bool = False  # transductive per-speaker standardisation of the audio (see DataConfig)
     refit: bool = False  # after the choice on validation: retrain on training + validation speakers up to the chosen epoch
     ema_decay: float = 0.0  # > 0 (e.g. 0.99): validate, choose, test and ship a moving average of the weights (weight_average.py)
+    # > 0: after training, fit a logistic regression on pooled audio statistics (its C chosen on validation) and
+    # mix its class probabilities into the model's with this weight (modeling/network/pooled_probe.py)
+    probe_weight: float = 0.0
     num_workers: int = 2
     seed: int = 0
     device: str = "auto"  # "auto" = cuda when available, else cpu
@@ -74,6 +77,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.ctm_schedule={self.ctm_schedule!r}; expected one of {CTM_SCHEDULES}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"TrainConfig.ema_decay={self.ema_decay}; expected 0 (off) or a decay in (0, 1) such as 0.99")
+        if not 0.0 <= self.probe_weight <= 1.0:
+            raise ValueError(f"TrainConfig.probe_weight={self.probe_weight}; expected 0 (off) or a mixing weight in (0, 1]")
 
     def data_config(self) -> DataConfig:
         return DataConfig(

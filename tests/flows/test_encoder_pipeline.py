@@ -144,3 +144,27 @@ def test_channel_drop_is_a_setting_of_frozen_state_runs_only(encoder_store: tupl
     with pytest.raises(ProtocolError, match="channel_drop = 0.1 with audio_finetune_blocks = 1"):
         prepare("finetuned", {"channel_drop": 0.1}, finetune=1)
     assert not (tmp_path / "finetuned").exists()
+
+
+def test_a_model_with_a_pooled_probe_predicts_new_files_with_it(encoder_store: tuple[Path, Path], tmp_path: Path) -> None:
+    from modeling.data.splits import SplitConfig
+    from modeling.inference.predictor import load_predictor, predict_files
+    from modeling.training.experiment import run_cross_validation
+    from modeling.training.run_logger import NullRunLogger
+    from modeling.training.train_loop import TrainConfig
+
+    raw, store = encoder_store
+    model = {"d_model": 32, "n_heads": 2, "n_layers": 1, "video_channels": [8, 16], "audio_layer_mix": "concat", "ctm_dim": 16}
+    train = TrainConfig(epochs=1, batch_size=4, num_workers=0, max_duration_s=1.0, probe_weight=0.5)
+    result = run_cross_validation(
+        str(store), "folder", train, SplitConfig(n_folds=2), model, run_dir=tmp_path / "run", logger=NullRunLogger()
+    )
+    predictor = load_predictor(result.folds[0].best_path, device="cpu")
+    probe = predictor.model.pooled_probe
+    assert probe is not None and probe.weight == 0.5 and probe.n_features == 2 * 5 * 384  # mean and std of 5 tiny.en states
+    predictions = predict_files(predictor, sorted((raw / "clips").glob("*.mp4"))[:2])
+    assert all(p.error is None and p.label in ("happy", "sad") for p in predictions), predictions
+    predictor.model.attach_probe(None)  # the same files without the probe: the mixture moved the probabilities
+    alone = predict_files(predictor, sorted((raw / "clips").glob("*.mp4"))[:2])
+    moved = [max(abs(a.probabilities[k] - p.probabilities[k]) for k in p.probabilities) for a, p in zip(alone, predictions, strict=True)]
+    assert max(moved) > 1e-4, moved

@@ -231,3 +231,49 @@ def test_channel_drop_on_a_log_mel_store_is_refused_before_any_training(home, st
             logger=NullRunLogger(), data_overrides={"channel_drop": 0.1},
         )  # fmt: skip
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_a_pooled_probe_is_fitted_after_training_mixed_into_the_tested_model_and_reported_beside_it(home, store, tmp_path):
+    import json
+
+    from modeling.network.pooled_probe import CHECKPOINT_KEY
+    from modeling.training.checkpoint import load_checkpoint, load_trained_model
+    from modeling.training.experiment import run_cross_validation
+    from modeling.training.fold_run import PROBED_FILE
+    from modeling.training.probe_fit import C_GRID
+
+    cfg = TrainConfig(epochs=2, patience=5, batch_size=4, lr=3e-3, warmup_epochs=0.5, num_workers=0, max_duration_s=1.5, probe_weight=0.5)
+    model = TINY_MODEL | {"modalities": ["audio"]}
+    result = run_cross_validation(store, "crema-d", cfg, SplitConfig(n_folds=2), model, run_dir=tmp_path / "run", logger=NullRunLogger())
+    for fold in result.folds:
+        fold_dir = tmp_path / "run" / f"fold_{fold.index}"
+        assert fold.best_path == str(fold_dir / PROBED_FILE)  # tested and registered with its probe
+        assert CHECKPOINT_KEY in load_checkpoint(fold.best_path) and CHECKPOINT_KEY not in load_checkpoint(fold_dir / "best.pt")
+        assert load_trained_model(fold.best_path)[0].pooled_probe.weight == 0.5
+        probe = fold.probe
+        assert probe["C"] in C_GRID and probe["weight"] == 0.5 and 0.0 <= probe["probe_val_uar"] <= 1.0
+        assert probe["val_uar_model"] == pytest.approx(fold.best_val_uar)  # the model alone, as chosen on validation
+        assert set(probe["test_model"]) == set(fold.test) and 0.0 <= probe["val_uar_mixed"] <= 1.0
+    assert {"model_alone_uar_mean", "model_alone_uar_std"} <= set(result.extra)
+    saved = json.loads((tmp_path / "run" / "cv_result.json").read_text())
+    assert saved["folds"][1]["probe"] == result.folds[1].probe
+
+
+def test_probe_weight_outside_0_1_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"probe_weight=1.5; expected 0 \(off\) or a mixing weight in \(0, 1\]"):
+        TrainConfig(probe_weight=1.5)
+
+
+def test_a_pooled_probe_without_audio_is_refused_before_any_training(home, store, tmp_path) -> None:
+    from modeling.data.splits import ProtocolError
+    from modeling.training.experiment import prepare_experiment
+
+    with pytest.raises(
+        ProtocolError, match=r"probe_weight = 0.5 mixes in a probe on pooled audio statistics; this model reads \['video'\]"
+    ):
+        prepare_experiment(
+            store, "crema-d", TrainConfig(epochs=1, probe_weight=0.5), SplitConfig(n_folds=2), TINY_MODEL | {"modalities": ["video"]},
+            run_dir=tmp_path / "run", logger=NullRunLogger(),
+        )  # fmt: skip
+    assert not (tmp_path / "run").exists()
