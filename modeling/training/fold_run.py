@@ -188,6 +188,7 @@ def train_and_test_fold(
         selection_metrics, tested_path = test(result.best_path), refit.best_path
     probe_record = None
     if config.probe_weight > 0:
+        train_loader = val_loader = None  # their clip caches go before the probe's loaders fill their own
         tested_path, probe_record = attach_pooled_probe(spec, fold, make_loader, tested_path, fold_dir, test, device, ctx)
     metrics = test(tested_path)
     fold_result = FoldResult(
