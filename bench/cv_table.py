@@ -7,6 +7,8 @@ used to choose anything), test WA / UAR / macro-F1; then mean ± std (sample std
 and the pooled test confusion matrix; then each fold's training curve from its ``fold_k/last.pt``
 (validation UAR per epoch, seconds of training, and the largest fall of validation UAR from one
 epoch to the next after epoch 3, the figure docs/results.md uses to compare how noisy runs are).
+With ``train.probe_weight`` a second table gives each fold's probe (C, its own validation UAR), the
+validation UAR of the model alone and mixed, and the test figures of the model alone beside the mixed ones.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ def table(run_dir: Path) -> str:
     lines = [
         f"Run `{run_dir.name}`: feature config `{spec['feature_config_hash']}`, model {json.dumps({k: spec['model'][k] for k in ('d_model', 'n_layers', 'audio_downsample', 'pooling', 'audio_layers')})}, "
         f"audio_layer_mix={spec['model'].get('audio_layer_mix', 'softmax')}, speaker_norm={spec['train'].get('speaker_norm', False)}, "
-        f"ema_decay={spec['train'].get('ema_decay', 0.0)}",
+        f"ema_decay={spec['train'].get('ema_decay', 0.0)}, probe_weight={spec['train'].get('probe_weight', 0.0)}",
         "",
         "| fold | test actors | val actors | best epoch / run | val UAR | test WA | test UAR | test macro-F1 |",
         "|---|---|---|---|---:|---:|---:|---:|",
@@ -45,6 +47,8 @@ def table(run_dir: Path) -> str:
         f"| **mean ± std** | | | | {val:.3f} | **{s['wa_mean']:.3f} ± {s['wa_std']:.3f}** | **{s['uar_mean']:.3f} ± {s['uar_std']:.3f}** "
         f"| **{s['macro_f1_mean']:.3f} ± {s['macro_f1_std']:.3f}** |"
     )
+    if all(r.get("probe") for r in result["folds"]):
+        lines += ["", *probe_table(result)]
     names = result["label_names"]
     confusion = np.asarray(result["confusion"])
     lines += [
@@ -58,6 +62,36 @@ def table(run_dir: Path) -> str:
         row = " | ".join(f"**{v}**" if j == i else str(v) for j, v in enumerate(confusion[i]))
         lines.append(f"| {name} | {row} | {confusion[i, i] / max(confusion[i].sum(), 1):.2f} |")
     return "\n".join(lines + ["", *curves(run_dir, len(result["folds"]))])
+
+
+def probe_table(result: dict) -> list[str]:
+    """Markdown lines: per fold, the pooled probe (train.probe_weight) and the model alone beside the mixture."""
+    from modeling.training.metrics import mean_std
+
+    lines = [
+        "Pooled probe (`train.probe_weight`): the mixed model is the one above; the model alone is reported beside it:",
+        "",
+        "| fold | probe C | probe val UAR | val UAR, model alone | val UAR, mixed | test UAR, model alone | test UAR, mixed | test WA, model alone | test macro-F1, model alone |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for res in result["folds"]:
+        p, alone = res["probe"], res["probe"]["test_model"]
+        val = " | ".join(f"{p[k]:.3f}" if k in p else "-" for k in ("val_uar_model", "val_uar_mixed"))
+        lines.append(
+            f"| {res['index']} | {p['C']} | {p['probe_val_uar']:.3f} | {val} | {alone['uar']:.3f} | {res['test']['uar']:.3f} "
+            f"| {alone['wa']:.3f} | {alone['macro_f1']:.3f} |"
+        )
+    cells = []
+    for key in ("probe_val_uar", "val_uar_model", "val_uar_mixed"):
+        values = [r["probe"][key] for r in result["folds"] if key in r["probe"]]
+        cells.append(f"{np.mean(values):.3f}" if values else "-")
+    stats = {k: mean_std([r["probe"]["test_model"][k] for r in result["folds"]]) for k in ("uar", "wa", "macro_f1")}
+    mixed = mean_std([r["test"]["uar"] for r in result["folds"]])
+    lines.append(
+        f"| **mean ± std** | | {' | '.join(cells)} | {stats['uar'][0]:.3f} ± {stats['uar'][1]:.3f} | {mixed[0]:.3f} ± {mixed[1]:.3f} "
+        f"| {stats['wa'][0]:.3f} ± {stats['wa'][1]:.3f} | {stats['macro_f1'][0]:.3f} ± {stats['macro_f1'][1]:.3f} |"
+    )
+    return lines
 
 
 def curves(run_dir: Path, n_folds: int, settle_epochs: int = 3) -> list[str]:
