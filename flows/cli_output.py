@@ -156,6 +156,14 @@ def print_cv_result(result) -> None:
             f"test figures of the refit models (training + validation speakers); before the refit, the models chosen on "
             f"validation scored UAR {e['selection_uar_mean']:.3f} ± {e['selection_uar_std']:.3f}"
         )
+    if "model_alone_uar_mean" in result.extra:  # train.probe_weight
+        e, probes = result.extra, [f.probe for f in result.folds]
+        mixed_val = [p["val_uar_mixed"] for p in probes if "val_uar_mixed" in p]
+        val = f"; validation UAR with the probe {sum(mixed_val) / len(mixed_val):.3f} (mean)" if len(mixed_val) == len(probes) else ""
+        console.print(
+            f"test figures with the pooled probe mixed in (weight {probes[0]['weight']}); the models alone scored test UAR "
+            f"{e['model_alone_uar_mean']:.3f} ± {e['model_alone_uar_std']:.3f}{val}"
+        )
     console.print(f"run directory: {result.run_dir}")
     if result.registered:
         console.print(f"registered: {result.registered}")

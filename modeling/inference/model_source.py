@@ -8,6 +8,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
+# In a training fold's folder, the model the fold tested and registered, first match wins: with
+# train.probe_weight the model with its probe, with train.refit the refit model, else the one chosen on validation.
+FOLD_MODELS = ("probed.pt", "refit/best.pt", "best.pt")
 
 
 def is_mlflow_uri(model: str) -> bool:
@@ -16,7 +19,7 @@ def is_mlflow_uri(model: str) -> bool:
 
 def find_checkpoint(folder: str | Path) -> Path:
     """The checkpoint inside a folder: an MLflow model's ``checkpoint`` artifact (from its
-    MLmodel file), else ``best.pt`` (a training folder), else the only checkpoint file."""
+    MLmodel file), else the model a training fold's folder tested (:data:`FOLD_MODELS`), else the only checkpoint file."""
     import yaml
 
     folder = Path(folder)
@@ -26,8 +29,9 @@ def find_checkpoint(folder: str | Path) -> Path:
         artifact = (flavor.get("artifacts") or {}).get("checkpoint") or {}
         if artifact.get("path") and (folder / artifact["path"]).is_file():
             return folder / artifact["path"]
-    if (folder / "best.pt").is_file():
-        return folder / "best.pt"
+    for name in FOLD_MODELS:
+        if (folder / name).is_file():
+            return folder / name
     found = sorted(p for p in folder.rglob("*") if p.suffix in _CHECKPOINT_SUFFIXES and p.is_file())
     if len(found) != 1:
         listing = ", ".join(str(p.relative_to(folder)) for p in found[:10]) or "none"

@@ -85,10 +85,16 @@ class PooledProbe(nn.Module):
         x = pooled_statistics(audio, mask)  # (B, 2F')
         if x.shape[-1] != self.n_features:
             raise ValueError(f"pooled probe fitted on {self.n_features} statistics per clip; this input gives {x.shape[-1]}")
-        return ((x - self.center) / self.scale) @ self.coef.T + self.intercept  # (B, C)
+        # float32 under bf16 autocast too: C was chosen for the float64 regression, 2 x L x D terms per logit
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return ((x - self.center) / self.scale) @ self.coef.T + self.intercept  # (B, C)
 
     def mix(self, model_logits: torch.Tensor, audio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return mix_log_probs(model_logits, self(audio, mask), self.weight)
+        """The mixture's log-probabilities (B, C); a row without any audio frame (a video-only clip or
+        timeline window) keeps the model's own: its statistics would be zeros the probe never saw."""
+        mixed = mix_log_probs(model_logits, self(audio, mask), self.weight)
+        has_audio = mask.any(dim=1, keepdim=True)  # (B, 1)
+        return torch.where(has_audio, mixed, torch.log_softmax(model_logits.to(torch.float32), dim=-1))
 
     def to_checkpoint(self) -> dict[str, Any]:
         return {

@@ -302,7 +302,7 @@ def finalize_experiment(run_dir: str | Path, register: bool = True, logger: RunL
     summary = summarize_folds([f.test for f in fold_results])
     pooled = np.sum([np.asarray(f.confusion) for f in fold_results], axis=0)
     pooled_metrics = metrics_from_confusion(pooled)
-    selected = max(fold_results, key=lambda f: (f.best_val_uar, -f.index))  # validation only, never test
+    selected = max(fold_results, key=lambda f: (f.shipped_val_uar, -f.index))  # validation only, never test
     result = CVResult(
         run_dir=str(run_dir),
         dataset=spec.dataset,

@@ -55,6 +55,14 @@ class FoldResult:
     # "test_model", the test figures of the model without it (reported beside the mixed ones, chooses nothing)
     probe: dict[str, Any] | None = None
 
+    @property
+    def shipped_val_uar(self) -> float:
+        """Validation UAR of the model the fold ships: with its pooled probe when it has one (not with a
+        refit, which trained on the validation speakers: then the model's choice on validation)."""
+        if self.probe and "val_uar_mixed" in self.probe:
+            return float(self.probe["val_uar_mixed"])
+        return self.best_val_uar
+
 
 def loaders(spec: ExperimentSpec, fold: sp.Fold, config: TrainConfig, ctx: dist.DistContext = dist.SINGLE):
     """(train, validation, test) loaders, and the function that makes them (``train.refit`` builds its loader
@@ -76,13 +84,15 @@ def loaders(spec: ExperimentSpec, fold: sp.Fold, config: TrainConfig, ctx: dist.
     data_config = spec.data
     pin = training_device(config, ctx).type == "cuda"
 
-    def loader(ids: tuple[str, ...], train: bool, workers: int, with_copies: bool | None = None):
+    def loader(ids: tuple[str, ...], train: bool, workers: int, with_copies: bool | None = None, cache: bool = True):
         # [data] speed_copies: the training clips' perturbed copies join them (never validation or test);
-        # with_copies=True without train: the same clips in evaluation mode (the pooled probe's fit)
+        # with_copies=True without train: the same clips in evaluation mode (the pooled probe's fit);
+        # cache=False for a single pass over the clips (no clip cache filled)
         if train if with_copies is None else with_copies:
             ids = sp.ids_with_copies(ids, copies)
+        settings = data_config if cache else replace(data_config, in_memory=False)
         ds = ClipDataset(
-            spec.store_path, ids, [index[label_of[c]] for c in ids], store.config, data_config, train, [speaker_of[c] for c in ids]
+            spec.store_path, ids, [index[label_of[c]] for c in ids], store.config, settings, train, [speaker_of[c] for c in ids]
         )
         return make_loader(ds, config.batch_size, workers, config.seed, pin, ctx.rank, ctx.world_size)
 
@@ -238,14 +248,23 @@ def attach_pooled_probe(
     from modeling.training.probe_fit import choose_probe, pooled_features
 
     config, workers = spec.train, spec.train.num_workers
-    train_clips = pooled_features(make_loader(fold.train_ids, False, workers, with_copies=True), ctx)
+    train_clips = pooled_features(make_loader(fold.train_ids, False, workers, with_copies=True, cache=False), ctx)
     val_loader = make_loader(fold.val_ids, False, workers)
     val_clips = pooled_features(val_loader, ctx)
-    refit_on = pooled_features(make_loader(fold.train_ids + fold.val_ids, False, workers, with_copies=True), ctx) if config.refit else None
-    choice = choose_probe(train_clips, val_clips, len(spec.label_names), config.probe_weight, config.seed, refit_on)
-    payload = load_checkpoint(tested_path)
-    payload[CHECKPOINT_KEY] = choice.probe.to_checkpoint()
-    probed = save_checkpoint(fold_dir / PROBED_FILE, payload)  # every rank writes the same bytes, each atomically
+    refit_on = None
+    if config.refit:
+        refit_on = pooled_features(make_loader(fold.train_ids + fold.val_ids, False, workers, with_copies=True, cache=False), ctx)
+    # Rank 0 fits and the others take its probe: a fit's last bits may depend on the BLAS threads of a machine.
+    choice = (
+        choose_probe(train_clips, val_clips, len(spec.label_names), config.probe_weight, config.seed, refit_on) if ctx.is_main else None
+    )
+    choice = dist.gather_objects(choice, ctx)[0]
+    probed = fold_dir / PROBED_FILE
+    if ctx.is_main:
+        payload = load_checkpoint(tested_path)
+        payload[CHECKPOINT_KEY] = choice.probe.to_checkpoint()
+        save_checkpoint(probed, payload)
+    dist.barrier(ctx)  # the other ranks read it next
     record = choice.record() | {"test_model": test(tested_path).scalars()}
     if not config.refit:  # a refit model has trained on the validation speakers: no validation figure for it
         for key, path in (("val_uar_model", tested_path), ("val_uar_mixed", probed)):
@@ -259,5 +278,5 @@ def probe_metrics(record: dict[str, Any] | None) -> dict[str, float]:
     """The probe's figures as MLflow metrics of the fold's run (none without a probe)."""
     if record is None:
         return {}
-    scalars = {f"probe_{k}": float(v) for k, v in record.items() if k != "test_model"}
+    scalars = {k if k.startswith("probe_") else f"probe_{k}": float(v) for k, v in record.items() if k != "test_model"}
     return scalars | {f"test_model_alone_{k}": v for k, v in record["test_model"].items()}

@@ -6,7 +6,8 @@ L2, lbfgs) is fitted on the pooled audio statistics of the fold's training clips
 speed copies when ``[data] speed_copies`` is set), its C is chosen among :data:`C_GRID` by the
 probe's own UAR on the validation speakers, and with ``train.refit`` it is fitted again on
 training + validation speakers at that C. The mixing weight is the config's, never tuned here.
-The statistics come from the fold's loaders in evaluation mode (whole clips, no augmentation),
+The statistics come from the fold's loaders in evaluation mode (no augmentation; whole clips unless
+``train.eval_max_duration_s`` crops them, as for validation),
 through the same :func:`~modeling.network.pooled_probe.pooled_statistics` the model applies at
 inference. This is the floor of ``bench/pooled_baselines.py`` ("all layers" view) made part of
 the model.
@@ -45,17 +46,19 @@ class ProbeChoice:
 
 @torch.no_grad()
 def pooled_features(loader: DataLoader, ctx: dist.DistContext = dist.SINGLE) -> tuple[np.ndarray, np.ndarray]:
-    """(statistics (N, 2F'), labels (N,)) over a loader, every rank getting the whole set in the
-    dataset's order (as ``train_loop.predict``)."""
+    """(statistics (N, 2F'), labels (N,)) over a loader's clips that hold audio (the probe never sees
+    the others: :meth:`PooledProbe.mix` leaves them to the model), every rank getting the whole set in
+    the dataset's order (as ``train_loop.predict``)."""
     stats, labels = [], []
     for batch in loader:
-        stats.extend(pooled_statistics(batch.audio, batch.audio_mask).numpy())
-        labels.extend(batch.labels.numpy())
+        has_audio = batch.audio_mask.any(dim=1).numpy()  # (B,)
+        stats.extend(pooled_statistics(batch.audio, batch.audio_mask).numpy()[has_audio])
+        labels.extend(batch.labels.numpy()[has_audio])
     if ctx.enabled:
         parts = dist.gather_objects((stats, labels), ctx)
         stats, labels = (dist.interleave([part[k] for part in parts]) for k in range(2))
     if not stats:
-        raise ValueError("pooled_features() got an empty loader")
+        raise ValueError("pooled_features(): no clip of the loader holds audio")
     return np.stack(stats), np.asarray(labels, dtype=np.int64)
 
 

@@ -282,6 +282,16 @@ def test_training_folder_resolves_to_best_checkpoint(trained: dict) -> None:
     assert find_checkpoint(trained["checkpoint"].parent) == trained["checkpoint"]
 
 
+def test_a_fold_folder_resolves_to_the_model_the_fold_tested(tmp_path: Path) -> None:
+    fold = tmp_path / "fold_0"
+    (fold / "refit").mkdir(parents=True)
+    for name in ("best.pt", "last.pt", "refit/best.pt", "refit/last.pt"):
+        (fold / name).write_bytes(b"")
+    assert find_checkpoint(fold) == fold / "refit" / "best.pt"  # train.refit
+    (fold / "probed.pt").write_bytes(b"")
+    assert find_checkpoint(fold) == fold / "probed.pt"  # train.probe_weight
+
+
 def test_frame_jsonl_and_pyfunc_input(trained: dict, tmp_path: Path, video_prediction: FilePrediction) -> None:
     failed = FilePrediction(path="bad.mp4", error="bad.mp4: file not found")
     preds = [video_prediction, failed]

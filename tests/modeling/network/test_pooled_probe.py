@@ -76,3 +76,13 @@ def test_inconsistent_shapes_or_weight_are_refused() -> None:
         PooledProbe(torch.zeros(8), torch.ones(8), torch.zeros(3, 7), torch.zeros(3), 0.5)
     with pytest.raises(ValueError, match=r"weight 0.0; expected a value in \(0, 1\]"):
         _probe(weight=0.0)
+
+
+def test_a_row_without_audio_keeps_the_models_own_probabilities() -> None:
+    probe = _probe(n_features=8, n_classes=3, weight=0.5)
+    logits, audio = torch.randn(2, 3), torch.randn(2, 5, 4)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1] = False  # a video-only clip, or a timeline window that holds faces but no audio frame
+    mixed = probe.mix(logits, audio, mask)
+    torch.testing.assert_close(mixed[1], torch.log_softmax(logits[1], -1))
+    torch.testing.assert_close(mixed[0], mix_log_probs(logits[:1], probe(audio[:1], mask[:1]), 0.5)[0])

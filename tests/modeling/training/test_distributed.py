@@ -159,7 +159,7 @@ def test_a_fold_trained_by_two_processes_logs_once_from_rank_zero(tmp_path: Path
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     build_tiny_store(tmp_path / "store", n_speakers=5, clips_per_speaker=4)
-    config = TrainConfig(epochs=2, batch_size=4, num_workers=0, max_duration_s=1.5)
+    config = TrainConfig(epochs=2, batch_size=4, num_workers=0, max_duration_s=1.5, probe_weight=0.5)  # rank 0 fits the probe
     run_dir = prepare_experiment(
         str(tmp_path / "store"), "crema-d", config, SplitConfig(n_folds=2), TINY_MODEL, run_dir=tmp_path / "run", logger=MlflowRunLogger()
     )
@@ -175,3 +175,5 @@ def test_a_fold_trained_by_two_processes_logs_once_from_rank_zero(tmp_path: Path
     assert run.info.status == "FINISHED" and run.data.tags["msata.world_size"] == "2"
     assert [m.step for m in client.get_metric_history(result.run_id, "val_uar")] == [1, 2]  # once per epoch, not once per rank
     assert run.data.metrics["test_uar"] == pytest.approx(result.test["uar"])
+    assert run.data.metrics["test_model_alone_uar"] == pytest.approx(result.probe["test_model"]["uar"])  # the probe, fitted once
+    assert run.data.metrics["probe_val_uar"] == pytest.approx(result.probe["probe_val_uar"])

@@ -234,14 +234,19 @@ def test_channel_drop_on_a_log_mel_store_is_refused_before_any_training(home, st
 
 
 @pytest.mark.slow
-def test_a_pooled_probe_is_fitted_after_training_mixed_into_the_tested_model_and_reported_beside_it(home, store, tmp_path):
+def test_a_pooled_probe_is_fitted_after_training_mixed_into_the_tested_model_and_reported_beside_it(home, store, tmp_path, capsys):
     import json
 
+    import torch
+
+    from flows.cli_output import print_cv_result
     from modeling.network.pooled_probe import CHECKPOINT_KEY
     from modeling.training.checkpoint import load_checkpoint, load_trained_model
-    from modeling.training.experiment import run_cross_validation
-    from modeling.training.fold_run import PROBED_FILE
+    from modeling.training.experiment import load_spec, run_cross_validation
+    from modeling.training.fold_run import PROBED_FILE, loaders
+    from modeling.training.metrics import compute_metrics
     from modeling.training.probe_fit import C_GRID
+    from modeling.training.train_loop import predict
 
     cfg = TrainConfig(epochs=2, patience=5, batch_size=4, lr=3e-3, warmup_epochs=0.5, num_workers=0, max_duration_s=1.5, probe_weight=0.5)
     model = TINY_MODEL | {"modalities": ["audio"]}
@@ -255,9 +260,20 @@ def test_a_pooled_probe_is_fitted_after_training_mixed_into_the_tested_model_and
         assert probe["C"] in C_GRID and probe["weight"] == 0.5 and 0.0 <= probe["probe_val_uar"] <= 1.0
         assert probe["val_uar_model"] == pytest.approx(fold.best_val_uar)  # the model alone, as chosen on validation
         assert set(probe["test_model"]) == set(fold.test) and 0.0 <= probe["val_uar_mixed"] <= 1.0
+        # the statistics the model computes at inference are those the probe was fitted on: alone (weight 1) through
+        # the model, it scores on validation what it scored when its C was chosen
+        model = load_trained_model(fold.best_path)[0]
+        model.pooled_probe.weight = 1.0
+        spec = load_spec(tmp_path / "run")
+        _, val_loader, _, _ = loaders(spec, spec.folds[fold.index], spec.train)
+        y, probs, _, _ = predict(model, val_loader, torch.device("cpu"))
+        assert compute_metrics(y, probs.argmax(1), len(spec.label_names)).uar == pytest.approx(probe["probe_val_uar"])
     assert {"model_alone_uar_mean", "model_alone_uar_std"} <= set(result.extra)
     saved = json.loads((tmp_path / "run" / "cv_result.json").read_text())
     assert saved["folds"][1]["probe"] == result.folds[1].probe
+    assert result.selected_fold == max(result.folds, key=lambda f: (f.probe["val_uar_mixed"], -f.index)).index  # the shipped model's
+    print_cv_result(result)
+    assert "the models alone scored test UAR" in " ".join(capsys.readouterr().out.split())  # rich wraps at 80 columns
 
 
 def test_probe_weight_outside_0_1_is_refused() -> None:

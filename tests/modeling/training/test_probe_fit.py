@@ -10,7 +10,7 @@ from sklearn.preprocessing import StandardScaler
 
 from modeling.network.pooled_probe import CHECKPOINT_KEY, pooled_statistics
 from modeling.training.metrics import compute_metrics
-from modeling.training.probe_fit import C_GRID, choose_probe, fit_logistic, probe_predictions
+from modeling.training.probe_fit import C_GRID, choose_probe, fit_logistic, pooled_features, probe_predictions
 
 
 def _blobs(n: int, n_classes: int, n_features: int = 6, seed: int = 0, spread: float = 1.5) -> tuple[np.ndarray, np.ndarray]:
@@ -79,10 +79,28 @@ def test_a_checkpoint_with_a_probe_builds_a_model_whose_output_is_the_mixture(tm
         plain = model_from_checkpoint(load_checkpoint(tmp_path / "plain.pt")).eval()(batch).logits
         probed = model_from_checkpoint(load_checkpoint(tmp_path / "probed.pt"))
         mixed = probed(batch).logits
-    assert plain is not None and probed.pooled_probe is not None
+    assert probed.pooled_probe is not None
     expected = 0.6 * torch.softmax(plain, -1) + 0.4 * torch.from_numpy(_probe_probs(probe, x))
     torch.testing.assert_close(torch.softmax(mixed, -1), expected, atol=1e-5, rtol=1e-4)
     broken = load_checkpoint(tmp_path / "probed.pt")
     broken[CHECKPOINT_KEY]["coef"] = broken[CHECKPOINT_KEY]["coef"][:, :3]
     with pytest.raises(CheckpointError, match="shapes do not agree"):
         model_from_checkpoint(broken, source="broken.pt")
+
+
+def test_clips_without_audio_are_left_out_of_the_probes_clips() -> None:
+    from modeling.network.batch import Batch
+
+    def batch(mask: torch.Tensor, labels: list[int]) -> Batch:
+        b, t = mask.shape
+        return Batch(
+            audio=torch.randn(b, t, 3), audio_times=torch.zeros(b, t), audio_mask=mask, video=torch.zeros(b, 0, 52),
+            video_times=torch.zeros(b, 0), video_mask=torch.zeros(b, 0, dtype=torch.bool), labels=torch.tensor(labels),
+            clip_ids=[str(i) for i in range(b)],
+        )  # fmt: skip
+
+    with_audio, without = torch.ones(4, dtype=torch.bool), torch.zeros(4, dtype=torch.bool)
+    x, y = pooled_features([batch(torch.stack([with_audio, without]), [0, 1]), batch(torch.stack([with_audio]), [2])])
+    assert x.shape == (2, 6) and y.tolist() == [0, 2]
+    with pytest.raises(ValueError, match="no clip of the loader holds audio"):
+        pooled_features([batch(torch.stack([without]), [1])])
