@@ -6,10 +6,14 @@ trained transformer, and the two err on different folds. The probe is that regre
 after training on the fold's training clips (``modeling.training.probe_fit``), and the shipped
 model's class probabilities are the mixture
 
-    p = (1 - w) * softmax(model logits) + w * softmax(probe logits)
+    "mean":      p = (1 - w) * softmax(model logits) + w * softmax(probe logits)
+    "geometric": p = softmax((1 - w) * log softmax(model logits) + w * log softmax(probe logits))
 
-with w fixed by the config (not tuned on validation). The mixture's log is returned as the
-model's logits, so softmax, argmax and cross-entropy downstream see the mixed distribution.
+with w fixed by the config (not tuned on validation; ``train.probe_mix`` picks the form). The
+returned logits are ``log p`` (mean) or the weighted log-probabilities (geometric), so softmax,
+argmax and cross-entropy downstream see the mixed distribution. The geometric form lets the member
+that is sure of a class outvote one that is not only as far as its log-probability says, where the
+mean of probabilities follows whichever member is more confident (session 11, docs/results.md).
 
 The probe reads the same batch the model reads (a clip, or a window of it for the timeline),
 so training, ``msata predict`` and the MLflow model compute identical inputs. Its tensors travel
@@ -25,6 +29,7 @@ import torch
 from torch import nn
 
 CHECKPOINT_KEY = "pooled_probe"
+MIX_KINDS = ("mean", "geometric")
 
 
 def pooled_statistics(audio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -42,16 +47,21 @@ def pooled_statistics(audio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.cat([mean, var.clamp_min(0.0).sqrt()], dim=-1)  # (B, 2F')
 
 
-def mix_log_probs(model_logits: torch.Tensor, probe_logits: torch.Tensor, weight: float) -> torch.Tensor:
-    """log((1 - w) softmax(a) + w softmax(b)), computed stably: (B, C) -> (B, C)."""
+def mix_log_probs(model_logits: torch.Tensor, probe_logits: torch.Tensor, weight: float, kind: str = "mean") -> torch.Tensor:
+    """(B, C) -> (B, C): log((1 - w) softmax(a) + w softmax(b)), computed stably ("mean"), or
+    (1 - w) log softmax(a) + w log softmax(b) ("geometric", normalised by the softmax that reads it)."""
     if not 0.0 <= weight <= 1.0:
         raise ValueError(f"probe weight {weight}; expected a value in [0, 1]")
+    if kind not in MIX_KINDS:
+        raise ValueError(f"probe mix {kind!r}; expected one of {MIX_KINDS}")
     a = torch.log_softmax(model_logits.to(torch.float32), dim=-1)
     b = torch.log_softmax(probe_logits.to(torch.float32), dim=-1)
     if weight == 0.0:
         return a
     if weight == 1.0:
         return b
+    if kind == "geometric":
+        return (1.0 - weight) * a + weight * b
     w = torch.tensor([1.0 - weight, weight], dtype=torch.float32, device=a.device).log()
     return torch.logsumexp(torch.stack([a + w[0], b + w[1]]), dim=0)
 
@@ -61,7 +71,9 @@ class PooledProbe(nn.Module):
 
     Buffers are not persistent: the probe is saved by :meth:`to_checkpoint`, beside the state dict."""
 
-    def __init__(self, center: torch.Tensor, scale: torch.Tensor, coef: torch.Tensor, intercept: torch.Tensor, weight: float) -> None:
+    def __init__(
+        self, center: torch.Tensor, scale: torch.Tensor, coef: torch.Tensor, intercept: torch.Tensor, weight: float, mix: str = "mean"
+    ) -> None:
         super().__init__()
         n_features = center.shape[-1]
         if scale.shape != (n_features,) or coef.ndim != 2 or coef.shape[1] != n_features or intercept.shape != (coef.shape[0],):
@@ -71,7 +83,9 @@ class PooledProbe(nn.Module):
             )
         if not 0.0 < weight <= 1.0:
             raise ValueError(f"pooled probe weight {weight}; expected a value in (0, 1]")
-        self.weight = float(weight)
+        if mix not in MIX_KINDS:
+            raise ValueError(f"pooled probe mix {mix!r}; expected one of {MIX_KINDS}")
+        self.weight, self.mix_kind = float(weight), mix
         self.register_buffer("center", center.to(torch.float32), persistent=False)
         self.register_buffer("scale", scale.to(torch.float32), persistent=False)
         self.register_buffer("coef", coef.to(torch.float32), persistent=False)
@@ -92,7 +106,7 @@ class PooledProbe(nn.Module):
     def mix(self, model_logits: torch.Tensor, audio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The mixture's log-probabilities (B, C); a row without any audio frame (a video-only clip or
         timeline window) keeps the model's own: its statistics would be zeros the probe never saw."""
-        mixed = mix_log_probs(model_logits, self(audio, mask), self.weight)
+        mixed = mix_log_probs(model_logits, self(audio, mask), self.weight, self.mix_kind)
         has_audio = mask.any(dim=1, keepdim=True)  # (B, 1)
         return torch.where(has_audio, mixed, torch.log_softmax(model_logits.to(torch.float32), dim=-1))
 
@@ -103,6 +117,7 @@ class PooledProbe(nn.Module):
             "coef": self.coef.cpu(),
             "intercept": self.intercept.cpu(),
             "weight": self.weight,
+            "mix": self.mix_kind,
         }
 
     @classmethod
@@ -110,4 +125,5 @@ class PooledProbe(nn.Module):
         missing = [k for k in ("center", "scale", "coef", "intercept", "weight") if k not in data]
         if missing:
             raise ValueError(f"checkpoint {source}: its {CHECKPOINT_KEY} lacks {missing}")
-        return cls(data["center"], data["scale"], data["coef"], data["intercept"], float(data["weight"]))
+        # "mix" is absent from probes saved before train.probe_mix existed: they mixed by the mean
+        return cls(data["center"], data["scale"], data["coef"], data["intercept"], float(data["weight"]), str(data.get("mix", "mean")))

@@ -255,8 +255,11 @@ def attach_pooled_probe(
     if config.refit:
         refit_on = pooled_features(make_loader(fold.train_ids + fold.val_ids, False, workers, with_copies=True, cache=False), ctx)
     # Rank 0 fits and the others take its probe: a fit's last bits may depend on the BLAS threads of a machine.
+    n_classes = len(spec.label_names)
     choice = (
-        choose_probe(train_clips, val_clips, len(spec.label_names), config.probe_weight, config.seed, refit_on) if ctx.is_main else None
+        choose_probe(train_clips, val_clips, n_classes, config.probe_weight, config.seed, refit_on, mix=config.probe_mix)
+        if ctx.is_main
+        else None
     )
     choice = dist.gather_objects(choice, ctx)[0]
     probed = fold_dir / PROBED_FILE
@@ -278,5 +281,6 @@ def probe_metrics(record: dict[str, Any] | None) -> dict[str, float]:
     """The probe's figures as MLflow metrics of the fold's run (none without a probe)."""
     if record is None:
         return {}
-    scalars = {k if k.startswith("probe_") else f"probe_{k}": float(v) for k, v in record.items() if k != "test_model"}
+    numbers = {k: v for k, v in record.items() if isinstance(v, (int, float))}  # not "mix" (a param of the run) nor "test_model"
+    scalars = {k if k.startswith("probe_") else f"probe_{k}": float(v) for k, v in numbers.items()}
     return scalars | {f"test_model_alone_{k}": v for k, v in record["test_model"].items()}

@@ -5,7 +5,8 @@ After the fold's model is chosen on validation, a standardised logistic regressi
 L2, lbfgs) is fitted on the pooled audio statistics of the fold's training clips (with their
 speed copies when ``[data] speed_copies`` is set), its C is chosen among :data:`C_GRID` by the
 probe's own UAR on the validation speakers, and with ``train.refit`` it is fitted again on
-training + validation speakers at that C. The mixing weight is the config's, never tuned here.
+training + validation speakers at that C. The mixing weight and form (``train.probe_mix``) are the
+config's, never tuned here.
 The statistics come from the fold's loaders in evaluation mode (no augmentation; whole clips unless
 ``train.eval_max_duration_s`` crops them, as for validation),
 through the same :func:`~modeling.network.pooled_probe.pooled_statistics` the model applies at
@@ -41,7 +42,7 @@ class ProbeChoice:
     n_train: int  # clips it was finally fitted on
 
     def record(self) -> dict[str, Any]:
-        return {"C": self.c, "weight": self.probe.weight, "probe_val_uar": self.val_uar, "n_fit": self.n_train}
+        return {"C": self.c, "weight": self.probe.weight, "mix": self.probe.mix_kind, "probe_val_uar": self.val_uar, "n_fit": self.n_train}
 
 
 @torch.no_grad()
@@ -62,7 +63,7 @@ def pooled_features(loader: DataLoader, ctx: dist.DistContext = dist.SINGLE) -> 
     return np.stack(stats), np.asarray(labels, dtype=np.int64)
 
 
-def fit_logistic(x: np.ndarray, y: np.ndarray, n_classes: int, c: float, weight: float, seed: int) -> PooledProbe:
+def fit_logistic(x: np.ndarray, y: np.ndarray, n_classes: int, c: float, weight: float, seed: int, mix: str = "mean") -> PooledProbe:
     """A standardised L2 logistic regression as a :class:`PooledProbe` over all ``n_classes``."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
@@ -79,7 +80,7 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, n_classes: int, c: float, weight:
     else:
         coef[classes], intercept[classes] = model.coef_, model.intercept_
     return PooledProbe(
-        torch.from_numpy(scaler.mean_), torch.from_numpy(scaler.scale_), torch.from_numpy(coef), torch.from_numpy(intercept), weight
+        torch.from_numpy(scaler.mean_), torch.from_numpy(scaler.scale_), torch.from_numpy(coef), torch.from_numpy(intercept), weight, mix
     )
 
 
@@ -97,11 +98,12 @@ def choose_probe(
     seed: int,
     refit_on: tuple[np.ndarray, np.ndarray] | None = None,
     c_grid: tuple[float, ...] = C_GRID,
+    mix: str = "mean",
 ) -> ProbeChoice:
     """C by the probe's validation UAR (the first C on a tie), then, given ``refit_on``, fitted again on it."""
     best: tuple[float, float, PooledProbe] | None = None
     for c in c_grid:
-        probe = fit_logistic(*train, n_classes, c, weight, seed)
+        probe = fit_logistic(*train, n_classes, c, weight, seed, mix)
         uar = compute_metrics(val[1], probe_predictions(probe, val[0]), n_classes).uar
         if best is None or uar > best[0]:
             best = (uar, c, probe)
@@ -109,5 +111,5 @@ def choose_probe(
     uar, c, probe = best
     fitted_on = train
     if refit_on is not None:
-        probe, fitted_on = fit_logistic(*refit_on, n_classes, c, weight, seed), refit_on
+        probe, fitted_on = fit_logistic(*refit_on, n_classes, c, weight, seed, mix), refit_on
     return ProbeChoice(probe=probe, c=c, val_uar=uar, n_train=len(fitted_on[1]))

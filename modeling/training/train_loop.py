@@ -38,6 +38,7 @@ from modeling.data.dataset import ShardedBatchSampler
 from modeling.data.examples import DEFAULT_CACHE_BYTES, DataConfig
 from modeling.network.batch import Batch
 from modeling.network.losses import CTM_SCHEDULES, ctm_weight
+from modeling.network.pooled_probe import MIX_KINDS as PROBE_MIX_KINDS
 from modeling.network.precision import autocast
 from modeling.training import distributed as dist
 from modeling.training.checkpoint import CheckpointError, capture_rng, load_checkpoint, restore_rng, save_checkpoint
@@ -68,6 +69,7 @@ class TrainConfig:
     # > 0: after training, fit a logistic regression on pooled audio statistics (its C chosen on validation) and
     # mix its class probabilities into the model's with this weight (modeling/network/pooled_probe.py)
     probe_weight: float = 0.0
+    probe_mix: str = "mean"  # how: "mean" of the probabilities | "geometric" mean (MIX_KINDS in pooled_probe.py)
     num_workers: int = 2
     seed: int = 0
     device: str = "auto"  # "auto" = cuda when available, else cpu
@@ -79,6 +81,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.ema_decay={self.ema_decay}; expected 0 (off) or a decay in (0, 1) such as 0.99")
         if not 0.0 <= self.probe_weight <= 1.0:
             raise ValueError(f"TrainConfig.probe_weight={self.probe_weight}; expected 0 (off) or a mixing weight in (0, 1]")
+        if self.probe_mix not in PROBE_MIX_KINDS:
+            raise ValueError(f"TrainConfig.probe_mix={self.probe_mix!r}; expected one of {PROBE_MIX_KINDS}")
 
     def data_config(self) -> DataConfig:
         return DataConfig(

@@ -155,13 +155,15 @@ def test_a_model_with_a_pooled_probe_predicts_new_files_with_it(encoder_store: t
 
     raw, store = encoder_store
     model = {"d_model": 32, "n_heads": 2, "n_layers": 1, "video_channels": [8, 16], "audio_layer_mix": "concat", "ctm_dim": 16}
-    train = TrainConfig(epochs=1, batch_size=4, num_workers=0, max_duration_s=1.0, probe_weight=0.5)
+    train = TrainConfig(epochs=1, batch_size=4, num_workers=0, max_duration_s=1.0, probe_weight=0.5, probe_mix="geometric")
     result = run_cross_validation(
         str(store), "folder", train, SplitConfig(n_folds=2), model, run_dir=tmp_path / "run", logger=NullRunLogger()
     )
     predictor = load_predictor(result.folds[0].best_path, device="cpu")
     probe = predictor.model.pooled_probe
-    assert probe is not None and probe.weight == 0.5 and probe.n_features == 2 * 5 * 384  # mean and std of 5 tiny.en states
+    assert (
+        probe is not None and probe.weight == 0.5 and probe.mix_kind == "geometric" and probe.n_features == 2 * 5 * 384
+    )  # mean and std of 5 tiny.en states
     predictions = predict_files(predictor, sorted((raw / "clips").glob("*.mp4"))[:2])
     assert all(p.error is None and p.label in ("happy", "sad") for p in predictions), predictions
     predictor.model.attach_probe(None)  # the same files without the probe: the mixture moved the probabilities

@@ -35,6 +35,15 @@ def test_mixing_is_the_log_of_the_weighted_mean_of_probabilities(weight: float) 
     torch.testing.assert_close(torch.softmax(mixed, -1), expected)  # what predict() and the cross-entropy see
 
 
+@pytest.mark.parametrize("weight", [0.3, 0.5])
+def test_geometric_mixing_is_the_normalised_weighted_product_of_probabilities(weight: float) -> None:
+    a, b = torch.randn(5, 4), torch.randn(5, 4)
+    product = torch.softmax(a, -1) ** (1 - weight) * torch.softmax(b, -1) ** weight
+    torch.testing.assert_close(torch.softmax(mix_log_probs(a, b, weight, "geometric"), -1), product / product.sum(-1, keepdim=True))
+    with pytest.raises(ValueError, match="probe mix 'median'"):
+        mix_log_probs(a, b, weight, "median")
+
+
 def test_mixing_weight_outside_0_1_is_refused() -> None:
     with pytest.raises(ValueError, match=r"probe weight 1.5; expected a value in \[0, 1\]"):
         mix_log_probs(torch.zeros(1, 2), torch.zeros(1, 2), 1.5)
@@ -67,6 +76,12 @@ def test_probe_round_trips_through_a_checkpoint_dict_and_is_not_in_a_state_dict(
         torch.equal(getattr(again, k), getattr(probe, k)) for k in ("center", "scale", "coef", "intercept")
     )
     assert probe.state_dict() == {}  # saved beside the model's state dict, under CHECKPOINT_KEY
+    geometric = PooledProbe.from_checkpoint(
+        PooledProbe(*(_probe().to_checkpoint()[k] for k in ("center", "scale", "coef", "intercept")), 0.5, "geometric").to_checkpoint()
+    )
+    assert geometric.mix_kind == "geometric"
+    older = {k: v for k, v in probe.to_checkpoint().items() if k != "mix"}  # saved before train.probe_mix
+    assert PooledProbe.from_checkpoint(older).mix_kind == "mean"
     with pytest.raises(ValueError, match=rf"its {CHECKPOINT_KEY} lacks \['coef'\]"):
         PooledProbe.from_checkpoint({k: v for k, v in probe.to_checkpoint().items() if k != "coef"})
 

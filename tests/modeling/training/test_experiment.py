@@ -276,9 +276,11 @@ def test_a_pooled_probe_is_fitted_after_training_mixed_into_the_tested_model_and
     assert "the models alone scored test UAR" in " ".join(capsys.readouterr().out.split())  # rich wraps at 80 columns
 
 
-def test_probe_weight_outside_0_1_is_refused() -> None:
+def test_probe_weight_outside_0_1_or_an_unknown_mix_is_refused() -> None:
     with pytest.raises(ValueError, match=r"probe_weight=1.5; expected 0 \(off\) or a mixing weight in \(0, 1\]"):
         TrainConfig(probe_weight=1.5)
+    with pytest.raises(ValueError, match=r"probe_mix='median'; expected one of \('mean', 'geometric'\)"):
+        TrainConfig(probe_weight=0.5, probe_mix="median")
 
 
 def test_a_pooled_probe_without_audio_is_refused_before_any_training(home, store, tmp_path) -> None:

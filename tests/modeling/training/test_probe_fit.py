@@ -53,7 +53,8 @@ def test_c_is_chosen_on_validation_and_refitting_uses_the_refit_clips() -> None:
     refit = choose_probe(train, val, 3, weight=0.25, seed=0, refit_on=both)
     assert refit.c == choice.c and refit.val_uar == choice.val_uar and refit.n_train == 90
     assert not torch.equal(refit.probe.coef, choice.probe.coef)
-    assert choice.record() == {"C": choice.c, "weight": 0.25, "probe_val_uar": choice.val_uar, "n_fit": 60}
+    assert choice.record() == {"C": choice.c, "weight": 0.25, "mix": "mean", "probe_val_uar": choice.val_uar, "n_fit": 60}
+    assert choose_probe(train, val, 3, weight=0.25, seed=0, mix="geometric").probe.mix_kind == "geometric"
 
 
 def test_a_checkpoint_with_a_probe_builds_a_model_whose_output_is_the_mixture(tmp_path) -> None:
