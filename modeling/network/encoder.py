@@ -168,7 +168,7 @@ class MsataConfig:
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # (B, C); with a pooled probe attached, the log of the mixed probabilities
+    logits: torch.Tensor  # (B, C); with a pooled probe attached, the mixture's log-probabilities (pooled_probe.mix_log_probs)
     pooled: torch.Tensor  # (B, D) joint; (B, 2D) late = [audio pool; video pool]
     audio_tokens: torch.Tensor  # (B, Ta', D) encoder outputs at audio positions
     audio_times: torch.Tensor  # (B, Ta') seconds
@@ -371,7 +371,7 @@ class MsataModel(nn.Module):
             video_out = self.video_encoder(v, rotary_positions(kind, [v.times], rate))
             pooled = torch.cat([self.pool(audio_out, a.mask), self.video_pool(video_out, v.mask)], dim=-1)  # (B, 2D)
         logits = self.classifier(self.head_drop(pooled))  # (B, C)
-        if self.pooled_probe is not None:  # log of the mixed class probabilities (B, C)
+        if self.pooled_probe is not None:  # the mixture's log-probabilities (B, C)
             logits = self.pooled_probe.mix(logits, audio, audio_mask)
         return ModelOutput(
             logits=logits,
