@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import scipy.special
 import torch
 from scipy.optimize import minimize_scalar
 
@@ -43,8 +44,7 @@ VARIANTS = ("model", "probe", "mean", "geometric", "calibrated mean")
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    return scipy.special.log_softmax(logits, axis=1)
 
 
 def temperature(logits: np.ndarray, y: np.ndarray) -> float:
@@ -71,7 +71,7 @@ def combine(model_logits: np.ndarray, probe_logits: np.ndarray, temperatures: tu
 
 def probe_logits(probe, x: np.ndarray) -> np.ndarray:
     with torch.no_grad():
-        return (((torch.from_numpy(x).float() - probe.center) / probe.scale) @ probe.coef.T + probe.intercept).numpy()
+        return probe.logits_of(torch.from_numpy(x)).numpy()
 
 
 def run(run_dir: Path) -> dict:

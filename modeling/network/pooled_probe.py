@@ -96,7 +96,11 @@ class PooledProbe(nn.Module):
         return int(self.center.shape[0])
 
     def forward(self, audio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = pooled_statistics(audio, mask)  # (B, 2F')
+        return self.logits_of(pooled_statistics(audio, mask))
+
+    def logits_of(self, statistics: torch.Tensor) -> torch.Tensor:
+        """(B, 2F') pooled statistics, as :func:`pooled_statistics` makes them -> (B, C) logits."""
+        x = statistics.to(device=self.center.device, dtype=torch.float32)
         if x.shape[-1] != self.n_features:
             raise ValueError(f"pooled probe fitted on {self.n_features} statistics per clip; this input gives {x.shape[-1]}")
         # float32 under bf16 autocast too: C was chosen for the float64 regression, 2 x L x D terms per logit

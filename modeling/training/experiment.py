@@ -134,10 +134,11 @@ def prepare_experiment(
             f"[data] channel_drop = {data_config.channel_drop} with audio_finetune_blocks = {model_config['audio_finetune_blocks']}: "
             "the masks are for frozen states; choose one"
         )
-    if train_config.probe_weight and not ("audio" in model_config["modalities"] and "audio" in trained_modalities(manifest)):
+    held = trained_modalities(manifest)
+    if train_config.probe_weight and not ("audio" in model_config["modalities"] and "audio" in held):
         raise sp.ProtocolError(
             f"train.probe_weight = {train_config.probe_weight} mixes in a probe on pooled audio statistics; "
-            f"this model reads {model_config['modalities']} and {store_path} holds {trained_modalities(manifest)}"
+            f"this model reads {model_config['modalities']} and {store_path} holds {held}"
         )
     if data_config.speed_copies and not copies:
         raise sp.ProtocolError(
@@ -160,7 +161,7 @@ def prepare_experiment(
         splits_hash=_hash([[f.index, sorted(f.assignment().items())] for f in folds]),
         protocol=_protocol_name(folds, split_config, manifest, train_config),
         folds=folds,
-        modalities=trained_modalities(manifest),
+        modalities=held,
         copies_hash=sp.copies_hash(copies) if data_config.speed_copies else None,
     )
     key = spec.run_key()

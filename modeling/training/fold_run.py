@@ -273,7 +273,7 @@ def attach_pooled_probe(
         for key, path in (("val_uar_model", tested_path), ("val_uar_mixed", probed)):
             model, _, _ = load_trained_model(path, device)
             y, probs, _, _ = predict(model, val_loader, device, ctx)
-            record[key] = compute_metrics(y, probs.argmax(axis=1), len(spec.label_names)).uar
+            record[key] = compute_metrics(y, probs.argmax(axis=1), n_classes).uar
     return probed, record
 
 

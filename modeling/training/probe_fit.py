@@ -86,8 +86,8 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, n_classes: int, c: float, weight:
 
 def probe_predictions(probe: PooledProbe, x: np.ndarray) -> np.ndarray:
     """Class indices the probe alone predicts for pooled statistics (N, 2F')."""
-    logits = ((torch.from_numpy(x).float() - probe.center) / probe.scale) @ probe.coef.T + probe.intercept
-    return logits.argmax(dim=1).numpy()
+    with torch.no_grad():
+        return probe.logits_of(torch.from_numpy(x)).argmax(dim=1).numpy()
 
 
 def choose_probe(
