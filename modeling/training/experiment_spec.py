@@ -45,7 +45,14 @@ RESULT_INDEPENDENT_TRAIN_KEYS = ("num_workers", "cache_bytes")  # a resume may c
 # left out of the key at that value, so the run directories of older experiments keep their names (and
 # `--resume` finds them), and filled in with it when an older spec lacks the setting (whatever
 # TrainConfig's default is by then).
-LATER_TRAIN_DEFAULTS = {"refit": False, "ctm_schedule": "constant", "ema_decay": 0.0, "probe_weight": 0.0, "probe_mix": "mean"}
+LATER_TRAIN_DEFAULTS = {
+    "refit": False,
+    "ctm_schedule": "constant",
+    "ema_decay": 0.0,
+    "probe_weight": 0.0,
+    "probe_mix": "mean",
+    "mixup_alpha": 0.0,
+}
 
 
 def data_overrides(data: dict[str, Any] | None) -> dict[str, Any]:

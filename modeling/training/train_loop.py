@@ -43,6 +43,7 @@ from modeling.network.precision import autocast
 from modeling.training import distributed as dist
 from modeling.training.checkpoint import CheckpointError, capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from modeling.training.metrics import ClassificationMetrics, compute_metrics
+from modeling.training.mixup import draw_mixup, mix_batch
 from modeling.training.weight_average import WeightAverage
 
 
@@ -70,6 +71,7 @@ class TrainConfig:
     # mix its class probabilities into the model's with this weight (modeling/network/pooled_probe.py)
     probe_weight: float = 0.0
     probe_mix: str = "mean"  # how: "mean" of the probabilities | "geometric" mean (MIX_KINDS in pooled_probe.py)
+    mixup_alpha: float = 0.0  # > 0 (e.g. 0.4): train on mixed pairs of clips, weight ~ Beta(alpha, alpha) (mixup.py)
     num_workers: int = 2
     seed: int = 0
     device: str = "auto"  # "auto" = cuda when available, else cpu
@@ -83,6 +85,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.probe_weight={self.probe_weight}; expected 0 (off) or a mixing weight in (0, 1]")
         if self.probe_mix not in PROBE_MIX_KINDS:
             raise ValueError(f"TrainConfig.probe_mix={self.probe_mix!r}; expected one of {PROBE_MIX_KINDS}")
+        if not (math.isfinite(self.mixup_alpha) and self.mixup_alpha >= 0.0):
+            raise ValueError(f"TrainConfig.mixup_alpha={self.mixup_alpha}; expected 0 (off) or a Beta parameter > 0 such as 0.4")
 
     def data_config(self) -> DataConfig:
         return DataConfig(
@@ -198,8 +202,13 @@ def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]
     return factor
 
 
-def _objective(model: nn.Module, output: Any, labels: torch.Tensor, lambda_ctm: float) -> tuple[torch.Tensor, float, float]:
-    """(total, ce, ctm) from modeling.network.losses.training_objective, with the model's CTM head and widths."""
+def _objective(
+    model: nn.Module, output: Any, labels: torch.Tensor, lambda_ctm: float, mixup: tuple[float, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, float, float]:
+    """(total, ce, ctm) from modeling.network.losses.training_objective, with the model's CTM head and widths.
+
+    ``mixup`` = (lam, partner) of a mixed batch (mixup.py): CE is ``lam CE(labels) + (1 - lam) CE(labels[partner])``,
+    the CTM term (which does not read labels) counts once."""
     from modeling.network.losses import training_objective
 
     cfg = getattr(model, "config", None)
@@ -207,7 +216,13 @@ def _objective(model: nn.Module, output: Any, labels: torch.Tensor, lambda_ctm: 
         {"projector": model.ctm_head, "sigma": cfg.ctm_sigma, "tau": cfg.ctm_tau} if cfg is not None and hasattr(model, "ctm_head") else {}
     )
     result = training_objective(output, labels, lambda_ctm, **kwargs)
-    return result.total, float(result.ce.detach()), float(result.ctm.detach())
+    total, ce = result.total, result.ce
+    if mixup is not None:
+        lam, partner = mixup
+        partner_ce = training_objective(output, labels[partner.to(labels.device)]).ce
+        ce = lam * result.ce + (1.0 - lam) * partner_ce
+        total = ce + (result.total - result.ce)  # + lambda_ctm * ctm
+    return total, float(ce.detach()), float(result.ctm.detach())
 
 
 @torch.no_grad()
@@ -341,9 +356,12 @@ def train_model(
                 batch: Batch = next(batches)
                 waited += time.perf_counter() - fetch_started
                 batch = batch.to(device, non_blocking=True)
+                mixup = draw_mixup(len(batch), config.mixup_alpha) if config.mixup_alpha > 0 else None
+                if mixup is not None:
+                    batch = mix_batch(batch, *mixup)
                 with autocast(device):
                     output = model(batch)
-                total, ce, ctm = _objective(model, output, batch.labels, lam)
+                total, ce, ctm = _objective(model, output, batch.labels, lam, mixup)
                 if not torch.isfinite(total):
                     raise FloatingPointError(f"non-finite loss {float(total)} at epoch {epoch} step {step} (clips {batch.clip_ids[:4]})")
                 # This rank's share of the global batch's mean loss: summed over ranks it is that mean.
