@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -32,6 +32,7 @@ def extract_clip(
     chunk: int = 32,
     device: str | None = None,
     spill_dir: str | None = None,
+    probed: Mapping[str, MediaInfo] | None = None,
 ) -> ClipFeatures:
     """Extract the features of ``record`` (see ClipFeatures for shapes and units).
 
@@ -44,6 +45,8 @@ def extract_clip(
     features.spill.SPILL_BYTES they go to a nameless file in ``spill_dir`` (default $TMPDIR)
     and ``face_crops`` / ``audio_states`` is a read-only memmap over it. Pass a shared
     ``detector`` to avoid reloading MTCNN.
+    ``probed``: ffprobe results the caller already has, by path (``msata predict`` probes a file to build
+    its record); other paths are probed here.
     ``device`` (a torch device string) runs MTCNN and the audio encoder there; None: MTCNN
     on the CPU (or the ``detector``'s device), the encoder on CUDA when present.
     A speed copy (``record.speed``, features/speed.py) is its source recording resampled: the
@@ -59,7 +62,7 @@ def extract_clip(
     infos: dict[str, MediaInfo] = {}
     for path in (record.audio_path, record.video_path):
         if path is not None and path not in infos:
-            infos[path] = probe(path)
+            infos[path] = probed[path] if probed is not None and path in probed else probe(path)
     a_info = infos[record.audio_path] if record.audio_path is not None else None
     v_info = infos[record.video_path] if record.video_path is not None else None
 

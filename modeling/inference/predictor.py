@@ -31,7 +31,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -46,6 +46,9 @@ from modeling.inference.predictions import FaceTrace, FilePrediction, Thumbnail,
 from modeling.network.batch import collate
 from modeling.network.encoder import MsataModel
 from modeling.network.precision import autocast
+
+if TYPE_CHECKING:
+    from features.decode import MediaInfo
 
 MODALITIES = ("audio", "video")
 DEFAULT_CROP_S = 4.0  # TrainConfig.max_duration_s default, for checkpoints without a train_config
@@ -98,6 +101,13 @@ def record_for_file(path: str | Path, use_audio: bool = True, use_video: bool = 
     what is not used. Raises ClipError naming the file when it is missing, of an
     unsupported type, unreadable, or has no stream the model can use.
     """
+    record, notes, _ = inspect_file(path, use_audio, use_video)
+    return record, notes
+
+
+def inspect_file(path: str | Path, use_audio: bool = True, use_video: bool = True) -> tuple[ClipRecord, list[str], MediaInfo]:
+    """:func:`record_for_file` and the file's ffprobe result, which ``extract_clip(..., probed=...)`` reuses
+    (one ffprobe per predicted file instead of two)."""
     from features.decode import probe
 
     p = Path(path)
@@ -128,7 +138,7 @@ def record_for_file(path: str | Path, use_audio: bool = True, use_video: bool = 
         audio_path=str(p) if has_audio else None,
         video_path=str(p) if has_video else None,
     )
-    return record, notes
+    return record, notes, info
 
 
 def pick_thumbnails(features: ClipFeatures, n: int) -> list[Thumbnail]:
@@ -271,9 +281,9 @@ class Predictor:
         """The file's features in the model's feature config, with warnings for the user."""
         from features.extract import extract_clip
 
-        record, notes = record_for_file(path, use_audio="audio" in self.modalities, use_video="video" in self.modalities)
+        record, notes, info = inspect_file(path, use_audio="audio" in self.modalities, use_video="video" in self.modalities)
         detector = self.detector() if record.has_video else None
-        features = extract_clip(record, self.feature_config, detector=detector)
+        features = extract_clip(record, self.feature_config, detector=detector, probed={str(path): info})
         warnings = notes + list(features.notes)
         if record.has_video and not features.has_video:
             warnings.append("no face found in the video: the prediction uses the audio only")

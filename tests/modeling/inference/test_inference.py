@@ -320,6 +320,23 @@ def test_record_for_file_picks_streams_by_container(trained: dict) -> None:
         record_for_file("clip.xyz")
 
 
+def test_predicting_a_file_probes_it_once(trained: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """msata predict builds the record from ffprobe's answer and hands it to extract_clip, which would otherwise ask again."""
+    import features.decode
+    import features.extract
+
+    real, calls = features.decode.probe, []
+
+    def counting_probe(path):
+        calls.append(str(path))
+        return real(path)
+
+    monkeypatch.setattr(features.decode, "probe", counting_probe)  # record_for_file's (imported at call time)
+    monkeypatch.setattr(features.extract, "probe", counting_probe)  # extract_clip's
+    trained["predictor"].predict_file(trained["clips"]["wav"])
+    assert calls == [str(trained["clips"]["wav"])]
+
+
 @pytest.mark.slow
 def test_timeline_plot(trained: dict, tmp_path: Path, video_prediction: FilePrediction) -> None:
     from PIL import Image
