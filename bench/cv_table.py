@@ -30,7 +30,8 @@ def table(run_dir: Path) -> str:
     lines = [
         f"Run `{run_dir.name}`: feature config `{spec['feature_config_hash']}`, model {json.dumps({k: spec['model'][k] for k in ('d_model', 'n_layers', 'audio_downsample', 'pooling', 'audio_layers')})}, "
         f"audio_layer_mix={spec['model'].get('audio_layer_mix', 'softmax')}, speaker_norm={spec['train'].get('speaker_norm', False)}, "
-        f"ema_decay={spec['train'].get('ema_decay', 0.0)}, probe_weight={spec['train'].get('probe_weight', 0.0)} ({spec['train'].get('probe_mix', 'mean')})",
+        f"ema_decay={spec['train'].get('ema_decay', 0.0)}, probe_weight={spec['train'].get('probe_weight', 0.0)} ({spec['train'].get('probe_mix', 'mean')}), "
+        f"mixup_alpha={spec['train'].get('mixup_alpha', 0.0)}",
         "",
         "| fold | test actors | val actors | best epoch / run | val UAR | test WA | test UAR | test macro-F1 |",
         "|---|---|---|---|---:|---:|---:|---:|",

@@ -25,6 +25,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +58,8 @@ def score_clips(models, probe, loader) -> tuple[list[str], np.ndarray, list[np.n
     """(clip ids, labels (N,), per model log-probabilities (N, C), probe log-probabilities (N, C)) in one pass."""
     ids, labels, per_model, probe_scores = [], [], [[] for _ in models], []
     for batch in loader:
-        assert batch.audio_mask.any(dim=1).all(), "every clip of this bench holds audio"
+        if not bool(batch.audio_mask.any(dim=1).all()):
+            raise SystemExit(f"a clip without audio among {batch.clip_ids}: this bench scores audio-only runs")
         ids.extend(batch.clip_ids)
         labels.extend(batch.labels.numpy())
         with autocast(torch.device("cpu")):
@@ -104,8 +106,19 @@ def combinations(plain: dict[str, np.ndarray], tta: dict[str, np.ndarray]) -> di
 def run(run_dirs: tuple[Path, Path]) -> dict:
     spec = load_spec(run_dirs[0])
     other = load_spec(run_dirs[1])
-    if (other.store_path, [f.test_ids for f in other.folds]) != (spec.store_path, [f.test_ids for f in spec.folds]):
-        raise SystemExit(f"{run_dirs[1]}: another store or other folds than {run_dirs[0]}")
+    if (other.store_path, other.folds, other.model, replace(other.data, seed=0)) != (
+        spec.store_path,
+        spec.folds,
+        spec.model,
+        replace(spec.data, seed=0),
+    ):
+        raise SystemExit(f"{run_dirs[1]}: another store, folds, model or data config than {run_dirs[0]}")
+    shipped = (spec.train.probe_weight, spec.train.probe_mix, spec.train.refit)
+    if shipped != (PROBE_WEIGHT, "geometric", False) or not spec.data.speed_copies:
+        raise SystemExit(
+            f"{run_dirs[0]}: K is what a run with probe_weight {PROBE_WEIGHT}, probe_mix 'geometric', no refit and speed copies ships; "
+            f"this one has {shipped}, speed_copies={spec.data.speed_copies}"
+        )
     n_classes = len(spec.label_names)
     _, copies = sp.split_speed_copies(FeatureStore.open(spec.store_path).manifest())
     source_of = {c: src for src, cs in copies.items() for c in cs}
@@ -121,13 +134,17 @@ def run(run_dirs: tuple[Path, Path]) -> dict:
             with_copies = make_loader(sources, False, 0, with_copies=True, cache=False)
             ids, labels, model_scores, probe_scores = score_clips(models, choice.probe, with_copies)
             n = len(sources)
-            assert tuple(ids[:n]) == tuple(sources), "the loader keeps the source clips first, in order"
+            if tuple(ids[:n]) != tuple(sources) or len(ids) == n:
+                raise SystemExit(f"fold {fold.index} {split}: the loader did not give the source clips first, in order, then copies")
             named = {"m0": model_scores[0], "m1": model_scores[1], "probe": probe_scores}
             plain = {k: v[:n] for k, v in named.items()}
             tta = {k: tta_average(ids, v, tuple(sources), source_of) for k, v in named.items()}
             row[f"{split} copies per clip"] = (len(ids) - n) / n
             for name, scores in combinations(plain, tta).items():
                 row[f"{split} {name}"] = compute_metrics(labels[:n], scores.argmax(axis=1), n_classes).uar
+        shipped_val = json.loads((run_dirs[0] / f"fold_{fold.index}" / "result.json").read_text())["probe"]["val_uar_mixed"]
+        if abs(row["val K"] - shipped_val) > 1e-9:
+            raise SystemExit(f"fold {fold.index}: K's validation UAR {row['val K']} is not the run's own {shipped_val}")
         row["seconds"] = round(time.time() - started, 1)
         per_fold.append(row)
         print(

@@ -283,7 +283,7 @@ class Predictor:
 
         record, notes, info = inspect_file(path, use_audio="audio" in self.modalities, use_video="video" in self.modalities)
         detector = self.detector() if record.has_video else None
-        features = extract_clip(record, self.feature_config, detector=detector, probed={str(path): info})
+        features = extract_clip(record, self.feature_config, detector=detector, probed={info.path: info})  # the path as the record holds it
         warnings = notes + list(features.notes)
         if record.has_video and not features.has_video:
             warnings.append("no face found in the video: the prediction uses the audio only")

@@ -5,13 +5,17 @@ within ten epochs, memorising the training speakers (docs/results.md). Mixup tra
 of two clips and of their labels, which needs nothing beyond the precomputed features in the store (a
 pretrained encoder's states cannot be perturbed after the fact, so augmentation has to work on them as they are).
 
-One ``lam ~ Beta(alpha, alpha)`` per batch and a random partner for every clip (a permutation of the batch):
+One ``lam ~ Beta(alpha, alpha)`` per global batch and a random partner for every clip (a permutation of the
+rank's share of the batch), drawn from a generator keyed by (seed, epoch, step), so a resumed run, any number
+of loader workers and every rank see the same draws as an uninterrupted run:
 
-- features: ``lam * x + (1 - lam) * x[partner]`` for every stream, each clip's invalid frames (padding, frames
-  without a face) counted as zeros, so where only one of the two clips has a frame it enters scaled by its weight
-  (clips are aligned at their first frame, as the padded batch holds them); uint8 face crops are rounded back;
-- masks: the union, a frame is valid where either clip has one; times: the clip's own where it has the frame,
-  else its partner's (a frame's time is what TaRoPE rotates by);
+- the mixed clip keeps the frames, frame mask and times of its *dominant* clip (the one weighted ``>= 0.5``):
+  clips are aligned at their first frame (as the padded batch holds them), frames both clips have become
+  ``lam x + (1 - lam) x[partner]``, frames only the dominant clip has enter scaled by its weight, and frames
+  only the other clip has are dropped. Why not the union of the masks: a front-end that normalises each frame
+  (the encoder-state one, ``F.layer_norm`` per layer) undoes any scale, so a short clip mixed at weight 0.98 would
+  gain its partner's tail at full strength while its label says 98 % itself (found in review, session 12);
+- each clip's invalid frames (padding, frames without a face) count as zeros; uint8 face crops are rounded back;
 - loss: ``lam * CE(y) + (1 - lam) * CE(y[partner])`` (``train_loop._objective``); CTM, when on, reads the mixed
   streams as one clip and counts once.
 
@@ -22,33 +26,38 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import torch
 
 from modeling.network.batch import Batch
 
 
-def draw_mixup(batch_size: int, alpha: float) -> tuple[float, torch.Tensor]:
-    """(lam, partner (B,) int64) from the global torch RNG (seeded by the train loop and restored on resume)."""
-    if alpha <= 0:
+def draw_mixup(batch_size: int, alpha: float, seed: int, epoch: int, step: int, rank: int = 0) -> tuple[float, torch.Tensor]:
+    """(lam, partner (B,) int64) for one training step: lam is the same on every rank, the partners are
+    drawn within this rank's share of the batch."""
+    if not alpha > 0:
         raise ValueError(f"mixup_alpha={alpha}: expected > 0 (0 turns mixup off)")
-    lam = float(torch.distributions.Beta(alpha, alpha).sample())
-    return lam, torch.randperm(batch_size)
+    lam = float(np.random.default_rng((seed, epoch, step)).beta(alpha, alpha))
+    partner = np.random.default_rng((seed, epoch, step, rank + 1)).permutation(batch_size)
+    return lam, torch.from_numpy(partner).long()
 
 
 def _mix_stream(
     x: torch.Tensor, times: torch.Tensor, mask: torch.Tensor, lam: float, partner: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x (B, T, *frame), times (B, T), mask (B, T) -> the mixed three."""
+    """x (B, T, *frame), times (B, T), mask (B, T) -> the mixed three, each row on its dominant clip's frames."""
     if x.shape[1] == 0:  # a stream the batch does not hold (audio-only or video-only)
         return x, times, mask
     valid = mask.reshape(*mask.shape, *([1] * (x.dim() - 2))).to(torch.float32)  # (B, T, 1, ...)
     own = x.to(torch.float32) * valid
-    mixed = lam * own + (1.0 - lam) * own[partner]
+    other = own[partner]  # a copy (advanced indexing), taken before own is scaled in place
+    mixed = own.mul_(lam).add_(other, alpha=1.0 - lam)
+    out_mask, out_times = (mask, times) if lam >= 0.5 else (mask[partner], times[partner])
+    mixed.mul_(out_mask.reshape(valid.shape).to(torch.float32))  # frames only the other clip has: dropped
     if not x.dtype.is_floating_point:  # uint8 face crops
         info = torch.iinfo(x.dtype)
-        mixed = mixed.round().clamp(info.min, info.max)
-    other_mask = mask[partner]
-    return mixed.to(x.dtype), torch.where(mask, times, times[partner]), mask | other_mask
+        mixed = mixed.round_().clamp_(info.min, info.max)
+    return mixed.to(x.dtype), out_times, out_mask
 
 
 def mix_batch(batch: Batch, lam: float, partner: torch.Tensor) -> Batch:

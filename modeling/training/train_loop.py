@@ -221,7 +221,7 @@ def _objective(
         lam, partner = mixup
         partner_ce = training_objective(output, labels[partner.to(labels.device)]).ce
         ce = lam * result.ce + (1.0 - lam) * partner_ce
-        total = ce + (result.total - result.ce)  # + lambda_ctm * ctm
+        total = ce + lambda_ctm * result.ctm
     return total, float(ce.detach()), float(result.ctm.detach())
 
 
@@ -349,19 +349,19 @@ def train_model(
             optimizer.zero_grad(set_to_none=True)
             loss_value = 0.0
             # global step over the whole run (the learning-rate schedule's horizon, also in a refit)
-            lam = ctm_weight(config.lambda_ctm, config.ctm_schedule, (epoch - 1) * n_steps + step - 1, config.epochs * n_steps)
-            weights.append(lam)
+            ctm_w = ctm_weight(config.lambda_ctm, config.ctm_schedule, (epoch - 1) * n_steps + step - 1, config.epochs * n_steps)
+            weights.append(ctm_w)
             if mine or not global_clips:  # a rank with no clip in this step only joins the all-reduce
                 fetch_started = time.perf_counter()
                 batch: Batch = next(batches)
                 waited += time.perf_counter() - fetch_started
                 batch = batch.to(device, non_blocking=True)
-                mixup = draw_mixup(len(batch), config.mixup_alpha) if config.mixup_alpha > 0 else None
+                mixup = draw_mixup(len(batch), config.mixup_alpha, config.seed, epoch, step, ctx.rank) if config.mixup_alpha > 0 else None
                 if mixup is not None:
                     batch = mix_batch(batch, *mixup)
                 with autocast(device):
                     output = model(batch)
-                total, ce, ctm = _objective(model, output, batch.labels, lam, mixup)
+                total, ce, ctm = _objective(model, output, batch.labels, ctm_w, mixup)
                 if not torch.isfinite(total):
                     raise FloatingPointError(f"non-finite loss {float(total)} at epoch {epoch} step {step} (clips {batch.clip_ids[:4]})")
                 # This rank's share of the global batch's mean loss: summed over ranks it is that mean.
