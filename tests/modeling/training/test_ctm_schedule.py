@@ -89,9 +89,9 @@ def _spy_weights(monkeypatch) -> list[float]:
     seen: list[float] = []
     real = train_loop._objective
 
-    def spy(model, output, labels, lambda_ctm):
+    def spy(model, output, labels, lambda_ctm, mixup=None):
         seen.append(lambda_ctm)
-        return real(model, output, labels, lambda_ctm)
+        return real(model, output, labels, lambda_ctm, mixup)
 
     monkeypatch.setattr(train_loop, "_objective", spy)
     return seen
