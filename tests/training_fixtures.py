@@ -115,3 +115,13 @@ def tiny_meta() -> dict:
         "feature_config": TINY_FEATURES.to_dict(),
         "label_names": list(LABELS),
     }
+
+
+def tiny_model(seed: int = 0):
+    """A fresh MsataModel for the tiny store, its initial weights fixed by ``seed``."""
+    import torch
+
+    from modeling.network.encoder import MsataConfig, MsataModel
+
+    torch.manual_seed(seed)
+    return MsataModel(MsataConfig.from_dict(tiny_meta()["model_config"]))

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from training_fixtures import build_tiny_store, tiny_loaders, tiny_meta
+from training_fixtures import build_tiny_store, tiny_loaders, tiny_meta, tiny_model
 
 from modeling.network.batch import Batch, ClipExample, collate
-from modeling.network.encoder import MsataConfig, MsataModel
+from modeling.network.encoder import MsataModel
 from modeling.training import train_loop
 from modeling.training.checkpoint import load_checkpoint
 from modeling.training.mixup import draw_mixup, mix_batch
@@ -47,8 +47,7 @@ def store_path(tmp_path_factory) -> str:
 
 
 def new_model(seed: int = 0) -> MsataModel:
-    torch.manual_seed(seed)
-    return MsataModel(MsataConfig.from_dict(tiny_meta()["model_config"]))
+    return tiny_model(seed)
 
 
 def test_lam_one_keeps_each_clip_and_lam_zero_gives_its_partner() -> None:

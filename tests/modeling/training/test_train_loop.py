@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from training_fixtures import build_tiny_store, tiny_loaders, tiny_meta
+from training_fixtures import build_tiny_store, tiny_loaders, tiny_meta, tiny_model
 
-from modeling.network.encoder import MsataConfig, MsataModel
+from modeling.network.encoder import MsataModel
 from modeling.training.checkpoint import load_checkpoint
 from modeling.training.train_loop import TrainConfig, train_model, warmup_cosine
 
@@ -31,8 +31,7 @@ def store_path(tmp_path_factory) -> str:
 
 
 def new_model(seed: int = 0) -> MsataModel:
-    torch.manual_seed(seed)
-    return MsataModel(MsataConfig.from_dict(tiny_meta()["model_config"]))
+    return tiny_model(seed)
 
 
 def test_warmup_cosine_schedule() -> None:
