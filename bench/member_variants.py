@@ -15,7 +15,8 @@ seed), score every validation and test clip and its speed copies (the store hold
 - ``ET``: both; ``T seed 1``: T with the second run's model;
 - and, for the record, each model and the probe alone, with and without TTA.
 
-The rule that reads these figures is docs/measurements/s12-members/design.md; nothing here is chosen on test.
+The rules that read these figures are in docs/measurements/s12-members/design.md and
+docs/measurements/s13-scratch-copies/design.md; nothing here is chosen on test.
 
     .venv/bin/python bench/member_variants.py SEED0_RUN_DIR SEED1_RUN_DIR [--out OUT.json]
 """
