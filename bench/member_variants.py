@@ -15,6 +15,9 @@ seed), score every validation and test clip and its speed copies (the store hold
 - ``ET``: both; ``T seed 1``: T with the second run's model;
 - and, for the record, each model and the probe alone, with and without TTA.
 
+Nothing compares the two runs' train configs: a second run of another recipe (session 13: the mixup variant)
+works, and its rows (``E``, ``T seed 1``, ``model 1``) then mean that recipe's model, not a second seed's.
+
 The rules that read these figures are in docs/measurements/s12-members/design.md and
 docs/measurements/s13-scratch-copies/design.md; nothing here is chosen on test.
 
