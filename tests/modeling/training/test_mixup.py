@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from training_fixtures import build_tiny_store, tiny_loaders, tiny_meta, tiny_model
 
 from modeling.network.batch import Batch, ClipExample, collate
-from modeling.network.encoder import MsataModel
 from modeling.training import train_loop
 from modeling.training.checkpoint import load_checkpoint
 from modeling.training.mixup import draw_mixup, mix_batch
@@ -44,10 +43,6 @@ def store_path(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("store") / "tiny"
     build_tiny_store(path, n_speakers=6, clips_per_speaker=4)
     return str(path)
-
-
-def new_model(seed: int = 0) -> MsataModel:
-    return tiny_model(seed)
 
 
 def test_lam_one_keeps_each_clip_and_lam_zero_gives_its_partner() -> None:
@@ -117,7 +112,7 @@ def test_draws_are_keyed_by_seed_epoch_step_and_rank() -> None:
 
 def test_a_clip_mixed_at_weight_one_is_unchanged_for_the_model(store_path: str) -> None:
     """The encoder-state front-end normalises each frame, so any frame the partner left in would reach it at full strength."""
-    model = new_model().eval()
+    model = tiny_model().eval()
     batch = next(iter(tiny_loaders(store_path)[0]))
     partner = torch.arange(len(batch)).flip(0)
     with torch.no_grad():
@@ -126,7 +121,7 @@ def test_a_clip_mixed_at_weight_one_is_unchanged_for_the_model(store_path: str) 
 
 
 def test_objective_weighs_both_labels_and_counts_ctm_once(store_path: str) -> None:
-    model = new_model()
+    model = tiny_model()
     batch = next(iter(tiny_loaders(store_path)[0]))
     output = model(batch)
     labels, n = batch.labels, len(batch)
@@ -155,11 +150,11 @@ def test_every_step_mixes_and_weighs_with_the_same_draw(store_path: str, tmp_pat
     monkeypatch.setattr(train_loop, "mix_batch", spy_mix)
     monkeypatch.setattr(train_loop, "_objective", spy_objective)
     train, val = tiny_loaders(store_path)
-    train_model(new_model(), train, val, TrainConfig(epochs=2, mixup_alpha=0.4, **FAST), tmp_path / "on", tiny_meta())
+    train_model(tiny_model(), train, val, TrainConfig(epochs=2, mixup_alpha=0.4, **FAST), tmp_path / "on", tiny_meta())
     assert len(mixed) == 2 * len(train) and weighed == mixed
     assert len({lam for lam, _ in mixed}) > 1  # a new weight every step
     mixed.clear(), weighed.clear()
-    train_model(new_model(), train, val, TrainConfig(epochs=1, **FAST), tmp_path / "off", tiny_meta())
+    train_model(tiny_model(), train, val, TrainConfig(epochs=1, **FAST), tmp_path / "off", tiny_meta())
     assert mixed == [] and weighed == [None] * len(train)
 
 
@@ -171,15 +166,15 @@ class Stop(Exception):
 def test_a_killed_run_with_mixup_resumes_like_an_uninterrupted_one(store_path: str, tmp_path) -> None:
     train, val = tiny_loaders(store_path)
     cfg = TrainConfig(epochs=3, mixup_alpha=0.4, **FAST)
-    full = train_model(new_model(), train, val, cfg, tmp_path / "full", tiny_meta())
+    full = train_model(tiny_model(), train, val, cfg, tmp_path / "full", tiny_meta())
 
     def stop_after_first(event) -> None:
         if event.kind == "epoch_end" and event.epoch == 1:
             raise Stop
 
     with pytest.raises(Stop):
-        train_model(new_model(), train, val, cfg, tmp_path / "killed", tiny_meta(), progress=stop_after_first)
-    resumed = train_model(new_model(), train, val, cfg, tmp_path / "killed", tiny_meta(), resume=True)
+        train_model(tiny_model(), train, val, cfg, tmp_path / "killed", tiny_meta(), progress=stop_after_first)
+    resumed = train_model(tiny_model(), train, val, cfg, tmp_path / "killed", tiny_meta(), resume=True)
     assert [r.train_loss for r in resumed.history] == pytest.approx([r.train_loss for r in full.history], rel=1e-6)
     want, got = load_checkpoint(full.last_path)["state_dict"], load_checkpoint(resumed.last_path)["state_dict"]
     assert all(torch.allclose(got[k], want[k], atol=1e-6) for k in want)

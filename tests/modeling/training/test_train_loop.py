@@ -14,7 +14,6 @@ import pytest
 import torch
 from training_fixtures import build_tiny_store, tiny_loaders, tiny_meta, tiny_model
 
-from modeling.network.encoder import MsataModel
 from modeling.training.checkpoint import load_checkpoint
 from modeling.training.train_loop import TrainConfig, train_model, warmup_cosine
 
@@ -28,10 +27,6 @@ def store_path(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("store") / "tiny"
     build_tiny_store(path, n_speakers=6, clips_per_speaker=4)
     return str(path)
-
-
-def new_model(seed: int = 0) -> MsataModel:
-    return tiny_model(seed)
 
 
 def test_warmup_cosine_schedule() -> None:
@@ -53,7 +48,7 @@ def test_train_checkpoints_and_learns(store_path: str, tmp_path) -> None:
     train, val = tiny_loaders(store_path)
     events = []
     cfg = TrainConfig(epochs=3, patience=10, **FAST)
-    result = train_model(new_model(), train, val, cfg, tmp_path, tiny_meta(), progress=events.append)
+    result = train_model(tiny_model(), train, val, cfg, tmp_path, tiny_meta(), progress=events.append)
     assert [r.epoch for r in result.history] == [1, 2, 3] and result.epochs_run == 3
     assert result.history[-1].train_ce < result.history[0].train_ce  # it learns something
     assert all(r.train_clips_per_s > 0 and 0.0 <= r.data_wait_share < 1.0 for r in result.history)
@@ -71,10 +66,10 @@ def test_train_checkpoints_and_learns(store_path: str, tmp_path) -> None:
 def test_early_stopping_on_validation_uar(store_path: str, tmp_path) -> None:
     train, val = tiny_loaders(store_path)
     cfg = TrainConfig(epochs=6, patience=2, **(FAST | {"lr": 0.0}))  # no learning: UAR never improves after epoch 1
-    result = train_model(new_model(), train, val, cfg, tmp_path, tiny_meta())
+    result = train_model(tiny_model(), train, val, cfg, tmp_path, tiny_meta())
     assert result.stopped_early and result.epochs_run == 3 and result.best_epoch == 1
     # resuming a stopped run does nothing more
-    again = train_model(new_model(), train, val, cfg, tmp_path, tiny_meta(), resume=True)
+    again = train_model(tiny_model(), train, val, cfg, tmp_path, tiny_meta(), resume=True)
     assert again.epochs_run == 3 and len(again.history) == 3
 
 
@@ -82,8 +77,8 @@ def test_early_stopping_on_validation_uar(store_path: str, tmp_path) -> None:
 def test_refit_without_validation_follows_the_first_schedule_and_stops_at_the_chosen_epoch(store_path: str, tmp_path) -> None:
     train, val = tiny_loaders(store_path)
     cfg = TrainConfig(epochs=4, patience=10, **FAST)
-    first = train_model(new_model(), train, val, cfg, tmp_path / "first", tiny_meta())
-    refit = train_model(new_model(), train, None, cfg, tmp_path / "refit", tiny_meta(), stop_after_epoch=2)
+    first = train_model(tiny_model(), train, val, cfg, tmp_path / "first", tiny_meta())
+    refit = train_model(tiny_model(), train, None, cfg, tmp_path / "refit", tiny_meta(), stop_after_epoch=2)
     assert [r.epoch for r in refit.history] == [1, 2] and refit.best_epoch == 2 and not refit.stopped_early
     assert all(r.val_uar != r.val_uar for r in refit.history)  # NaN: a refit has no validation speakers
     # the same schedule as the first run's (cosine over 4 epochs), cut after epoch 2, and the same weights up to there
@@ -92,24 +87,22 @@ def test_refit_without_validation_follows_the_first_schedule_and_stops_at_the_ch
     best = load_checkpoint(refit.best_path, require_resume=True)
     assert best["epoch"] == 2
     # resuming a finished refit trains nothing more
-    again = train_model(new_model(), train, None, cfg, tmp_path / "refit", tiny_meta(), resume=True, stop_after_epoch=2)
+    again = train_model(tiny_model(), train, None, cfg, tmp_path / "refit", tiny_meta(), resume=True, stop_after_epoch=2)
     assert again.epochs_run == 2 and len(again.history) == 2
     with pytest.raises(ValueError, match="stop_after_epoch"):
-        train_model(new_model(), train, None, cfg, tmp_path / "bad", tiny_meta())
+        train_model(tiny_model(), train, None, cfg, tmp_path / "bad", tiny_meta())
 
 
 RESUME_SCRIPT = textwrap.dedent(
     """
-    import sys, time, torch
+    import sys, time
     sys.path[:0] = [{repo!r}, {tests!r}]
-    from modeling.network.encoder import MsataConfig, MsataModel
     from modeling.training.train_loop import TrainConfig, train_model
-    from training_fixtures import tiny_loaders, tiny_meta
+    from training_fixtures import tiny_loaders, tiny_meta, tiny_model
 
     out, resume, slow = sys.argv[1], sys.argv[2] == "1", sys.argv[3] == "1"
     train, val = tiny_loaders({store!r})
-    torch.manual_seed(0)
-    model = MsataModel(MsataConfig.from_dict(tiny_meta()["model_config"]))
+    model = tiny_model(0)
     cfg = TrainConfig(epochs=3, patience=10, **{fast!r})
     def progress(event):
         if slow and event.kind == "epoch_end":
