@@ -176,7 +176,7 @@ def train(args: argparse.Namespace) -> dict:
 
     store = FeatureStore.open(args.store)
     feature_config = store.config
-    from modeling.training.experiment import build_model_config
+    from modeling.training.experiment_spec import build_model_config
 
     model_config = build_model_config({}, feature_config, len(LABELS))
     config = TrainConfig(epochs=1, batch_size=args.batch_size, num_workers=args.workers, device=args.device, cache_bytes=args.cache_bytes)

@@ -16,6 +16,13 @@ Two steps:
     python bench/gpu_ravdess.py run --audio DIR --weights .devw --sha256 whisper-base=HEX ... \\
         --configs whisper-base:infra/configs/ravdess-whisper-base.toml ... --out OUT
 
+A config's ``[data]`` table applies as in ``msata train``; with ``--speed-perturb 0.9,1.1`` every
+recording also gets its speed-perturbed copies (``features.speed.speed_perturb``, the store's
+``<clip_id>_sp<factor>`` ids), and a config with ``[data] speed_copies = true`` trains on them
+(training speakers only, as ``msata train``). ``train.probe_weight`` fits and mixes the pooled
+probe with ``modeling.training.fold_run.attach_pooled_probe``, the function ``msata train`` uses;
+a fold's validation figure is then that of the mixture, the model's own beside it.
+
 ``export-weights`` writes each packaged encoder's ``encoder/*`` tensors to ``NAME.npz``
 (numpy, ``allow_pickle=False`` on read) and prints its sha256; ``run`` refuses a file
 whose sha256 differs from the one given on the command line.
@@ -189,34 +196,49 @@ def run_fold(job: dict) -> dict:
     import torch
 
     torch.set_num_threads(1)
+    from dataclasses import replace
+    from types import SimpleNamespace
+
     from features.config import AudioEncoderConfig, FeatureConfig
     from modeling.data.dataset import ClipDataset, make_loader
-    from modeling.data.splits import fold_from_dict
+    from modeling.data.splits import fold_from_dict, ids_with_copies
     from modeling.network.encoder import MsataConfig, MsataModel
     from modeling.training.checkpoint import load_trained_model
-    from modeling.training.experiment import build_model_config
+    from modeling.training.distributed import SINGLE
+    from modeling.training.experiment_spec import build_model_config, make_data_config
+    from modeling.training.fold_run import attach_pooled_probe
     from modeling.training.metrics import compute_metrics
     from modeling.training.train_loop import TrainConfig, predict, seed_everything, train_model
 
     encoder = job["encoder"]
     feature_config = FeatureConfig() if encoder == LOG_MEL else FeatureConfig(audio_encoder=AudioEncoderConfig(name=encoder))
     config = TrainConfig.from_dict({**job["train"], "device": job["device"], "num_workers": 0})
+    data_config = make_data_config(config, job["data"])  # [train]'s shared fields, [data]'s augmentation
+    copies = {k: tuple(v) for k, v in job["copies"].items()} if data_config.speed_copies else {}
     fold = fold_from_dict(job["fold"])
     labels = job["labels"]
     store = MemoryStore(Path(job["features"]), encoder == LOG_MEL)
 
-    def loader(ids, train):
+    def loader(ids, train, workers=0, with_copies=None, cache=True):
+        # the signature of fold_run.loaders' make_loader: copies join training clips only (or the probe's fit)
+        if train if with_copies is None else with_copies:
+            ids = ids_with_copies(tuple(ids), copies)
         ds = ClipDataset(
             "memory",
             ids,
             [labels.index(job["label_of"][c]) for c in ids],
             feature_config,
-            config.data_config(),
+            data_config if cache else replace(data_config, in_memory=False),
             train,
             [job["speaker_of"][c] for c in ids],
             reader=store,  # the memory-mapped features instead of a Zarr store
         )
         return make_loader(ds, config.batch_size, 0, config.seed, pin_memory=job["device"] == "cuda")
+
+    def test(path: Path):
+        model, _, _ = load_trained_model(path, job["device"])
+        y, probs, _, _ = predict(model, loader(fold.test_ids, False), torch.device(job["device"]))
+        return compute_metrics(y, probs.argmax(axis=1), len(labels))
 
     model_config = build_model_config(job["model"], feature_config, len(labels))
 
@@ -238,10 +260,8 @@ def run_fold(job: dict) -> dict:
     t0 = time.perf_counter()
     result = train_model(model, loader(fold.train_ids, True), loader(fold.val_ids, False), config, Path(job["run_dir"]), meta, resume=False)
     train_s = time.perf_counter() - t0
-    best, _, _ = load_trained_model(result.best_path, job["device"])
-    y, probs, _, _ = predict(best, loader(fold.test_ids, False), torch.device(job["device"]))
-    metrics = compute_metrics(y, probs.argmax(axis=1), len(labels))
-    refit = {}
+    metrics = test(result.best_path)
+    tested_path, refit = result.best_path, {}
     if config.refit:  # as msata train does: the same recipe on training + validation actors, up to the chosen epoch
         t1 = time.perf_counter()
         refit_result = train_model(
@@ -254,17 +274,27 @@ def run_fold(job: dict) -> dict:
             resume=False,
             stop_after_epoch=result.best_epoch,
         )
-        refit_model, _, _ = load_trained_model(refit_result.best_path, job["device"])
-        y_refit, probs_refit, _, _ = predict(refit_model, loader(fold.test_ids, False), torch.device(job["device"]))
-        refit = {"refit_test": compute_metrics(y_refit, probs_refit.argmax(axis=1), len(labels)).scalars()}
-        refit["refit_s"] = time.perf_counter() - t1
+        tested_path = refit_result.best_path
+        refit = {"refit_test": test(tested_path).scalars(), "refit_s": time.perf_counter() - t1}
+    probe: dict = {}
+    if config.probe_weight > 0:  # as msata train does: the pooled probe fitted and mixed into the tested model
+        t1 = time.perf_counter()
+        spec = SimpleNamespace(train=config, label_names=labels)  # the two fields attach_pooled_probe reads
+        tested_path, record = attach_pooled_probe(
+            spec, fold, loader, tested_path, Path(job["run_dir"]), test, torch.device(job["device"]), SINGLE
+        )
+        probe = {"probe": record, "probe_s": time.perf_counter() - t1}
+    final = test(tested_path).scalars() if probe else (refit["refit_test"] if refit else metrics.scalars())
     return {
         "config": job["config"],
         "fold": fold.index,
-        "test": refit["refit_test"] if refit else metrics.scalars(),  # what msata train reports for the fold
+        "test": final,  # what msata train reports for the fold
         "selection_test": metrics.scalars(),  # the model chosen on validation (before the refit, when there is one)
         **refit,
+        **probe,
         "best_val_uar": result.best_val_uar,
+        # the validation UAR of what the fold ships (the mixture, with a probe): FoldResult.shipped_val_uar
+        "shipped_val_uar": probe["probe"].get("val_uar_mixed", result.best_val_uar) if probe else result.best_val_uar,
         "best_epoch": result.best_epoch,
         "epochs_run": result.epochs_run,
         "train_s": train_s,
@@ -290,7 +320,9 @@ def summarise(rows: list[dict]) -> list[dict]:
         entry = {
             "config": name,
             "folds": len(mine),
-            "val_uar": float(np.mean([r["best_val_uar"] for r in mine])),
+            # what the folds ship (the mixture, with a probe; rows of older runs have only the model's)
+            "val_uar": float(np.mean([r.get("shipped_val_uar", r["best_val_uar"]) for r in mine])),
+            "val_uar_model": float(np.mean([r["best_val_uar"] for r in mine])),
             "train_s_per_fold": float(np.mean([r["train_s"] for r in mine])),
             "train_clips_per_s": float(np.mean([r["train_clips_per_s"] for r in mine])),
             "data_wait_share": float(np.mean([r["data_wait_share"] for r in mine])),
@@ -300,6 +332,8 @@ def summarise(rows: list[dict]) -> list[dict]:
             entry[metric] = mean_std(values)
         before = [r.get("selection_test", r["test"])["uar"] for r in mine]  # rows of older runs have no refit
         entry["selection_uar"] = mean_std(before)
+        if all("probe" in r for r in mine):  # the tested model without its probe (reported beside, chooses nothing)
+            entry["model_alone_uar"] = mean_std([r["probe"]["test_model"]["uar"] for r in mine])
         table.append(entry)
     return table
 
@@ -308,6 +342,7 @@ def run(args: argparse.Namespace) -> None:
     import torch
 
     from features.recipes.ravdess import RAVDESS_LABELS
+    from features.speed import parse_speed_factors, speed_label, speed_perturb
     from modeling.data.splits import SplitConfig, fold_to_dict, make_folds
 
     out, work = Path(args.out), Path(args.work)
@@ -329,6 +364,19 @@ def run(args: argparse.Namespace) -> None:
         f"({torch.cuda.get_device_name() if device == 'cuda' else 'no GPU'})",
         flush=True,
     )
+
+    factors = parse_speed_factors(args.speed_perturb)
+    recordings = list(clips)
+    copies: dict[str, list[str]] = {}
+    if factors:  # each recording's copies, as msata preprocess --speed-perturb names them
+        t0, recording_waves = time.perf_counter(), list(waves)
+        for factor in factors:
+            for clip, wave in zip(recordings, recording_waves, strict=True):
+                copy = Clip(f"{clip.clip_id}_sp{speed_label(factor)}", clip.speaker, clip.label, clip.path)
+                clips.append(copy)
+                waves.append(speed_perturb(wave, factor))
+                copies.setdefault(clip.clip_id, []).append(copy.clip_id)
+        print(f"{len(clips) - len(recordings)} speed copies ({args.speed_perturb}) made in {time.perf_counter() - t0:.1f} s", flush=True)
 
     encoders = set(encoder_of.values())
     saved_stats = out / "extraction.json"  # a rerun with --reuse-features keeps the figures it did not remeasure
@@ -355,10 +403,13 @@ def run(args: argparse.Namespace) -> None:
 
     import pandas as pd
 
-    manifest = pd.DataFrame([{"clip_id": c.clip_id, "speaker": c.speaker, "label": c.label} for c in clips])
+    everything = pd.DataFrame([{"clip_id": c.clip_id, "speaker": c.speaker, "label": c.label} for c in clips])
+    manifest = everything.iloc[: len(recordings)]  # folds are made of recordings; copies only join training parts
     jobs = []
     for name, cfg in configs.items():
         train = dict(cfg.get("train", {}))
+        if cfg.get("data", {}).get("speed_copies") and not copies:
+            raise SystemExit(f"{name}: [data] speed_copies = true needs --speed-perturb (the store's copies)")
         if args.epochs:
             train["epochs"] = args.epochs
         folds = make_folds(manifest, SplitConfig(**{"n_folds": args.folds, **cfg.get("splits", {})}))
@@ -372,11 +423,13 @@ def run(args: argparse.Namespace) -> None:
                     "config": row_name,
                     "encoder": encoder,
                     "train": train | {"seed": seed},
+                    "data": cfg.get("data", {}),
+                    "copies": copies,
                     "model": cfg.get("model", {}),
                     "fold": fold_to_dict(fold),
                     "labels": list(RAVDESS_LABELS),
-                    "label_of": dict(zip(manifest.clip_id, manifest.label, strict=False)),
-                    "speaker_of": dict(zip(manifest.clip_id, manifest.speaker, strict=False)),
+                    "label_of": dict(zip(everything.clip_id, everything.label, strict=False)),
+                    "speaker_of": dict(zip(everything.clip_id, everything.speaker, strict=False)),
                     "features": str(work / encoder),
                     "weights": args.weights,
                     "sha256": expected,
@@ -394,9 +447,10 @@ def run(args: argparse.Namespace) -> None:
             rows.append(row)
             with open(out / "folds.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
+            alone = f", the model alone {row['probe']['test_model']['uar']:.3f}" if "probe" in row else ""
             print(
-                f"{row['config']} fold {row['fold']}: val UAR {row['best_val_uar']:.3f} test UAR {row['test']['uar']:.3f} "
-                f"(before refit {row['selection_test']['uar']:.3f}) "
+                f"{row['config']} fold {row['fold']}: val UAR {row['shipped_val_uar']:.3f} (the model {row['best_val_uar']:.3f}) "
+                f"test UAR {row['test']['uar']:.3f} (chosen on validation before any refit {row['selection_test']['uar']:.3f}{alone}) "
                 f"({row['train_s']:.0f} s, {row['epochs_run']} epochs)",
                 flush=True,
             )
@@ -405,14 +459,15 @@ def run(args: argparse.Namespace) -> None:
     (out / "summary.json").write_text(json.dumps({"device": device, "wall_s": time.perf_counter() - t0, "table": table}, indent=1))
     print(f"\n{len(jobs)} fold runs in {time.perf_counter() - t0:.0f} s on {device}")
     print(
-        f"{'config':36s} {'val UAR':>8s} {'WA':>13s} {'UAR':>13s} {'macro-F1':>13s} {'UAR before refit':>16s} "
-        f"{'s/fold':>7s} {'clips/s':>8s} {'wait':>5s}"
+        f"{'config':36s} {'val UAR':>8s} {'(model)':>8s} {'WA':>13s} {'UAR':>13s} {'macro-F1':>13s} {'UAR before refit':>16s} "
+        f"{'model alone':>13s} {'s/fold':>7s} {'clips/s':>8s} {'wait':>5s}"
     )
     for e in table:
         cells = " ".join(f"{e[m][0]:.3f} ± {e[m][1]:.3f}" for m in ("wa", "uar", "macro_f1"))
+        alone = f"{e['model_alone_uar'][0]:.3f} ± {e['model_alone_uar'][1]:.3f}" if "model_alone_uar" in e else "-"
         print(
-            f"{e['config']:36s} {e['val_uar']:8.3f} {cells} {e['selection_uar'][0]:.3f} ± {e['selection_uar'][1]:.3f} "
-            f"{e['train_s_per_fold']:7.0f} {e['train_clips_per_s']:8.0f} {e['data_wait_share']:5.2f}"
+            f"{e['config']:36s} {e['val_uar']:8.3f} {e['val_uar_model']:8.3f} {cells} {e['selection_uar'][0]:.3f} ± {e['selection_uar'][1]:.3f} "
+            f"{alone:>13s} {e['train_s_per_fold']:7.0f} {e['train_clips_per_s']:8.0f} {e['data_wait_share']:5.2f}"
         )
 
 
@@ -467,6 +522,7 @@ def main() -> None:
         help="training seeds, e.g. 0,1: each config once per seed (default: the config's own)",
     )
     go.add_argument("--reuse-features", action="store_true", help="keep features already in --work for the same clips")
+    go.add_argument("--speed-perturb", default="", help="speed factors of the recordings' copies, e.g. 0.9,1.1 (for [data] speed_copies)")
     table = sub.add_parser("table", help="print a run's per-fold markdown tables (from OUT/folds.jsonl)")
     table.add_argument("folds_jsonl")
     args = parser.parse_args()

@@ -108,7 +108,7 @@ def tiny_loaders(
 
 
 def tiny_meta() -> dict:
-    from modeling.training.experiment import build_model_config
+    from modeling.training.experiment_spec import build_model_config
 
     return {
         "model_config": build_model_config(TINY_MODEL, TINY_FEATURES, len(LABELS)),

@@ -43,7 +43,7 @@ from features.config import FeatureConfig
 from features.recipes import canonical_name
 from modeling.data import splits as sp
 from modeling.network.encoder import MsataConfig
-from modeling.training.experiment_spec import ExperimentSpec, load_spec, make_data_config
+from modeling.training.experiment_spec import ExperimentSpec, build_model_config, load_spec, make_data_config
 from modeling.training.experiment_spec import _hash as _hash
 from modeling.training.fold_run import RESULT_FILE, FoldResult, train_and_test_fold
 from modeling.training.metrics import metrics_from_confusion, summarize_folds
@@ -70,18 +70,6 @@ class CVResult:
     selected_fold: int | None = None
     registered: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def build_model_config(overrides: dict[str, Any] | None, feature_config: FeatureConfig, n_classes: int) -> dict[str, Any]:
-    from modeling.data.examples import model_input_settings
-    from modeling.network.encoder import MsataConfig
-
-    forced = {"n_classes": n_classes, **model_input_settings(feature_config)}
-    overrides = dict(overrides or {})
-    clashes = {k: (overrides[k], v) for k, v in forced.items() if k in overrides and overrides[k] != v}
-    if clashes:
-        raise sp.ProtocolError(f"model settings contradict the store/labels (given, required): {clashes}")
-    return MsataConfig.from_dict({**overrides, **forced}).to_dict()
 
 
 def prepare_experiment(

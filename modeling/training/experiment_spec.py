@@ -66,6 +66,20 @@ def data_overrides(data: dict[str, Any] | None) -> dict[str, Any]:
     return data
 
 
+def build_model_config(overrides: dict[str, Any] | None, feature_config: FeatureConfig, n_classes: int) -> dict[str, Any]:
+    """A run config's ``[model]`` table with what the store and the labels force (input widths, classes), checked.
+    Here rather than in ``experiment`` so that code without a Zarr store (``bench/gpu_ravdess.py`` on a bare GPU
+    machine) builds models the way ``msata train`` does."""
+    from modeling.data.examples import model_input_settings
+
+    forced = {"n_classes": n_classes, **model_input_settings(feature_config)}
+    overrides = dict(overrides or {})
+    clashes = {k: (overrides[k], v) for k, v in forced.items() if k in overrides and overrides[k] != v}
+    if clashes:
+        raise sp.ProtocolError(f"model settings contradict the store/labels (given, required): {clashes}")
+    return MsataConfig.from_dict({**overrides, **forced}).to_dict()
+
+
 def make_data_config(train: TrainConfig, data: dict[str, Any] | None = None) -> DataConfig:
     """The loaders' settings: ``train``'s shared fields, the augmentation fields from ``data`` (defaults otherwise)."""
     return replace(train.data_config(), **data_overrides(data))

@@ -20,8 +20,7 @@ from flows.train import train_msata
 from modeling.data.splits import SplitConfig
 from modeling.network.batch import ClipExample, collate
 from modeling.network.encoder import MsataConfig, MsataModel
-from modeling.training.experiment import build_model_config
-from modeling.training.experiment_spec import make_data_config
+from modeling.training.experiment_spec import build_model_config, make_data_config
 from modeling.training.train_loop import TrainConfig
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "infra" / "configs").glob("*.toml"))
