@@ -6,7 +6,11 @@ fold splitter, the metrics) on features held in memory-mapped ``.npy`` files ins
 Zarr store, because a lent GPU machine is bare (no zarr, prefect, mlflow or ffmpeg) and
 reaches nothing: the audio (FLAC, read with soundfile) and the encoder weights travel with
 the command. Folds, model choice on validation actors and test scoring are those of
-``msata train`` (``modeling.data.splits.make_folds``, best validation UAR, one test pass).
+``msata train`` (``modeling.data.splits.make_folds``, best validation UAR, the test actors scored
+by the model chosen there, after its refit and with its probe when the config has them). One
+difference: each fold process reads its own batches (``num_workers = 0`` whatever the config
+says: 15 fold processes share 16 cores), so its data-wait share is not that of a GPU worker
+with loader processes (docs/benchmarks.md, "On one H100").
 
 Two steps:
 
@@ -14,14 +18,15 @@ Two steps:
     python bench/gpu_ravdess.py export-weights --out .devw
     # on the GPU machine (prints and saves the per-config table):
     python bench/gpu_ravdess.py run --audio DIR --weights .devw --sha256 whisper-base=HEX ... \\
-        --configs whisper-base:infra/configs/ravdess-whisper-base.toml ... --out OUT
+        --configs whisper-base:infra/configs/ravdess-whisper-base.toml ... --speed-perturb 0.9,1.1 --out OUT
 
 A config's ``[data]`` table applies as in ``msata train``; with ``--speed-perturb 0.9,1.1`` every
 recording also gets its speed-perturbed copies (``features.speed.speed_perturb``, the store's
 ``<clip_id>_sp<factor>`` ids), and a config with ``[data] speed_copies = true`` trains on them
 (training speakers only, as ``msata train``). ``train.probe_weight`` fits and mixes the pooled
 probe with ``modeling.training.fold_run.attach_pooled_probe``, the function ``msata train`` uses;
-a fold's validation figure is then that of the mixture, the model's own beside it.
+a fold's validation figure is then that of the mixture, the model's own beside it (``msata
+train``'s own tables print the model's, ``best_val_uar``; its registered fold and registry figures use the mixture's).
 
 ``export-weights`` writes each packaged encoder's ``encoder/*`` tensors to ``NAME.npz``
 (numpy, ``allow_pickle=False`` on read) and prints its sha256; ``run`` refuses a file
@@ -193,6 +198,9 @@ class MemoryStore:
 
 
 def run_fold(job: dict) -> dict:
+    """One fold of one config, in its own process: train with model choice on validation, then the
+    refit and the pooled probe when the config asks for them, as ``fold_run.train_and_test_fold``
+    does; returns the fold's row of ``folds.jsonl``."""
     import torch
 
     torch.set_num_threads(1)
@@ -220,7 +228,8 @@ def run_fold(job: dict) -> dict:
     store = MemoryStore(Path(job["features"]), encoder == LOG_MEL)
 
     def loader(ids, train, workers=0, with_copies=None, cache=True):
-        # the signature of fold_run.loaders' make_loader: copies join training clips only (or the probe's fit)
+        # the signature of fold_run.loaders' make_loader: copies join training clips only (or the probe's fit);
+        # `workers` is ignored, every fold reads its own batches (module docstring)
         if train if with_copies is None else with_copies:
             ids = ids_with_copies(tuple(ids), copies)
         ds = ClipDataset(
@@ -406,6 +415,8 @@ def run(args: argparse.Namespace) -> None:
     everything = pd.DataFrame([{"clip_id": c.clip_id, "speaker": c.speaker, "label": c.label} for c in clips])
     manifest = everything.iloc[: len(recordings)]  # folds are made of recordings; copies only join training parts
     jobs = []
+    label_of = dict(zip(everything.clip_id, everything.label, strict=True))
+    speaker_of = dict(zip(everything.clip_id, everything.speaker, strict=True))
     for name, cfg in configs.items():
         train = dict(cfg.get("train", {}))
         if cfg.get("data", {}).get("speed_copies") and not copies:
@@ -428,8 +439,8 @@ def run(args: argparse.Namespace) -> None:
                     "model": cfg.get("model", {}),
                     "fold": fold_to_dict(fold),
                     "labels": list(RAVDESS_LABELS),
-                    "label_of": dict(zip(everything.clip_id, everything.label, strict=False)),
-                    "speaker_of": dict(zip(everything.clip_id, everything.speaker, strict=False)),
+                    "label_of": label_of,
+                    "speaker_of": speaker_of,
                     "features": str(work / encoder),
                     "weights": args.weights,
                     "sha256": expected,

@@ -34,7 +34,7 @@ from typing import Any
 from features.config import FeatureConfig
 from features.config_keys import reject_unknown_keys
 from modeling.data import splits as sp
-from modeling.data.examples import AUGMENT_FIELDS, LATER_DATA_DEFAULTS, DataConfig
+from modeling.data.examples import AUGMENT_FIELDS, LATER_DATA_DEFAULTS, DataConfig, model_input_settings
 from modeling.network.encoder import LATER_MODEL_DEFAULTS, MsataConfig
 from modeling.training.run_dir import SPEC_FILE, write_json
 from modeling.training.run_logger import MlflowRef
@@ -70,8 +70,6 @@ def build_model_config(overrides: dict[str, Any] | None, feature_config: Feature
     """A run config's ``[model]`` table with what the store and the labels force (input widths, classes), checked.
     Here rather than in ``experiment`` so that code without a Zarr store (``bench/gpu_ravdess.py`` on a bare GPU
     machine) builds models the way ``msata train`` does."""
-    from modeling.data.examples import model_input_settings
-
     forced = {"n_classes": n_classes, **model_input_settings(feature_config)}
     overrides = dict(overrides or {})
     clashes = {k: (overrides[k], v) for k, v in forced.items() if k in overrides and overrides[k] != v}

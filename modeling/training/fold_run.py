@@ -242,7 +242,8 @@ def attach_pooled_probe(
     ctx: dist.DistContext,
 ) -> tuple[Path, dict[str, Any]]:
     """``train.probe_weight``: fit the pooled probe (``modeling.training.probe_fit``) and write the tested
-    model with it to ``fold_dir / PROBED_FILE``; returns that path and the probe's record for FoldResult."""
+    model with it to ``fold_dir / PROBED_FILE``; returns that path and the probe's record for FoldResult.
+    Of ``spec`` it reads ``train`` and ``label_names`` only (``bench/gpu_ravdess.py`` passes just those)."""
     from modeling.network.pooled_probe import CHECKPOINT_KEY
     from modeling.training.checkpoint import load_checkpoint, load_trained_model, save_checkpoint
     from modeling.training.probe_fit import choose_probe, pooled_features

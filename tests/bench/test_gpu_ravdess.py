@@ -72,17 +72,50 @@ def keep_torch_threads():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def datasets(monkeypatch: pytest.MonkeyPatch) -> list[tuple[tuple[str, ...], bool]]:
+    """The (clip ids, train) of every ClipDataset the fold builds."""
+    import modeling.data.dataset as dataset_module
+
+    built: list[tuple[tuple[str, ...], bool]] = []
+    real = dataset_module.ClipDataset
+
+    def spy(store_path, clip_ids, labels, feature_config, config, train, *args, **kwargs):
+        built.append((tuple(clip_ids), train))
+        return real(store_path, clip_ids, labels, feature_config, config, train, *args, **kwargs)
+
+    monkeypatch.setattr(dataset_module, "ClipDataset", spy)
+    return built
+
+
+def copies_of(built: list[tuple[tuple[str, ...], bool]], speaker: str) -> list[str]:
+    return [c for ids, _ in built for c in ids if c.startswith(f"{speaker}-") and c.endswith(COPY_SUFFIX)]
+
+
 @pytest.mark.parametrize("speed_copies", [True, False])
-def test_a_fold_trains_with_copies_only_when_asked_and_ships_the_probe(tmp_path: Path, speed_copies: bool) -> None:
+def test_a_fold_trains_with_copies_only_when_asked_and_ships_the_probe(tmp_path: Path, speed_copies: bool, datasets) -> None:
     row = run_fold(job(tmp_path, speed_copies))
     probe = row["probe"]
     # the probe is fitted on the 8 training recordings, and their 8 copies only with [data] speed_copies
     assert probe["n_fit"] == (16 if speed_copies else 8)
+    assert bool(copies_of(datasets, "01")) == speed_copies
+    # no copy of a validation or test clip is ever read
+    assert copies_of(datasets, "03") == [] and copies_of(datasets, "04") == []
     # what the fold ships is the mixture: its validation figure is the mixture's, the model's own beside it
     assert row["shipped_val_uar"] == probe["val_uar_mixed"]
     assert row["best_val_uar"] == probe["val_uar_model"]
     assert set(row["test"]) >= {"wa", "uar", "macro_f1"} and row["test_speakers"] == ["04"]
     assert (tmp_path / "run" / "probed.pt").exists()
+
+
+def test_a_refit_trains_on_validation_speakers_and_their_copies_never_the_test_ones(tmp_path: Path, datasets) -> None:
+    spec = job(tmp_path, speed_copies=True)
+    spec["train"] |= {"refit": True}
+    row = run_fold(spec)
+    assert "refit_test" in row and row["test"] != {}
+    assert row["probe"]["n_fit"] == 24  # refitted on training + validation recordings (12) and their copies
+    assert copies_of(datasets, "03") and copies_of(datasets, "04") == []
+    assert row["shipped_val_uar"] == row["best_val_uar"]  # a refit model has no validation figure of its own
 
 
 def test_tables_show_the_shipped_validation_figure(tmp_path: Path) -> None:
