@@ -36,6 +36,7 @@ whose sha256 differs from the one given on the command line.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -244,6 +245,7 @@ def run_fold(job: dict) -> dict:
         )
         return make_loader(ds, config.batch_size, 0, config.seed, pin_memory=job["device"] == "cuda")
 
+    @functools.cache  # a model is tested once, however many of the steps below ask for its figures
     def test(path: Path):
         model, _, _ = load_trained_model(path, job["device"])
         y, probs, _, _ = predict(model, loader(fold.test_ids, False), torch.device(job["device"]))
@@ -293,11 +295,10 @@ def run_fold(job: dict) -> dict:
             spec, fold, loader, tested_path, Path(job["run_dir"]), test, torch.device(job["device"]), SINGLE
         )
         probe = {"probe": record, "probe_s": time.perf_counter() - t1}
-    final = test(tested_path).scalars() if probe else (refit["refit_test"] if refit else metrics.scalars())
     return {
         "config": job["config"],
         "fold": fold.index,
-        "test": final,  # what msata train reports for the fold
+        "test": test(tested_path).scalars(),  # what msata train reports for the fold
         "selection_test": metrics.scalars(),  # the model chosen on validation (before the refit, when there is one)
         **refit,
         **probe,
@@ -351,7 +352,7 @@ def run(args: argparse.Namespace) -> None:
     import torch
 
     from features.recipes.ravdess import RAVDESS_LABELS
-    from features.speed import parse_speed_factors, speed_label, speed_perturb
+    from features.speed import copy_clip_id, parse_speed_factors, speed_perturb
     from modeling.data.splits import SplitConfig, fold_to_dict, make_folds
 
     out, work = Path(args.out), Path(args.work)
@@ -381,7 +382,7 @@ def run(args: argparse.Namespace) -> None:
         t0, recording_waves = time.perf_counter(), list(waves)
         for factor in factors:
             for clip, wave in zip(recordings, recording_waves, strict=True):
-                copy = Clip(f"{clip.clip_id}_sp{speed_label(factor)}", clip.speaker, clip.label, clip.path)
+                copy = Clip(copy_clip_id(clip.clip_id, factor), clip.speaker, clip.label, clip.path)
                 clips.append(copy)
                 waves.append(speed_perturb(wave, factor))
                 copies.setdefault(clip.clip_id, []).append(copy.clip_id)

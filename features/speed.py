@@ -63,12 +63,16 @@ def speed_label(factor: float) -> str:
     return f"{round(factor, 2):g}"
 
 
+def copy_clip_id(clip_id: str, factor: float) -> str:
+    """The id of a clip's copy at ``factor``: ``<clip_id>_sp<factor>``, e.g. ``a_sp0.9``."""
+    return f"{clip_id}_sp{speed_label(factor)}"
+
+
 def speed_copy(record: ClipRecord, factor: float) -> ClipRecord:
     """The record of ``record``'s copy at ``factor``: same files, speaker and label, its own id."""
     if record.source_clip_id is not None:
         raise ValueError(f"clip {record.clip_id!r} is already a speed copy of {record.source_clip_id!r}")
-    label = speed_label(factor)
-    return replace(record, clip_id=f"{record.clip_id}_sp{label}", source_clip_id=record.clip_id, speed=label)
+    return replace(record, clip_id=copy_clip_id(record.clip_id, factor), source_clip_id=record.clip_id, speed=speed_label(factor))
 
 
 def plan_speed_copies(records: list[ClipRecord], factors: tuple[float, ...]) -> tuple[list[ClipRecord], list[Rejection]]:
