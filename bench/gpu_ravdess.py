@@ -28,6 +28,10 @@ probe with ``modeling.training.fold_run.attach_pooled_probe``, the function ``ms
 a fold's validation figure is then that of the mixture, the model's own beside it (``msata
 train``'s own tables print the model's, ``best_val_uar``; its registered fold and registry figures use the mixture's).
 
+``train.members = N`` trains the fold's seed ensemble with ``modeling.training.members.train_members`` (members one
+after another, as ``msata train``); with ``--parallel-members`` each member is a fold job of its own (seed + k, what
+member k trains) and a second pass writes and scores each fold's ensemble as ``train_members`` does.
+
 ``export-weights`` writes each packaged encoder's ``encoder/*`` tensors to ``NAME.npz``
 (numpy, ``allow_pickle=False`` on read) and prints its sha256; ``run`` refuses a file
 whose sha256 differs from the one given on the command line.
@@ -40,6 +44,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import sys
 import time
 import tomllib
@@ -216,6 +221,7 @@ def run_fold(job: dict) -> dict:
     from modeling.training.distributed import SINGLE
     from modeling.training.experiment_spec import build_model_config, make_data_config
     from modeling.training.fold_run import attach_pooled_probe
+    from modeling.training.members import ENSEMBLE_FILE, train_members
     from modeling.training.metrics import compute_metrics
     from modeling.training.train_loop import TrainConfig, predict, seed_everything, train_model
 
@@ -253,14 +259,13 @@ def run_fold(job: dict) -> dict:
 
     model_config = build_model_config(job["model"], feature_config, len(labels))
 
-    def initial_model() -> MsataModel:
-        seed_everything(config.seed)
+    def initial_model(settings: TrainConfig = config) -> MsataModel:
+        seed_everything(settings.seed)
         model = MsataModel(MsataConfig.from_dict(model_config))
         if model.config.audio_finetune_blocks:
             model.audio_frontend.load_top_blocks(load_encoder(Path(job["weights"]), encoder, job["sha256"][encoder]))
         return model
 
-    model = initial_model()
     meta = {
         "model_config": model_config,
         "feature_config": feature_config.to_dict(),
@@ -269,10 +274,23 @@ def run_fold(job: dict) -> dict:
         "modalities": ["audio"],
     }
     t0 = time.perf_counter()
-    result = train_model(model, loader(fold.train_ids, True), loader(fold.val_ids, False), config, Path(job["run_dir"]), meta, resume=False)
-    train_s = time.perf_counter() - t0
+    train_loader, val_loader = loader(fold.train_ids, True), loader(fold.val_ids, False)
+    if job.get("member_rows"):  # --parallel-members: the members trained as jobs of their own; assemble them
+        result, record = combine_members(job["member_rows"], config, Path(job["run_dir"]), val_loader, torch.device(job["device"]))
+    else:
+        result = train_model(initial_model(), train_loader, val_loader, config, Path(job["run_dir"]), meta, resume=False)
+    train_s = time.perf_counter() - t0 + sum(r["train_s"] for r in job.get("member_rows", []))  # an ensemble's: its members' too
     metrics = test(result.best_path)
-    tested_path, refit = result.best_path, {}
+    tested_path, refit, members = result.best_path, {}, {}
+    if job.get("member_rows"):
+        tested_path = Path(job["run_dir"]) / ENSEMBLE_FILE
+        members = {"members": record | {"test_first_member": metrics.scalars()}, "members_s": sum(record["member_train_s"][1:])}
+    elif config.members > 1:  # as msata train does: members 1.. on the same loaders, the fold ships their mean
+        t1 = time.perf_counter()
+        tested_path, record = train_members(
+            result, initial_model, train_loader, val_loader, config, Path(job["run_dir"]), meta, torch.device(job["device"])
+        )
+        members = {"members": record | {"test_first_member": metrics.scalars()}, "members_s": time.perf_counter() - t1}
     if config.refit:  # as msata train does: the same recipe on training + validation actors, up to the chosen epoch
         t1 = time.perf_counter()
         refit_result = train_model(
@@ -287,6 +305,7 @@ def run_fold(job: dict) -> dict:
         )
         tested_path = refit_result.best_path
         refit = {"refit_test": test(tested_path).scalars(), "refit_s": time.perf_counter() - t1}
+    own_val = members["members"]["val_uar_ensemble"] if members else result.best_val_uar  # without a probe: what ships
     probe: dict = {}
     if config.probe_weight > 0:  # as msata train does: the pooled probe fitted and mixed into the tested model
         t1 = time.perf_counter()
@@ -301,18 +320,54 @@ def run_fold(job: dict) -> dict:
         "test": test(tested_path).scalars(),  # what msata train reports for the fold
         "selection_test": metrics.scalars(),  # the model chosen on validation (before the refit, when there is one)
         **refit,
+        **members,
         **probe,
         "best_val_uar": result.best_val_uar,
         # the validation UAR of what the fold ships (the mixture, with a probe): FoldResult.shipped_val_uar
-        "shipped_val_uar": probe["probe"].get("val_uar_mixed", result.best_val_uar) if probe else result.best_val_uar,
+        "shipped_val_uar": probe["probe"].get("val_uar_mixed", own_val) if probe else own_val,
         "best_epoch": result.best_epoch,
         "epochs_run": result.epochs_run,
+        "best_path": str(result.best_path),
+        "member": job.get("member"),  # --parallel-members: which member of its config this job trained
         "train_s": train_s,
-        "train_clips_per_s": float(np.mean([h.train_clips_per_s for h in result.history])),
-        "data_wait_share": float(np.mean([h.data_wait_share for h in result.history])),
+        # an assembled ensemble has no epochs of its own: its members' training passes
+        "train_clips_per_s": float(
+            np.mean([h.train_clips_per_s for h in result.history] or [r["train_clips_per_s"] for r in job["member_rows"]])
+        ),
+        "data_wait_share": float(
+            np.mean([h.data_wait_share for h in result.history] or [r["data_wait_share"] for r in job["member_rows"]])
+        ),
         "test_speakers": list(fold.test_speakers),
         "val_speakers": list(fold.val_speakers),
     }
+
+
+def combine_members(member_rows: list[dict], config, run_dir: Path, val_loader, device) -> tuple:
+    """``--parallel-members``: the seed ensemble of ``train.members`` from its members' own fold jobs (member k:
+    the recipe with seed + k, what ``train_members`` trains as member k; tests/modeling/training/test_members.py),
+    written as ``train_members`` writes it; returns member 0's TrainResult and the record ``train_members`` returns."""
+    from modeling.training.checkpoint import ensemble_payload, load_checkpoint, load_trained_model, save_checkpoint
+    from modeling.training.members import ENSEMBLE_FILE
+    from modeling.training.metrics import compute_metrics
+    from modeling.training.train_loop import TrainResult, predict
+
+    rows = sorted(member_rows, key=lambda r: r["member"])
+    if [r["member"] for r in rows] != list(range(config.members)):
+        raise SystemExit(f"{run_dir}: members {[r['member'] for r in rows]} for train.members = {config.members}")
+    path = save_checkpoint(run_dir / ENSEMBLE_FILE, ensemble_payload([load_checkpoint(r["best_path"]) for r in rows]))
+    model, _, _ = load_trained_model(path, device)
+    y, probs, _, _ = predict(model, val_loader, device)
+    first = rows[0]
+    result = TrainResult(first["best_epoch"], first["best_val_uar"], first["epochs_run"], False, [], Path(first["best_path"]))
+    record = {
+        "members": config.members,
+        "seeds": [config.seed + r["member"] for r in rows],
+        "best_epochs": [r["best_epoch"] for r in rows],
+        "val_uar_members": [r["best_val_uar"] for r in rows],
+        "val_uar_ensemble": compute_metrics(y, probs.argmax(axis=1), probs.shape[1]).uar,
+        "member_train_s": [r["train_s"] for r in rows],
+    }
+    return result, record
 
 
 # ---------------------------------------------------------------- driver
@@ -415,7 +470,7 @@ def run(args: argparse.Namespace) -> None:
 
     everything = pd.DataFrame([{"clip_id": c.clip_id, "speaker": c.speaker, "label": c.label} for c in clips])
     manifest = everything.iloc[: len(recordings)]  # folds are made of recordings; copies only join training parts
-    jobs = []
+    jobs, member_jobs = [], []
     label_of = dict(zip(everything.clip_id, everything.label, strict=True))
     speaker_of = dict(zip(everything.clip_id, everything.speaker, strict=True))
     for name, cfg in configs.items():
@@ -430,6 +485,29 @@ def run(args: argparse.Namespace) -> None:
         for seed, fold in ((seed, fold) for seed in (args.seeds or [own_seed]) for fold in folds):
             # another training seed (initial weights, batch order, augmentation) on the same folds
             row_name = name if seed == own_seed else f"{name}@seed{seed}"
+            n_members = int(train.get("members", 1)) if args.parallel_members else 1
+            for k in range(n_members if n_members > 1 else 0):  # member k: its own job, assembled in the second pass
+                member_jobs.append(
+                    {
+                        "config": f"{row_name}#member{k}",
+                        "encoder": encoder,
+                        "train": train | {"seed": seed + k, "members": 1},
+                        "data": cfg.get("data", {}),
+                        "copies": copies,
+                        "model": cfg.get("model", {}),
+                        "fold": fold_to_dict(fold),
+                        "labels": list(RAVDESS_LABELS),
+                        "label_of": label_of,
+                        "speaker_of": speaker_of,
+                        "features": str(work / encoder),
+                        "weights": args.weights,
+                        "sha256": expected,
+                        "device": device,
+                        "run_dir": str(work / "runs" / row_name / f"fold_{fold.index}" / f"member{k}"),
+                        "member": k,
+                        "ensemble": (row_name, fold.index),
+                    }
+                )
             jobs.append(
                 {
                     "config": row_name,
@@ -451,25 +529,18 @@ def run(args: argparse.Namespace) -> None:
             )
     rows: list[dict] = []
     t0 = time.perf_counter()
-    import multiprocessing
-
-    with ProcessPoolExecutor(max_workers=min(args.jobs, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as pool:
-        for done in as_completed([pool.submit(run_fold, job) for job in jobs]):  # saved as each fold ends
-            row = done.result()
-            rows.append(row)
-            with open(out / "folds.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-            alone = f", the model alone {row['probe']['test_model']['uar']:.3f}" if "probe" in row else ""
-            print(
-                f"{row['config']} fold {row['fold']}: val UAR {row['shipped_val_uar']:.3f} (the model {row['best_val_uar']:.3f}) "
-                f"test UAR {row['test']['uar']:.3f} (chosen on validation before any refit {row['selection_test']['uar']:.3f}{alone}) "
-                f"({row['train_s']:.0f} s, {row['epochs_run']} epochs)",
-                flush=True,
-            )
-    rows.sort(key=lambda r: (list(configs).index(r["config"].split("@")[0]), r["config"], r["fold"]))
+    if member_jobs:  # --parallel-members: first every member of every fold, then each fold's ensemble
+        member_rows = run_jobs(member_jobs, args.jobs, out)
+        rows += member_rows
+        for job in jobs:
+            mine = [r for r, j in zip(member_rows, member_jobs, strict=True) if j["ensemble"] == (job["config"], job["fold"]["index"])]
+            if mine:
+                job["member_rows"] = mine
+    rows += run_jobs(jobs, args.jobs, out)
+    rows.sort(key=lambda r: (list(configs).index(re.split("[@#]", r["config"])[0]), r["config"], r["fold"]))
     table = summarise(rows)
     (out / "summary.json").write_text(json.dumps({"device": device, "wall_s": time.perf_counter() - t0, "table": table}, indent=1))
-    print(f"\n{len(jobs)} fold runs in {time.perf_counter() - t0:.0f} s on {device}")
+    print(f"\n{len(jobs) + len(member_jobs)} fold runs in {time.perf_counter() - t0:.0f} s on {device}")
     print(
         f"{'config':36s} {'val UAR':>8s} {'(model)':>8s} {'WA':>13s} {'UAR':>13s} {'macro-F1':>13s} {'UAR before refit':>16s} "
         f"{'model alone':>13s} {'s/fold':>7s} {'clips/s':>8s} {'wait':>5s}"
@@ -481,6 +552,30 @@ def run(args: argparse.Namespace) -> None:
             f"{e['config']:36s} {e['val_uar']:8.3f} {e['val_uar_model']:8.3f} {cells} {e['selection_uar'][0]:.3f} ± {e['selection_uar'][1]:.3f} "
             f"{alone:>13s} {e['train_s_per_fold']:7.0f} {e['train_clips_per_s']:8.0f} {e['data_wait_share']:5.2f}"
         )
+
+
+def run_jobs(jobs: list[dict], n_processes: int, out: Path) -> list[dict]:
+    """Run fold jobs in parallel processes; each row is appended to ``out/folds.jsonl`` as its fold ends.
+    Returns the rows in the order of ``jobs``."""
+    import multiprocessing
+
+    rows: list[dict | None] = [None] * len(jobs)
+    with ProcessPoolExecutor(max_workers=min(n_processes, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(run_fold, job): i for i, job in enumerate(jobs)}
+        for done in as_completed(futures):  # saved as each fold ends
+            row = done.result()
+            rows[futures[done]] = row
+            with open(out / "folds.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            alone = f", the model alone {row['probe']['test_model']['uar']:.3f}" if "probe" in row else ""
+            first = f", member 0 alone {row['members']['test_first_member']['uar']:.3f}" if "members" in row else ""
+            print(
+                f"{row['config']} fold {row['fold']}: val UAR {row['shipped_val_uar']:.3f} (the model {row['best_val_uar']:.3f}) "
+                f"test UAR {row['test']['uar']:.3f} (chosen on validation before any refit {row['selection_test']['uar']:.3f}{alone}{first}) "
+                f"({row['train_s']:.0f} s, {row['epochs_run']} epochs)",
+                flush=True,
+            )
+    return [r for r in rows if r is not None]
 
 
 def markdown(folds_jsonl: Path) -> str:
@@ -532,6 +627,12 @@ def main() -> None:
         type=lambda v: [int(x) for x in v.split(",")],
         default=[],
         help="training seeds, e.g. 0,1: each config once per seed (default: the config's own)",
+    )
+    go.add_argument(
+        "--parallel-members",
+        action="store_true",
+        help="a config with train.members = N trains each member as a fold job of its own (seed + k), then assembles each fold's "
+        "ensemble as train.members does (default: members one after another in the fold's job, as msata train)",
     )
     go.add_argument("--reuse-features", action="store_true", help="keep features already in --work for the same clips")
     go.add_argument("--speed-perturb", default="", help="speed factors of the recordings' copies, e.g. 0.9,1.1 (for [data] speed_copies)")

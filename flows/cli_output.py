@@ -94,7 +94,7 @@ def train_progress() -> Iterator[Any]:
             bar = bars[fold, phase]
             if event.kind == "epoch_end" and event.record is not None:
                 r = event.record
-                val = f"  val UAR {r.val_uar:.3f}" if phase == "train" else ""  # a refit has no validation speakers
+                val = f"  val UAR {r.val_uar:.3f}" if phase != "refit" else ""  # a refit has no validation speakers
                 progress.update(
                     bar,
                     completed=event.epoch,
@@ -163,6 +163,14 @@ def print_cv_result(result) -> None:
         console.print(
             f"test figures with the pooled probe mixed in (weight {probes[0]['weight']}); the models alone scored test UAR "
             f"{e['model_alone_uar_mean']:.3f} ± {e['model_alone_uar_std']:.3f}{val}"
+        )
+    if "first_member_uar_mean" in result.extra:  # train.members
+        e, records = result.extra, [f.members for f in result.folds]
+        val = sum(r["val_uar_ensemble"] for r in records) / len(records)
+        first_val = sum(r["val_uar_members"][0] for r in records) / len(records)
+        console.print(
+            f"test figures of {records[0]['members']}-member seed ensembles (validation UAR {val:.3f}, mean); member 0 alone scored "
+            f"test UAR {e['first_member_uar_mean']:.3f} ± {e['first_member_uar_std']:.3f} (validation {first_val:.3f})"
         )
     console.print(f"run directory: {result.run_dir}")
     if result.registered:

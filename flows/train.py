@@ -127,7 +127,14 @@ def fold_task(run_dir: str, fold_index: int, nproc: int = 1) -> dict[str, Any]:
         elif event.kind == "epoch_end" and event.record is not None:
             r = event.record
             logger.info(
-                "fold %d epoch %d/%d: loss %.4f val UAR %.4f (%.1fs)", fold_index, r.epoch, event.epochs, r.train_loss, r.val_uar, r.seconds
+                "fold %d%s epoch %d/%d: loss %.4f val UAR %.4f (%.1fs)",
+                fold_index,
+                "" if event.phase == "train" else f" {event.phase}",  # "member k" with train.members
+                r.epoch,
+                event.epochs,
+                r.train_loss,
+                r.val_uar,
+                r.seconds,
             )
         report_progress(event)
 

@@ -20,10 +20,11 @@ processes each keep ``prefetch_factor`` batches ready.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import Protocol
 
 import numpy as np
@@ -284,3 +285,21 @@ def make_loader(
 
 def steps_per_epoch(n_examples: int, batch_size: int) -> int:
     return max(1, math.ceil(n_examples / batch_size))
+
+
+def reseeded(loader: DataLoader, seed: int) -> DataLoader:
+    """A training loader like ``loader`` whose crops, augmentation and batch order come from ``seed``.
+
+    What a loader made by :func:`make_loader` with that seed yields, without reading the clips again:
+    the dataset is a shallow copy sharing this process's clip cache (``train.members`` trains each
+    member on the fold's one training set). Worker processes, when there are any, fill their own."""
+    sampler = loader.batch_sampler
+    if not isinstance(sampler, ShardedBatchSampler):
+        raise ValueError("reseeded() takes a training loader made by make_loader (it shuffles with a ShardedBatchSampler)")
+    dataset = copy.copy(loader.dataset)
+    dataset.config = replace(dataset.config, seed=seed)
+    workers = {"num_workers": loader.num_workers, "collate_fn": loader.collate_fn, "pin_memory": loader.pin_memory}
+    if loader.num_workers > 0:
+        workers |= {"persistent_workers": True, "prefetch_factor": loader.prefetch_factor}
+    batches = ShardedBatchSampler(len(dataset), sampler.batch_size, seed, sampler.rank, sampler.world_size)
+    return DataLoader(dataset, batch_sampler=batches, **workers)

@@ -9,8 +9,9 @@ from pathlib import Path
 
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
 # In a training fold's folder, the model the fold tested and registered, first match wins: with
-# train.probe_weight the model with its probe, with train.refit the refit model, else the one chosen on validation.
-FOLD_MODELS = ("probed.pt", "refit/best.pt", "best.pt")
+# train.probe_weight the model with its probe, with train.members the seed ensemble, with train.refit the refit
+# model, else the one chosen on validation.
+FOLD_MODELS = ("probed.pt", "ensemble.pt", "refit/best.pt", "best.pt")
 
 
 def is_mlflow_uri(model: str) -> bool:

@@ -34,9 +34,18 @@ import torch
 if TYPE_CHECKING:
     from features.config import FeatureConfig
     from modeling.network.encoder import MsataModel
+    from modeling.network.ensemble import MemberEnsemble
 
 REQUIRED_KEYS = ("model_config", "feature_config", "label_names", "state_dict")
 RESUME_KEYS = ("train_config", "epoch", "optimizer", "scheduler", "best_metric", "rng")
+# train.members > 1: the other members' state dicts (members 1..N-1; member 0's is "state_dict"), one model config
+MEMBERS_KEY = "member_state_dicts"
+# what a training checkpoint holds for resuming only: an ensemble checkpoint leaves them out (it keeps train_config,
+# which inference reads: crop length, speaker normalisation)
+TRAINING_ONLY_KEYS = (
+    *(k for k in RESUME_KEYS if k != "train_config"),
+    *("raw_state_dict", "weight_average_updates", "history", "best_epoch", "bad_epochs", MEMBERS_KEY),
+)
 
 
 class CheckpointError(ValueError):
@@ -192,29 +201,63 @@ def upgrade_checkpoint(src: str | Path, dst: str | Path, *, trust_source: bool) 
     return save_checkpoint(dst, payload)
 
 
-def model_from_checkpoint(payload: dict[str, Any], device: str | torch.device = "cpu", source: str = "") -> MsataModel:
+def model_from_checkpoint(payload: dict[str, Any], device: str | torch.device = "cpu", source: str = "") -> MsataModel | MemberEnsemble:
     """The trained model of a loaded checkpoint dict, in eval mode on ``device``.
 
     The one place a model is built from a checkpoint (:func:`load_trained_model` and
     ``Predictor.from_checkpoint`` both call it): the config, strict weights, and a label
-    list that agrees with the classifier. ``source`` names the checkpoint in errors."""
+    list that agrees with the classifier. A checkpoint with :data:`MEMBERS_KEY` (``train.members``)
+    gives a :class:`~modeling.network.ensemble.MemberEnsemble`. ``source`` names the checkpoint in errors."""
     from modeling.network.encoder import MsataConfig, MsataModel
+    from modeling.network.ensemble import MemberEnsemble
     from modeling.network.pooled_probe import CHECKPOINT_KEY, PooledProbe
 
-    model = MsataModel(MsataConfig.from_dict(payload["model_config"]))
-    model.load_state_dict(payload["state_dict"])
+    config = MsataConfig.from_dict(payload["model_config"])
+    more = payload.get(MEMBERS_KEY) or []
+    if not isinstance(more, list) or not all(isinstance(sd, dict) for sd in more):
+        raise CheckpointError(f"checkpoint {source}: {MEMBERS_KEY} must be a list of state dicts")
+    members = []
+    for k, state_dict in enumerate([payload["state_dict"], *more]):
+        member = MsataModel(config)
+        try:
+            member.load_state_dict(state_dict)
+        except RuntimeError as err:
+            raise CheckpointError(
+                f"checkpoint {source}: member {k}'s weights do not fit its model config: {str(err).splitlines()[0]}"
+            ) from err
+        members.append(member)
+    model = members[0] if len(members) == 1 else MemberEnsemble(members)
     if payload.get(CHECKPOINT_KEY) is not None:  # train.probe_weight: the fitted probe travels beside the state dict
         try:
             model.attach_probe(PooledProbe.from_checkpoint(payload[CHECKPOINT_KEY], source))
         except ValueError as err:
             raise CheckpointError(f"checkpoint {source}: {err}") from err
     n_labels = len(payload["label_names"])
-    if n_labels != model.config.n_classes:
-        raise CheckpointError(f"checkpoint {source}: {n_labels} label names for {model.config.n_classes} classes")
+    if n_labels != config.n_classes:
+        raise CheckpointError(f"checkpoint {source}: {n_labels} label names for {config.n_classes} classes")
     return model.to(device).eval()
 
 
-def load_trained_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[MsataModel, FeatureConfig, list[str]]:
+def ensemble_payload(payloads: list[dict[str, Any]]) -> dict[str, Any]:
+    """One checkpoint dict for the models of ``payloads`` (each a trained checkpoint of one recipe): the first's
+    inference fields, member 0's weights as ``state_dict``, the others under :data:`MEMBERS_KEY`. Resume state is
+    left out: an ensemble is shipped and tested, never trained further."""
+    if len(payloads) < 2:
+        raise CheckpointError(f"an ensemble checkpoint needs at least two members, got {len(payloads)}")
+    first = payloads[0]
+    for k, payload in enumerate(payloads[1:], start=1):
+        for key in ("model_config", "feature_config", "label_names"):
+            if payload[key] != first[key]:
+                raise CheckpointError(f"ensemble member {k}'s {key} differs from member 0's: members must be one recipe on one store")
+        if payload.get(MEMBERS_KEY):
+            raise CheckpointError(f"ensemble member {k} is itself an ensemble")
+    kept = {k: v for k, v in first.items() if k not in TRAINING_ONLY_KEYS}
+    return kept | {MEMBERS_KEY: [p["state_dict"] for p in payloads[1:]]}
+
+
+def load_trained_model(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[MsataModel | MemberEnsemble, FeatureConfig, list[str]]:
     """(model in eval mode on ``device``, its feature config, label names) from a checkpoint file."""
     from features.config import FeatureConfig
 

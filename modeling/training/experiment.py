@@ -307,6 +307,8 @@ def finalize_experiment(run_dir: str | Path, register: bool = True, logger: RunL
         result.extra |= {"selection_" + k: v for k, v in summarize_folds([f.selection_test for f in fold_results]).items()}
     if all(f.probe for f in fold_results):  # train.probe_weight: the models without their probe, reported beside
         result.extra |= {"model_alone_" + k: v for k, v in summarize_folds([f.probe["test_model"] for f in fold_results]).items()}
+    if all(f.members for f in fold_results):  # train.members: member 0 alone (the recipe's own seed), reported beside
+        result.extra |= {"first_member_" + k: v for k, v in summarize_folds([f.members["test_first_member"] for f in fold_results]).items()}
     parent = result.parent_run_id
     with logger.ended_on_failure(parent):  # summary and pooled confusion on the parent run; the selected model registered once
         logger.log_metrics(parent, {f"test_{k}": v for k, v in summary.items()} | {f"test_{k}": v for k, v in result.extra.items()})

@@ -52,6 +52,7 @@ LATER_TRAIN_DEFAULTS = {
     "probe_weight": 0.0,
     "probe_mix": "mean",
     "mixup_alpha": 0.0,
+    "members": 1,
 }
 
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from modeling.data import splits as sp
 from modeling.training import distributed as dist
+from modeling.training.members import member_metrics, train_members
 from modeling.training.metrics import ClassificationMetrics, compute_metrics
 from modeling.training.run_dir import write_json
 from modeling.training.train_loop import (
@@ -54,13 +55,19 @@ class FoldResult:
     # with train.probe_weight: the probe's C and validation UAR, validation UAR with and without it, and
     # "test_model", the test figures of the model without it (reported beside the mixed ones, chooses nothing)
     probe: dict[str, Any] | None = None
+    # with train.members > 1: each member's seed, best epoch and validation UAR, the ensemble's validation UAR, and
+    # "test_first_member", the test figures of member 0 alone (reported beside the ensemble's, chooses nothing)
+    members: dict[str, Any] | None = None
 
     @property
     def shipped_val_uar(self) -> float:
         """Validation UAR of the model the fold ships: with its pooled probe when it has one (not with a
-        refit, which trained on the validation speakers: then the model's choice on validation)."""
+        refit, which trained on the validation speakers: then the model's choice on validation); the
+        members' ensemble with train.members."""
         if self.probe and "val_uar_mixed" in self.probe:
             return float(self.probe["val_uar_mixed"])
+        if self.members:
+            return float(self.members["val_uar_ensemble"])
         return self.best_val_uar
 
 
@@ -163,8 +170,13 @@ def train_and_test_fold(
             event.fold = fold_index
             progress(event)
 
-    def initial_model() -> MsataModel:
-        seed_everything(config.seed)  # the initial weights too: a rerun of a fold (or its refit) starts from the same model
+    def on_member_progress(event: ProgressEvent) -> None:  # members' epochs are not the fold's curves: progress only
+        if progress:
+            event.fold = fold_index
+            progress(event)
+
+    def initial_model(settings: TrainConfig = config) -> MsataModel:
+        seed_everything(settings.seed)  # the initial weights too: a rerun of a fold (or its refit) starts from the same model
         model = MsataModel(spec.model)
         start_pretrained_blocks(model, spec.feature_config)
         return model
@@ -196,6 +208,12 @@ def train_and_test_fold(
             stop_after_epoch=result.best_epoch,
         )
         selection_metrics, tested_path = test(result.best_path), refit.best_path
+    members_record = None
+    if config.members > 1:  # a seed ensemble: members 1.. train on the same loaders, the fold ships their mean
+        tested_path, members_record = train_members(
+            result, initial_model, train_loader, val_loader, config, fold_dir, meta, device, ctx, on_member_progress
+        )
+        members_record["test_first_member"] = test(result.best_path).scalars()
     probe_record = None
     if config.probe_weight > 0:
         train_loader = val_loader = None  # their clip caches go before the probe's loaders fill their own
@@ -213,6 +231,7 @@ def train_and_test_fold(
         run_id=run_id,
         selection_test=selection_metrics.scalars() if selection_metrics else None,
         probe=probe_record,
+        members=members_record,
     )
     if not ctx.is_main:
         return fold_result
@@ -222,7 +241,8 @@ def train_and_test_fold(
         {f"test_{k}": v for k, v in metrics.scalars().items()}
         | {"best_epoch": result.best_epoch, "best_val_uar": result.best_val_uar}
         | selection
-        | probe_metrics(probe_record),
+        | probe_metrics(probe_record)
+        | member_metrics(members_record),
     )
     logger.log_confusion(run_id, metrics.confusion, label_names, fold_dir / "confusion_test.png", f"fold {fold_index} test")
     logger.log_learning_curves(run_id, result.history, fold_dir / "learning_curves.png", f"fold {fold_index}")

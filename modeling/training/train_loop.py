@@ -72,6 +72,9 @@ class TrainConfig:
     probe_weight: float = 0.0
     probe_mix: str = "mean"  # how: "mean" of the probabilities | "geometric" mean (MIX_KINDS in pooled_probe.py)
     mixup_alpha: float = 0.0  # > 0 (e.g. 0.4): train on mixed pairs of clips, weight ~ Beta(alpha, alpha) (mixup.py)
+    # > 1: a seed ensemble; each fold trains the recipe this many times (seeds seed, seed + 1, ...) and ships the
+    # members' mean class probabilities (modeling/training/members.py)
+    members: int = 1
     num_workers: int = 2
     seed: int = 0
     device: str = "auto"  # "auto" = cuda when available, else cpu
@@ -87,6 +90,13 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.probe_mix={self.probe_mix!r}; expected one of {PROBE_MIX_KINDS}")
         if not (math.isfinite(self.mixup_alpha) and self.mixup_alpha >= 0.0):
             raise ValueError(f"TrainConfig.mixup_alpha={self.mixup_alpha}; expected 0 (off) or a Beta parameter > 0 such as 0.4")
+        if isinstance(self.members, bool) or not isinstance(self.members, int) or self.members < 1:
+            raise ValueError(f"TrainConfig.members={self.members!r}; expected a whole number of models per fold, 1 (one model) or more")
+        if self.members > 1 and self.refit:
+            raise ValueError(
+                f"TrainConfig.members={self.members} with refit: a refit retrains one model on training + validation speakers; "
+                "use one or the other"
+            )
 
     def data_config(self) -> DataConfig:
         return DataConfig(
@@ -138,7 +148,9 @@ class ProgressEvent:
     loss: float | None = None
     record: EpochRecord | None = None
     fold: int | None = None  # set by the cross-validation driver
-    phase: str = "train"  # "train" (model choice on validation) | "refit" (training + validation speakers, train.refit)
+    # "train" (model choice on validation) | "refit" (training + validation speakers, train.refit) | "member k"
+    # (train.members: the k-th extra member, also chosen on validation)
+    phase: str = "train"
 
 
 ProgressCallback = Callable[[ProgressEvent], None]

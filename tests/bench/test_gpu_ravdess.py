@@ -146,3 +146,21 @@ def test_tables_show_the_shipped_validation_figure(tmp_path: Path) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     table = markdown(path)
     assert "| 0.700 |" in table and "| 0.800 |" in table and "| 0.750 |" in table
+
+
+def test_members_trained_as_jobs_of_their_own_assemble_the_ensemble_the_fold_trains(tmp_path: Path) -> None:
+    """--parallel-members: member k as its own job (seed + k), then the fold's ensemble assembled from them, is what
+    train.members trains one member after another in the fold's job."""
+    base = job(tmp_path, speed_copies=True)
+    base["train"] = base["train"] | {"members": 2}
+    sequential = run_fold(base | {"run_dir": str(tmp_path / "sequential")})
+    members = [
+        run_fold(base | {"train": base["train"] | {"seed": k, "members": 1}, "run_dir": str(tmp_path / f"member{k}"), "member": k})
+        for k in (0, 1)
+    ]
+    parallel = run_fold(base | {"run_dir": str(tmp_path / "parallel"), "member_rows": members})
+    for key in ("seeds", "best_epochs", "val_uar_members", "val_uar_ensemble", "test_first_member"):
+        assert parallel["members"][key] == sequential["members"][key], key
+    assert parallel["test"] == sequential["test"] and parallel["shipped_val_uar"] == sequential["shipped_val_uar"]
+    assert parallel["probe"]["val_uar_mixed"] == sequential["probe"]["val_uar_mixed"]  # the probe mixed into the ensemble
+    assert (tmp_path / "parallel" / "ensemble.pt").is_file() and (tmp_path / "sequential" / "members" / "1" / "best.pt").is_file()

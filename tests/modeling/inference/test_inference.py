@@ -243,6 +243,30 @@ def test_audio_only_model_ignores_the_video(trained: dict, tmp_path: Path) -> No
     assert silent.error is not None and "no stream the model can use" in silent.error
 
 
+def test_a_seed_ensemble_predicts_its_members_mean_on_every_window(trained: dict, tmp_path: Path) -> None:
+    """train.members ships one checkpoint; msata predict reads it as the members' mean class probabilities."""
+    import torch
+
+    from modeling.training.checkpoint import ensemble_payload
+
+    torch.manual_seed(0)
+    payload = load_checkpoint(trained["checkpoint"])
+    other = dict(
+        payload, state_dict={k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
+    )
+    paths = [trained["checkpoint"], save_checkpoint(tmp_path / "other.pt", other)]
+    ensemble = save_checkpoint(tmp_path / "ensemble.pt", ensemble_payload([payload, other]))
+    clip = trained["clips"]["wav"]
+    single = [load_predictor(str(p), device="cpu").predict_file(clip, window_s=0.5, hop_s=0.25) for p in paths]
+    mixed = load_predictor(str(ensemble), device="cpu").predict_file(clip, window_s=0.5, hop_s=0.25)
+    assert mixed.ok and len(mixed.timeline) == len(single[0].timeline) > 1
+    assert single[0].timeline[0].probabilities != single[1].timeline[0].probabilities  # two different members
+    for k, window in enumerate(mixed.timeline):
+        for label in LABELS:
+            mean = (single[0].timeline[k].probabilities[label] + single[1].timeline[k].probabilities[label]) / 2
+            assert window.probabilities[label] == pytest.approx(mean, abs=1e-5)
+
+
 # ----------------------------------------------------------------------------- bad inputs, outputs
 
 
@@ -288,6 +312,8 @@ def test_a_fold_folder_resolves_to_the_model_the_fold_tested(tmp_path: Path) -> 
     for name in ("best.pt", "last.pt", "refit/best.pt", "refit/last.pt"):
         (fold / name).write_bytes(b"")
     assert find_checkpoint(fold) == fold / "refit" / "best.pt"  # train.refit
+    (fold / "ensemble.pt").write_bytes(b"")
+    assert find_checkpoint(fold) == fold / "ensemble.pt"  # train.members
     (fold / "probed.pt").write_bytes(b"")
     assert find_checkpoint(fold) == fold / "probed.pt"  # train.probe_weight
 

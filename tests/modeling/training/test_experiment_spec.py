@@ -49,7 +49,8 @@ def test_the_json_form_keeps_the_old_keys_and_the_run_key() -> None:
     assert spec.to_dict() == V1 | {
         "data": DEFAULT_AUGMENTATION,
         "train": V1["train"]
-        | {"refit": False, "ctm_schedule": "constant", "ema_decay": 0.0, "probe_weight": 0.0, "probe_mix": "mean", "mixup_alpha": 0.0},
+        | {"refit": False, "ctm_schedule": "constant", "ema_decay": 0.0, "probe_weight": 0.0, "probe_mix": "mean", "mixup_alpha": 0.0}
+        | {"members": 1},
         "model": V1["model"] | LATER_MODEL,
         "copies_hash": None,
     }

@@ -1,0 +1,126 @@
+"""Score the seed ensemble ``train.members = N`` would ship, from N finished standalone runs of its members.
+
+Member k of ``train.members`` trains exactly what a standalone ``msata train`` run of the same recipe with
+``train.seed = seed + k`` trains (modeling/training/members.py; tests/modeling/training/test_members.py checks it
+on a small store). So, for each fold, this bench takes the ``best.pt`` of runs with seeds s, s+1, ..., s+N-1 (each
+chosen on that fold's validation actors), writes them as one ensemble checkpoint with
+``modeling.training.checkpoint.ensemble_payload`` (what ``train_members`` writes), loads it with
+``load_trained_model`` and scores the fold's validation and test actors as ``msata train`` does. Prefixes are scored
+too (members 0..k for every k), and each run's model alone, all reported; the figures a rule reads are named in the
+run's design.md. Every run must be one recipe on one store and folds (only ``train.seed`` differs), without a probe
+or refit, and the first run's model-alone validation figure is checked against its own ``result.json``.
+
+Why a bench: three 30-epoch runs in one ``msata train --config ...members3.toml`` take three times as long on one
+process as the members' standalone runs side by side on two cores, with the same result.
+
+    .venv/bin/python bench/ensemble_runs.py RUN_SEED0 RUN_SEED1 [RUN_SEED2 ...] [--out OUT.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from modeling.training.checkpoint import ensemble_payload, load_checkpoint, load_trained_model, save_checkpoint  # noqa: E402
+from modeling.training.experiment_spec import load_spec  # noqa: E402
+from modeling.training.fold_run import loaders  # noqa: E402
+from modeling.training.metrics import compute_metrics, mean_std  # noqa: E402
+from modeling.training.train_loop import predict  # noqa: E402
+
+
+def check_runs(run_dirs: list[Path]) -> None:
+    """The runs are members 0..N-1 of one recipe: seeds s, s+1, ..., everything else equal."""
+    first = load_spec(run_dirs[0])
+    if first.train.probe_weight or first.train.refit or first.train.members != 1:
+        raise SystemExit(f"{run_dirs[0]}: this bench combines runs of one model each, without probe or refit")
+    for k, run_dir in enumerate(run_dirs[1:], start=1):
+        spec = load_spec(run_dir)
+        wanted = replace(first.train, seed=first.train.seed + k)
+        if spec.train != wanted:
+            differ = {
+                f: (getattr(spec.train, f), getattr(wanted, f)) for f in asdict(wanted) if getattr(spec.train, f) != getattr(wanted, f)
+            }
+            raise SystemExit(f"{run_dir}: its [train] is not {run_dirs[0]}'s with seed {wanted.seed} (its value, member {k}'s): {differ}")
+        same = (spec.store_path, spec.folds, spec.model, spec.feature_config_hash, spec.copies_hash)
+        if same != (first.store_path, first.folds, first.model, first.feature_config_hash, first.copies_hash):
+            raise SystemExit(f"{run_dir}: another store, folds, model, features or copies than {run_dirs[0]}")
+        if replace(spec.data, seed=0) != replace(first.data, seed=0):
+            raise SystemExit(f"{run_dir}: another [data] than {run_dirs[0]}")
+
+
+def scores(path: Path, loader, n_classes: int):
+    model, _, _ = load_trained_model(path, "cpu")
+    y, probs, _, _ = predict(model, loader, torch.device("cpu"))
+    return compute_metrics(y, probs.argmax(axis=1), n_classes)
+
+
+def run(run_dirs: list[Path]) -> dict:
+    check_runs(run_dirs)
+    spec = load_spec(run_dirs[0])
+    n_classes = len(spec.label_names)
+    per_fold = []
+    with tempfile.TemporaryDirectory(prefix="msata-ensemble-") as tmp:
+        for fold in spec.folds:
+            started = time.time()
+            _, val_loader, test_loader, _ = loaders(spec, fold, spec.train)
+            bests = [d / f"fold_{fold.index}" / "best.pt" for d in run_dirs]
+            row: dict = {"fold": fold.index, "members": {}, "ensembles": {}}
+            for k, best in enumerate(bests):
+                val, test = scores(best, val_loader, n_classes), scores(best, test_loader, n_classes)
+                row["members"][k] = {"val_uar": val.uar, "test": test.scalars()}
+            own = json.loads((run_dirs[0] / f"fold_{fold.index}" / "result.json").read_text())["best_val_uar"]
+            if abs(row["members"][0]["val_uar"] - own) > 1e-9:
+                raise SystemExit(f"fold {fold.index}: model 0 validates at {row['members'][0]['val_uar']} here, {own} in its run")
+            for n in range(2, len(bests) + 1):
+                path = save_checkpoint(Path(tmp) / f"fold{fold.index}-m{n}.pt", ensemble_payload([load_checkpoint(b) for b in bests[:n]]))
+                val, test = scores(path, val_loader, n_classes), scores(path, test_loader, n_classes)
+                row["ensembles"][n] = {"val_uar": val.uar, "test": test.scalars()}
+            row["seconds"] = round(time.time() - started, 1)
+            per_fold.append(row)
+            shown = ", ".join(f"{n} members {e['val_uar']:.3f}/{e['test']['uar']:.3f}" for n, e in row["ensembles"].items())
+            alone = ", ".join(f"model {k} {m['val_uar']:.3f}/{m['test']['uar']:.3f}" for k, m in row["members"].items())
+            print(f"fold {fold.index}: {shown}; {alone} (validation/test UAR; {row['seconds']} s)", flush=True)
+    return {"run_dirs": [str(d) for d in run_dirs], "folds": per_fold, "summary": summarise(per_fold)}
+
+
+def summarise(per_fold: list[dict]) -> dict:
+    summary = {}
+    names = [("members", k) for k in per_fold[0]["members"]] + [("ensembles", n) for n in per_fold[0]["ensembles"]]
+    for group, key in names:
+        label = f"model {key} alone" if group == "members" else f"{key} members"
+        entry = {"val_uar": sum(r[group][key]["val_uar"] for r in per_fold) / len(per_fold)}
+        for metric in ("wa", "uar", "macro_f1"):
+            m, s = mean_std([r[group][key]["test"][metric] for r in per_fold])
+            entry[f"test_{metric}"] = {"mean": m, "std": s}
+        summary[label] = entry
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", type=Path, nargs="+", help="run directories with seeds s, s+1, ... in that order")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    if len(args.runs) < 2:
+        parser.error("give at least two run directories")
+    result = run(args.runs)
+    print("| model | validation UAR (mean) | test WA | test UAR | test macro-F1 |")
+    print("|---|---:|---:|---:|---:|")
+    for label, e in result["summary"].items():
+        t = {m: f"{e[f'test_{m}']['mean']:.3f} ± {e[f'test_{m}']['std']:.3f}" for m in ("wa", "uar", "macro_f1")}
+        print(f"| {label} | {e['val_uar']:.4f} | {t['wa']} | {t['uar']} | {t['macro_f1']} |")
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
