@@ -7,7 +7,7 @@ used to choose anything), test WA / UAR / macro-F1; then mean ± std (sample std
 and the pooled test confusion matrix; then each fold's training curve from its ``fold_k/last.pt``
 (validation UAR per epoch, seconds of training, and the largest fall of validation UAR from one
 epoch to the next after epoch 3, the figure docs/results.md uses to compare how noisy runs are).
-With ``train.probe_weight`` a second table gives each fold's probe (C, its own validation UAR), the
+With ``train.members`` a table gives each member's validation UAR beside the ensemble's. With ``train.probe_weight`` a second table gives each fold's probe (C, its own validation UAR), the
 validation UAR of the model alone and mixed, and the test figures of the model alone beside the mixed ones.
 """
 
@@ -50,6 +50,8 @@ def table(run_dir: Path) -> str:
     )
     if all(r.get("probe") for r in result["folds"]):
         lines += ["", *probe_table(result)]
+    if all(r.get("members") for r in result["folds"]):
+        lines += ["", *members_table(result)]
     names = result["label_names"]
     confusion = np.asarray(result["confusion"])
     lines += [
@@ -92,6 +94,33 @@ def probe_table(result: dict) -> list[str]:
         f"| **mean ± std** | | {' | '.join(cells)} | {stats['uar'][0]:.3f} ± {stats['uar'][1]:.3f} | {mixed[0]:.3f} ± {mixed[1]:.3f} "
         f"| {stats['wa'][0]:.3f} ± {stats['wa'][1]:.3f} | {stats['macro_f1'][0]:.3f} ± {stats['macro_f1'][1]:.3f} |"
     )
+    return lines
+
+
+def members_table(result: dict) -> list[str]:
+    """Markdown lines: per fold, the seed ensemble (train.members): each member's best epoch and validation UAR,
+    the ensemble's validation UAR (what the fold ships, without a probe), and member 0 alone on test beside it.
+    The first table's "val UAR" column is member 0's (``best_val_uar``)."""
+    from modeling.training.metrics import mean_std
+
+    lines = [
+        "Seed ensemble (`train.members`): the first table's test figures are the ensemble's, its val UAR column member 0's:",
+        "",
+        "| fold | seeds | best epochs | val UAR, each member | val UAR, ensemble | test UAR, member 0 alone | test UAR, ensemble |",
+        "|---|---|---|---|---:|---:|---:|",
+    ]
+    for res in result["folds"]:
+        m = res["members"]
+        each = " / ".join(f"{v:.3f}" for v in m["val_uar_members"])
+        lines.append(
+            f"| {res['index']} | {' '.join(map(str, m['seeds']))} | {' / '.join(map(str, m['best_epochs']))} | {each} "
+            f"| {m['val_uar_ensemble']:.3f} | {m['test_first_member']['uar']:.3f} | {res['test']['uar']:.3f} |"
+        )
+    folds = result["folds"]
+    first = mean_std([r["members"]["test_first_member"]["uar"] for r in folds])
+    ensemble = mean_std([r["test"]["uar"] for r in folds])
+    val = np.mean([r["members"]["val_uar_ensemble"] for r in folds])
+    lines.append(f"| **mean ± std** | | | | {val:.3f} | {first[0]:.3f} ± {first[1]:.3f} | {ensemble[0]:.3f} ± {ensemble[1]:.3f} |")
     return lines
 
 

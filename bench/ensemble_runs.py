@@ -8,7 +8,8 @@ chosen on that fold's validation actors), writes them as one ensemble checkpoint
 ``load_trained_model`` and scores the fold's validation and test actors as ``msata train`` does. Prefixes are scored
 too (members 0..k for every k), and each run's model alone, all reported; the figures a rule reads are named in the
 run's design.md. Every run must be one recipe on one store and folds (only ``train.seed`` differs), without a probe
-or refit, and the first run's model-alone validation figure is checked against its own ``result.json``.
+or refit; every fold of every run must have finished (its ``result.json``), and each model's validation figure here
+is checked against the one its run recorded.
 
 Why a bench: three 30-epoch runs in one ``msata train --config ...members3.toml`` take three times as long on one
 process as the members' standalone runs side by side on two cores, with the same result.
@@ -74,12 +75,15 @@ def run(run_dirs: list[Path]) -> dict:
             _, val_loader, test_loader, _ = loaders(spec, fold, spec.train)
             bests = [d / f"fold_{fold.index}" / "best.pt" for d in run_dirs]
             row: dict = {"fold": fold.index, "members": {}, "ensembles": {}}
-            for k, best in enumerate(bests):
+            for k, (run_dir, best) in enumerate(zip(run_dirs, bests, strict=True)):
+                finished = run_dir / f"fold_{fold.index}" / "result.json"
+                if not finished.is_file():  # a fold still training has a best.pt too: the best so far, not its model
+                    raise SystemExit(f"{run_dir}: fold {fold.index} has not finished ({finished.name} missing); wait for it or resume it")
                 val, test = scores(best, val_loader, n_classes), scores(best, test_loader, n_classes)
                 row["members"][k] = {"val_uar": val.uar, "test": test.scalars()}
-            own = json.loads((run_dirs[0] / f"fold_{fold.index}" / "result.json").read_text())["best_val_uar"]
-            if abs(row["members"][0]["val_uar"] - own) > 1e-9:
-                raise SystemExit(f"fold {fold.index}: model 0 validates at {row['members'][0]['val_uar']} here, {own} in its run")
+                own = json.loads(finished.read_text())["best_val_uar"]  # the check that this scores what the run chose
+                if abs(val.uar - own) > 1e-9:
+                    raise SystemExit(f"{run_dir}: fold {fold.index}'s model validates at {val.uar} here, {own} in its run")
             for n in range(2, len(bests) + 1):
                 path = save_checkpoint(Path(tmp) / f"fold{fold.index}-m{n}.pt", ensemble_payload([load_checkpoint(b) for b in bests[:n]]))
                 val, test = scores(path, val_loader, n_classes), scores(path, test_loader, n_classes)

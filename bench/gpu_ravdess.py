@@ -288,7 +288,7 @@ def run_fold(job: dict) -> dict:
     elif config.members > 1:  # as msata train does: members 1.. on the same loaders, the fold ships their mean
         t1 = time.perf_counter()
         tested_path, record = train_members(
-            result, initial_model, train_loader, val_loader, config, Path(job["run_dir"]), meta, torch.device(job["device"])
+            result, initial_model, train_loader, val_loader, config, Path(job["run_dir"]), meta, torch.device(job["device"]), resume=False
         )
         members = {"members": record | {"test_first_member": metrics.scalars()}, "members_s": time.perf_counter() - t1}
     if config.refit:  # as msata train does: the same recipe on training + validation actors, up to the chosen epoch
@@ -409,6 +409,7 @@ def run(args: argparse.Namespace) -> None:
     from features.recipes.ravdess import RAVDESS_LABELS
     from features.speed import copy_clip_id, parse_speed_factors, speed_perturb
     from modeling.data.splits import SplitConfig, fold_to_dict, make_folds
+    from modeling.training.train_loop import TrainConfig
 
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
@@ -479,6 +480,7 @@ def run(args: argparse.Namespace) -> None:
             raise SystemExit(f"{name}: [data] speed_copies = true needs --speed-perturb (the store's copies)")
         if args.epochs:
             train["epochs"] = args.epochs
+        TrainConfig.from_dict(train)  # refused here (e.g. members with refit), before any fold job runs
         folds = make_folds(manifest, SplitConfig(**{"n_folds": args.folds, **cfg.get("splits", {})}))
         encoder = encoder_of[name]
         own_seed = int(train.get("seed", 0))
@@ -491,7 +493,7 @@ def run(args: argparse.Namespace) -> None:
                     {
                         "config": f"{row_name}#member{k}",
                         "encoder": encoder,
-                        "train": train | {"seed": seed + k, "members": 1},
+                        "train": train | {"seed": seed + k, "members": 1, "probe_weight": 0.0},  # the probe: on the ensemble
                         "data": cfg.get("data", {}),
                         "copies": copies,
                         "model": cfg.get("model", {}),

@@ -111,6 +111,9 @@ def combinations(plain: dict[str, np.ndarray], tta: dict[str, np.ndarray]) -> di
 def run(run_dirs: tuple[Path, Path]) -> dict:
     spec = load_spec(run_dirs[0])
     other = load_spec(run_dirs[1])
+    for run_dir, one in zip(run_dirs, (spec, other), strict=True):
+        if one.train.members > 1:  # its best.pt is member 0 only, not what the run ships
+            raise SystemExit(f"{run_dir}: a train.members = {one.train.members} run; this bench rescores runs of one model each")
     if (other.store_path, other.folds, other.model, replace(other.data, seed=0)) != (
         spec.store_path,
         spec.folds,

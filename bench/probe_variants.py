@@ -76,6 +76,8 @@ def probe_logits(probe, x: np.ndarray) -> np.ndarray:
 
 def run(run_dir: Path) -> dict:
     spec = load_spec(run_dir)
+    if spec.train.members > 1:  # its best.pt is member 0 only, not what the run ships
+        raise SystemExit(f"{run_dir}: a train.members = {spec.train.members} run; this bench rescores runs of one model each")
     n_classes = len(spec.label_names)
     device = torch.device("cpu")
     per_fold = []

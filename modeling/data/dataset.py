@@ -287,19 +287,26 @@ def steps_per_epoch(n_examples: int, batch_size: int) -> int:
     return max(1, math.ceil(n_examples / batch_size))
 
 
-def reseeded(loader: DataLoader, seed: int) -> DataLoader:
-    """A training loader like ``loader`` whose crops, augmentation and batch order come from ``seed``.
+def reseeded(loader: DataLoader, seed: int | None = None) -> DataLoader:
+    """A new loader like ``loader`` (made by :func:`make_loader`) that has never been iterated; for a training
+    loader, its crops, augmentation and batch order come from ``seed`` (the loader's own without one).
 
-    What a loader made by :func:`make_loader` with that seed yields, without reading the clips again:
-    the dataset is a shallow copy sharing this process's clip cache (``train.members`` trains each
-    member on the fold's one training set). Worker processes, when there are any, fill their own."""
-    sampler = loader.batch_sampler
-    if not isinstance(sampler, ShardedBatchSampler):
-        raise ValueError("reseeded() takes a training loader made by make_loader (it shuffles with a ShardedBatchSampler)")
+    What :func:`make_loader` with that seed makes, without reading the clips again: the dataset is a shallow
+    copy sharing this process's clip cache (``train.members`` trains each member on the fold's one training
+    set); worker processes, when there are any, are new and fill their own. New matters beyond the seed: a
+    DataLoader draws its workers' base seed from the global torch RNG when an iterator is made, which a
+    persistent-workers loader does once only, so a member reusing an iterated loader would skip a draw a
+    standalone run makes, and train with other dropout masks."""
     dataset = copy.copy(loader.dataset)
-    dataset.config = replace(dataset.config, seed=seed)
     workers = {"num_workers": loader.num_workers, "collate_fn": loader.collate_fn, "pin_memory": loader.pin_memory}
     if loader.num_workers > 0:
         workers |= {"persistent_workers": True, "prefetch_factor": loader.prefetch_factor}
-    batches = ShardedBatchSampler(len(dataset), sampler.batch_size, seed, sampler.rank, sampler.world_size)
-    return DataLoader(dataset, batch_sampler=batches, **workers)
+    sampler = loader.batch_sampler
+    if isinstance(sampler, ShardedBatchSampler):  # training
+        seed = sampler.seed if seed is None else seed
+        dataset.config = replace(dataset.config, seed=seed)
+        batches = ShardedBatchSampler(len(dataset), sampler.batch_size, seed, sampler.rank, sampler.world_size)
+        return DataLoader(dataset, batch_sampler=batches, **workers)
+    if seed is not None or not isinstance(loader.sampler, StridedSampler):
+        raise ValueError("reseeded() takes a loader made by make_loader, and a seed only for a training loader")
+    return DataLoader(dataset, batch_size=loader.batch_size, sampler=loader.sampler, shuffle=False, drop_last=False, **workers)

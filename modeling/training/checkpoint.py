@@ -244,13 +244,19 @@ def ensemble_payload(payloads: list[dict[str, Any]]) -> dict[str, Any]:
     left out: an ensemble is shipped and tested, never trained further."""
     if len(payloads) < 2:
         raise CheckpointError(f"an ensemble checkpoint needs at least two members, got {len(payloads)}")
+    from modeling.network.pooled_probe import CHECKPOINT_KEY
+
     first = payloads[0]
-    for k, payload in enumerate(payloads[1:], start=1):
+    for k, payload in enumerate(payloads):
         for key in ("model_config", "feature_config", "label_names"):
             if payload[key] != first[key]:
                 raise CheckpointError(f"ensemble member {k}'s {key} differs from member 0's: members must be one recipe on one store")
         if payload.get(MEMBERS_KEY):
             raise CheckpointError(f"ensemble member {k} is itself an ensemble")
+        if payload.get(CHECKPOINT_KEY) is not None:
+            raise CheckpointError(
+                f"ensemble member {k} carries a pooled probe: members are models as trained, the probe is fitted on the ensemble"
+            )
     kept = {k: v for k, v in first.items() if k not in TRAINING_ONLY_KEYS}
     return kept | {MEMBERS_KEY: [p["state_dict"] for p in payloads[1:]]}
 

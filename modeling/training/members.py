@@ -2,9 +2,12 @@
 
 Member 0 is the fold's usual training (``fold_dir/best.pt``, seed ``train.seed``). Member k >= 1 trains
 the same recipe on the same fold in ``fold_dir/members/k`` with seed ``train.seed + k``: its initial
-weights, crops, SpecAugment masks and batch order are those of a standalone run with ``train.seed = seed + k``
-(the loaders share the fold's clip cache, which changes no value). Each member's epoch is chosen on the fold's
-validation speakers, as one model's is; test speakers are never read here.
+weights, crops, SpecAugment masks, batch order and dropout are those of a standalone run with
+``train.seed = seed + k`` on the same machine and thread count (its loaders are new, as that run's are, and
+share the fold's clip cache when they read in this process, which changes no value). Each member's epoch is
+chosen on the fold's validation speakers, as one model's is; test speakers are never read here. With loader
+workers, the fold's first training loader keeps its persistent workers (and their clip caches) while the
+members train.
 
 The members' best checkpoints are written as one checkpoint, ``fold_dir/ensemble.pt``
 (:func:`~modeling.training.checkpoint.ensemble_payload`), which loads as a
@@ -50,10 +53,12 @@ def train_members(
     device: Any,
     ctx: dist.DistContext = dist.SINGLE,
     progress: ProgressCallback | None = None,
+    resume: bool = True,
 ) -> tuple[Path, dict[str, Any]]:
     """Train members 1..N-1 after ``first`` (member 0's result), write ``fold_dir / ENSEMBLE_FILE`` and return
     its path and the record FoldResult keeps: each member's seed, best epoch and validation UAR, and the
-    ensemble's validation UAR. ``initial_model(member_config)`` builds a member's starting model (seeded)."""
+    ensemble's validation UAR. ``initial_model(member_config)`` builds a member's starting model (seeded).
+    ``resume``: go on from a member's ``last.pt`` (``msata train``); False trains every member afresh."""
     from modeling.data.dataset import reseeded
     from modeling.training.checkpoint import ensemble_payload, load_checkpoint, load_trained_model, save_checkpoint
 
@@ -72,11 +77,11 @@ def train_members(
         result = train_model(
             initial_model(mine),
             reseeded(train_loader, mine.seed),
-            val_loader,
+            reseeded(val_loader),  # never iterated, as a standalone run's (reseeded's docstring)
             mine,
             fold_dir / MEMBERS_DIR / str(k),
             meta,
-            resume=True,
+            resume=resume,
             progress=report,
             ctx=ctx,
         )

@@ -96,6 +96,10 @@ def test_members_of_another_recipe_or_store_are_refused(tmp_path) -> None:
     nested = ensemble_payload([_payload(0), _payload(1)])
     with pytest.raises(CheckpointError, match="member 1 is itself an ensemble"):
         ensemble_payload([_payload(0), nested])
+    with pytest.raises(CheckpointError, match="member 0 is itself an ensemble"):
+        ensemble_payload([nested, _payload(2)])
+    with pytest.raises(CheckpointError, match="member 0 carries a pooled probe"):
+        ensemble_payload([_payload(0, pooled_probe={"weight": 0.5}), _payload(1)])
     broken = ensemble_payload([_payload(0), _payload(1)])
     broken[MEMBERS_KEY][0] = {"classifier.weight": torch.zeros(2, 2)}
     path = save_checkpoint(tmp_path / "broken.pt", broken)
@@ -149,10 +153,11 @@ def test_members_are_the_standalone_seed_runs_and_the_fold_ships_their_mean(tmp_
     for fold in members.folds:
         fold_dir = tmp_path / "members" / f"fold_{fold.index}"
         assert fold.best_path == str(fold_dir / ENSEMBLE_FILE)
-        for member_best, standalone in ((fold_dir / "best.pt", seed0), (fold_dir / MEMBERS_DIR / "1" / "best.pt", seed1)):
-            mine = load_checkpoint(member_best)["state_dict"]
-            theirs = load_checkpoint(standalone.folds[fold.index].best_path)["state_dict"]
-            assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+        for member_dir, standalone in ((fold_dir, "seed0"), (fold_dir / MEMBERS_DIR / "1", "seed1")):
+            for name in ("best.pt", "last.pt"):  # the chosen epoch's weights and the last epoch's
+                mine = load_checkpoint(member_dir / name)["state_dict"]
+                theirs = load_checkpoint(tmp_path / standalone / f"fold_{fold.index}" / name)["state_dict"]
+                assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
         record = fold.members
         assert record["seeds"] == [0, 1] and record["members"] == 2
         assert record["val_uar_members"] == [seed0.folds[fold.index].best_val_uar, seed1.folds[fold.index].best_val_uar]
@@ -166,13 +171,46 @@ def test_members_are_the_standalone_seed_runs_and_the_fold_ships_their_mean(tmp_
     assert "2-member seed ensembles" in " ".join(capsys.readouterr().out.split())
 
     sys.path.insert(0, str(REPO_ROOT / "bench"))
+    import cv_table
     import ensemble_runs
+
+    markdown = cv_table.table(tmp_path / "members")
+    assert (
+        "Seed ensemble (`train.members`)" in markdown
+        and f"| 0 | 0 1 | {' / '.join(map(str, members.folds[0].members['best_epochs']))} |" in markdown
+    )
 
     bench = ensemble_runs.run([tmp_path / "seed0", tmp_path / "seed1"])
     for fold, row in zip(members.folds, bench["folds"], strict=True):
         assert row["ensembles"][2]["val_uar"] == pytest.approx(fold.members["val_uar_ensemble"])
         assert row["ensembles"][2]["test"] == pytest.approx(fold.test)
+    (tmp_path / "seed1" / "fold_1" / "result.json").rename(tmp_path / "seed1-fold1-result.json")
+    with pytest.raises(SystemExit, match=r"seed1: fold 1 has not finished \(result.json missing\)"):
+        ensemble_runs.run([tmp_path / "seed0", tmp_path / "seed1"])  # a fold still training: its best.pt is not its model
+    (tmp_path / "seed1-fold1-result.json").rename(tmp_path / "seed1" / "fold_1" / "result.json")
     with pytest.raises(
         SystemExit, match=r"seed0: its \[train\] is not .*seed1's with seed 2 \(its value, member 1's\): \{'seed': \(0, 2\)\}"
     ):
         ensemble_runs.run([tmp_path / "seed1", tmp_path / "seed0"])  # seeds in the wrong order are not members 0, 1
+
+
+@pytest.mark.slow
+def test_with_loader_workers_a_member_still_trains_what_its_standalone_run_trains(tmp_path, monkeypatch) -> None:
+    """Persistent loader workers draw their base seed from the torch RNG once per loader: each member gets new
+    loaders, as a standalone run does, or its dropout masks would differ from that run's."""
+    from modeling.training.experiment import run_cross_validation
+    from modeling.training.members import MEMBERS_DIR
+
+    monkeypatch.setenv("MSATA_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    build_tiny_store(tmp_path / "store", n_speakers=5, clips_per_speaker=4)
+    base = {"epochs": 2, "patience": 5, "batch_size": 4, "lr": 3e-3, "warmup_epochs": 0.5, "num_workers": 2, "max_duration_s": 1.5}
+    model = AUDIO_MODEL | {"dropout": 0.3}  # dropout: what a skipped RNG draw would change
+    splits = SplitConfig(n_folds=2)
+    for name, train in (("members", {"members": 2}), ("seed1", {"seed": 1})):
+        config = TrainConfig(**base | train)
+        run_cross_validation(str(tmp_path / "store"), "crema-d", config, splits, model, run_dir=tmp_path / name, logger=NullRunLogger())
+    for fold in (0, 1):  # last.pt: the weights after the last epoch (best.pt may be epoch 1's, before any skipped draw shows)
+        mine = load_checkpoint(tmp_path / "members" / f"fold_{fold}" / MEMBERS_DIR / "1" / "last.pt")["state_dict"]
+        theirs = load_checkpoint(tmp_path / "seed1" / f"fold_{fold}" / "last.pt")["state_dict"]
+        assert all(torch.equal(mine[k], theirs[k]) for k in mine)
