@@ -209,7 +209,7 @@ def train_and_test_fold(
         )
         selection_metrics, tested_path = test(result.best_path), refit.best_path
     members_record = None
-    if config.members > 1:  # a seed ensemble: members 1.. train on the same loaders, the fold ships their mean
+    if config.members > 1:  # a seed ensemble: members 1.. train on new loaders over the same clips, the fold ships their mean
         tested_path, members_record = train_members(
             result, initial_model, train_loader, val_loader, config, fold_dir, meta, device, ctx, on_member_progress
         )
