@@ -58,10 +58,14 @@ def check_runs(run_dirs: list[Path]) -> None:
             raise SystemExit(f"{run_dir}: another [data] than {run_dirs[0]}")
 
 
-def scores(path: Path, loader, n_classes: int):
+def scores(path: Path, loaders, n_classes: int) -> list:
+    """The model at ``path``, loaded once, scored on each loader."""
     model, _, _ = load_trained_model(path, "cpu")
-    y, probs, _, _ = predict(model, loader, torch.device("cpu"))
-    return compute_metrics(y, probs.argmax(axis=1), n_classes)
+    metrics = []
+    for loader in loaders:
+        y, probs, _, _ = predict(model, loader, torch.device("cpu"))
+        metrics.append(compute_metrics(y, probs.argmax(axis=1), n_classes))
+    return metrics
 
 
 def run(run_dirs: list[Path]) -> dict:
@@ -79,14 +83,14 @@ def run(run_dirs: list[Path]) -> dict:
                 finished = run_dir / f"fold_{fold.index}" / "result.json"
                 if not finished.is_file():  # a fold still training has a best.pt too: the best so far, not its model
                     raise SystemExit(f"{run_dir}: fold {fold.index} has not finished ({finished.name} missing); wait for it or resume it")
-                val, test = scores(best, val_loader, n_classes), scores(best, test_loader, n_classes)
+                val, test = scores(best, (val_loader, test_loader), n_classes)
                 row["members"][k] = {"val_uar": val.uar, "test": test.scalars()}
                 own = json.loads(finished.read_text())["best_val_uar"]  # the check that this scores what the run chose
                 if abs(val.uar - own) > 1e-9:
                     raise SystemExit(f"{run_dir}: fold {fold.index}'s model validates at {val.uar} here, {own} in its run")
             for n in range(2, len(bests) + 1):
                 path = save_checkpoint(Path(tmp) / f"fold{fold.index}-m{n}.pt", ensemble_payload([load_checkpoint(b) for b in bests[:n]]))
-                val, test = scores(path, val_loader, n_classes), scores(path, test_loader, n_classes)
+                val, test = scores(path, (val_loader, test_loader), n_classes)
                 row["ensembles"][n] = {"val_uar": val.uar, "test": test.scalars()}
             row["seconds"] = round(time.time() - started, 1)
             per_fold.append(row)

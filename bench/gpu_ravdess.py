@@ -276,7 +276,9 @@ def run_fold(job: dict) -> dict:
     t0 = time.perf_counter()
     train_loader, val_loader = loader(fold.train_ids, True), loader(fold.val_ids, False)
     if job.get("member_rows"):  # --parallel-members: the members trained as jobs of their own; assemble them
-        result, record = combine_members(job["member_rows"], config, Path(job["run_dir"]), val_loader, torch.device(job["device"]))
+        result, record = combine_members(
+            job["member_rows"], config, Path(job["run_dir"]), val_loader, torch.device(job["device"]), len(labels)
+        )
     else:
         result = train_model(initial_model(), train_loader, val_loader, config, Path(job["run_dir"]), meta, resume=False)
     train_s = time.perf_counter() - t0 + sum(r["train_s"] for r in job.get("member_rows", []))  # an ensemble's: its members' too
@@ -342,32 +344,19 @@ def run_fold(job: dict) -> dict:
     }
 
 
-def combine_members(member_rows: list[dict], config, run_dir: Path, val_loader, device) -> tuple:
+def combine_members(member_rows: list[dict], config, run_dir: Path, val_loader, device, n_classes: int) -> tuple:
     """``--parallel-members``: the seed ensemble of ``train.members`` from its members' own fold jobs (member k:
     the recipe with seed + k, what ``train_members`` trains as member k; tests/modeling/training/test_members.py),
-    written as ``train_members`` writes it; returns member 0's TrainResult and the record ``train_members`` returns."""
-    from modeling.training.checkpoint import ensemble_payload, load_checkpoint, load_trained_model, save_checkpoint
-    from modeling.training.members import ENSEMBLE_FILE
-    from modeling.training.metrics import compute_metrics
-    from modeling.training.train_loop import TrainResult, predict
+    written and scored by ``assemble_members`` as ``train_members`` does; returns member 0's TrainResult and the record."""
+    from modeling.training.members import assemble_members
+    from modeling.training.train_loop import TrainResult
 
     rows = sorted(member_rows, key=lambda r: r["member"])
     if [r["member"] for r in rows] != list(range(config.members)):
         raise SystemExit(f"{run_dir}: members {[r['member'] for r in rows]} for train.members = {config.members}")
-    path = save_checkpoint(run_dir / ENSEMBLE_FILE, ensemble_payload([load_checkpoint(r["best_path"]) for r in rows]))
-    model, _, _ = load_trained_model(path, device)
-    y, probs, _, _ = predict(model, val_loader, device)
-    first = rows[0]
-    result = TrainResult(first["best_epoch"], first["best_val_uar"], first["epochs_run"], False, [], Path(first["best_path"]))
-    record = {
-        "members": config.members,
-        "seeds": [config.seed + r["member"] for r in rows],
-        "best_epochs": [r["best_epoch"] for r in rows],
-        "val_uar_members": [r["best_val_uar"] for r in rows],
-        "val_uar_ensemble": compute_metrics(y, probs.argmax(axis=1), probs.shape[1]).uar,
-        "member_train_s": [r["train_s"] for r in rows],
-    }
-    return result, record
+    results = [TrainResult(r["best_epoch"], r["best_val_uar"], r["epochs_run"], False, [], Path(r["best_path"])) for r in rows]
+    _, record = assemble_members(results, config, run_dir, val_loader, device, n_classes)
+    return results[0], record | {"member_train_s": [r["train_s"] for r in rows]}
 
 
 # ---------------------------------------------------------------- driver
@@ -487,48 +476,37 @@ def run(args: argparse.Namespace) -> None:
         for seed, fold in ((seed, fold) for seed in (args.seeds or [own_seed]) for fold in folds):
             # another training seed (initial weights, batch order, augmentation) on the same folds
             row_name = name if seed == own_seed else f"{name}@seed{seed}"
-            n_members = int(train.get("members", 1)) if args.parallel_members else 1
-            for k in range(n_members if n_members > 1 else 0):  # member k: its own job, assembled in the second pass
-                member_jobs.append(
-                    {
+            job = {
+                "config": row_name,
+                "encoder": encoder,
+                "train": train | {"seed": seed},
+                "data": cfg.get("data", {}),
+                "copies": copies,
+                "model": cfg.get("model", {}),
+                "fold": fold_to_dict(fold),
+                "labels": list(RAVDESS_LABELS),
+                "label_of": label_of,
+                "speaker_of": speaker_of,
+                "features": str(work / encoder),
+                "weights": args.weights,
+                "sha256": expected,
+                "device": device,
+                "run_dir": str(work / "runs" / row_name / f"fold_{fold.index}"),
+            }
+            jobs.append(job)
+            n_members = int(train.get("members", 1))
+            if args.parallel_members and n_members > 1:  # member k: its own job, assembled in the second pass
+                member_jobs += [
+                    job
+                    | {
                         "config": f"{row_name}#member{k}",
-                        "encoder": encoder,
                         "train": train | {"seed": seed + k, "members": 1, "probe_weight": 0.0},  # the probe: on the ensemble
-                        "data": cfg.get("data", {}),
-                        "copies": copies,
-                        "model": cfg.get("model", {}),
-                        "fold": fold_to_dict(fold),
-                        "labels": list(RAVDESS_LABELS),
-                        "label_of": label_of,
-                        "speaker_of": speaker_of,
-                        "features": str(work / encoder),
-                        "weights": args.weights,
-                        "sha256": expected,
-                        "device": device,
-                        "run_dir": str(work / "runs" / row_name / f"fold_{fold.index}" / f"member{k}"),
+                        "run_dir": str(Path(job["run_dir"]) / f"member{k}"),
                         "member": k,
                         "ensemble": (row_name, fold.index),
                     }
-                )
-            jobs.append(
-                {
-                    "config": row_name,
-                    "encoder": encoder,
-                    "train": train | {"seed": seed},
-                    "data": cfg.get("data", {}),
-                    "copies": copies,
-                    "model": cfg.get("model", {}),
-                    "fold": fold_to_dict(fold),
-                    "labels": list(RAVDESS_LABELS),
-                    "label_of": label_of,
-                    "speaker_of": speaker_of,
-                    "features": str(work / encoder),
-                    "weights": args.weights,
-                    "sha256": expected,
-                    "device": device,
-                    "run_dir": str(work / "runs" / row_name / f"fold_{fold.index}"),
-                }
-            )
+                    for k in range(n_members)
+                ]
     rows: list[dict] = []
     t0 = time.perf_counter()
     if member_jobs:  # --parallel-members: first every member of every fold, then each fold's ensemble

@@ -60,7 +60,6 @@ def train_members(
     ensemble's validation UAR. ``initial_model(member_config)`` builds a member's starting model (seeded).
     ``resume``: go on from a member's ``last.pt`` (``msata train``); False trains every member afresh."""
     from modeling.data.dataset import reseeded
-    from modeling.training.checkpoint import ensemble_payload, load_checkpoint, load_trained_model, save_checkpoint
 
     if config.members < 2:
         raise ValueError(f"train_members needs train.members >= 2, got {config.members}")
@@ -88,6 +87,25 @@ def train_members(
         if result.best_path is None:
             raise RuntimeError(f"ensemble member {k} in {fold_dir} finished without a best checkpoint")
         results.append(result)
+    return assemble_members(results, config, fold_dir, val_loader, device, len(meta["label_names"]), ctx)
+
+
+def assemble_members(
+    results: list[TrainResult],
+    config: TrainConfig,
+    fold_dir: Path,
+    val_loader: DataLoader,
+    device: Any,
+    n_classes: int,
+    ctx: dist.DistContext = dist.SINGLE,
+) -> tuple[Path, dict[str, Any]]:
+    """Write the trained members ``results`` (member k's at index k) as ``fold_dir / ENSEMBLE_FILE`` and score
+    it on the validation loader; returns the path and the record FoldResult keeps. ``train_members`` calls it,
+    and ``bench/gpu_ravdess.py --parallel-members`` with members trained as jobs of their own."""
+    from modeling.training.checkpoint import ensemble_payload, load_checkpoint, load_trained_model, save_checkpoint
+
+    if len(results) != config.members or any(r.best_path is None for r in results):
+        raise ValueError(f"{fold_dir}: {len(results)} trained members for train.members = {config.members}")
     path = fold_dir / ENSEMBLE_FILE
     if ctx.is_main:
         save_checkpoint(path, ensemble_payload([load_checkpoint(r.best_path) for r in results]))
@@ -99,7 +117,7 @@ def train_members(
         "seeds": [member_config(config, k).seed for k in range(config.members)],
         "best_epochs": [r.best_epoch for r in results],
         "val_uar_members": [r.best_val_uar for r in results],
-        "val_uar_ensemble": compute_metrics(y, probs.argmax(axis=1), len(meta["label_names"])).uar,
+        "val_uar_ensemble": compute_metrics(y, probs.argmax(axis=1), n_classes).uar,
     }
     return path, record
 
