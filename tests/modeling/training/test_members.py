@@ -214,3 +214,40 @@ def test_with_loader_workers_a_member_still_trains_what_its_standalone_run_train
         mine = load_checkpoint(tmp_path / "members" / f"fold_{fold}" / MEMBERS_DIR / "1" / "last.pt")["state_dict"]
         theirs = load_checkpoint(tmp_path / "seed1" / f"fold_{fold}" / "last.pt")["state_dict"]
         assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+@pytest.mark.slow
+def test_a_run_killed_during_a_member_resumes_that_member_where_it_stopped(tmp_path, monkeypatch) -> None:
+    """A crash in member 1's second epoch, then --resume: member 0 is not retrained, member 1 goes on from its
+    last.pt and ends with the weights of an uninterrupted standalone run with seed 1."""
+    from modeling.training.experiment import run_cross_validation
+    from modeling.training.members import MEMBERS_DIR
+
+    monkeypatch.setenv("MSATA_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    build_tiny_store(tmp_path / "store", n_speakers=5, clips_per_speaker=4)
+    store, splits = str(tmp_path / "store"), SplitConfig(n_folds=2)
+    base = {"epochs": 3, "patience": 5, "batch_size": 4, "lr": 3e-3, "warmup_epochs": 0.5, "num_workers": 0, "max_duration_s": 1.5}
+    model = AUDIO_MODEL | {"dropout": 0.3}
+
+    def crash(event) -> None:
+        if event.phase == "member 1" and event.kind == "epoch_end" and event.epoch == 2:
+            raise KeyboardInterrupt("killed in member 1, epoch 2")
+
+    members = TrainConfig(**base | {"members": 2})
+    with pytest.raises(KeyboardInterrupt):
+        run_cross_validation(store, "crema-d", members, splits, model, run_dir=tmp_path / "members", logger=NullRunLogger(), progress=crash)
+    member_dir = tmp_path / "members" / "fold_0" / MEMBERS_DIR / "1"
+    assert load_checkpoint(member_dir / "last.pt")["epoch"] == 2 and not (tmp_path / "members" / "fold_0" / "result.json").exists()
+    events: list = []
+    run_cross_validation(
+        store, "crema-d", members, splits, model, run_dir=tmp_path / "members", resume=True, logger=NullRunLogger(), progress=events.append
+    )
+    trained = {(e.fold, e.phase, e.epoch) for e in events if e.kind == "epoch_end"}
+    assert (0, "train", 1) not in trained and (0, "member 1", 3) in trained and (0, "member 1", 2) not in trained
+    run_cross_validation(
+        store, "crema-d", TrainConfig(**base | {"seed": 1}), splits, model, run_dir=tmp_path / "seed1", logger=NullRunLogger()
+    )
+    mine = load_checkpoint(member_dir / "last.pt")["state_dict"]
+    theirs = load_checkpoint(tmp_path / "seed1" / "fold_0" / "last.pt")["state_dict"]
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)
