@@ -7,9 +7,15 @@ chosen on that fold's validation actors), writes them as one ensemble checkpoint
 ``modeling.training.checkpoint.ensemble_payload`` (what ``train_members`` writes), loads it with
 ``load_trained_model`` and scores the fold's validation and test actors as ``msata train`` does. Prefixes are scored
 too (members 0..k for every k), and each run's model alone, all reported; the figures a rule reads are named in the
-run's design.md. Every run must be one recipe on one store and folds (only ``train.seed`` differs), without a probe
-or refit; every fold of every run must have finished (its ``result.json``), and each model's validation figure here
-is checked against the one its run recorded.
+run's design.md. Every run must be one recipe on one store and folds (only ``train.seed`` differs), without refit;
+every fold of every run must have finished (its ``result.json``), and each model's validation figure here is checked
+against the one its run recorded.
+
+With a pooled probe (``train.probe_weight``), a fold ships its ensemble with the probe fitted once and mixed in
+(``fold_run.attach_pooled_probe`` on ``ensemble.pt``). The probe is fitted on the fold's clips in evaluation mode,
+which do not depend on the seed, so every member run fitted the same one: this bench checks that the runs' probes
+(in their ``probed.pt``) are equal, attaches member 0's to each ensemble checkpoint, and reports each figure as
+shipped (with the probe) and of the model(s) alone.
 
 Why a bench: three 30-epoch runs in one ``msata train --config ...members3.toml`` take three times as long on one
 process as the members' standalone runs side by side on two cores, with the same result.
@@ -31,9 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from modeling.network.pooled_probe import CHECKPOINT_KEY as PROBE_KEY  # noqa: E402
 from modeling.training.checkpoint import ensemble_payload, load_checkpoint, load_trained_model, save_checkpoint  # noqa: E402
 from modeling.training.experiment_spec import load_spec  # noqa: E402
-from modeling.training.fold_run import loaders  # noqa: E402
+from modeling.training.fold_run import PROBED_FILE, loaders  # noqa: E402
 from modeling.training.metrics import compute_metrics, mean_std  # noqa: E402
 from modeling.training.train_loop import predict  # noqa: E402
 
@@ -41,8 +48,8 @@ from modeling.training.train_loop import predict  # noqa: E402
 def check_runs(run_dirs: list[Path]) -> None:
     """The runs are members 0..N-1 of one recipe: seeds s, s+1, ..., everything else equal."""
     first = load_spec(run_dirs[0])
-    if first.train.probe_weight or first.train.refit or first.train.members != 1:
-        raise SystemExit(f"{run_dirs[0]}: this bench combines runs of one model each, without probe or refit")
+    if first.train.refit or first.train.members != 1:
+        raise SystemExit(f"{run_dirs[0]}: this bench combines runs of one model each, without refit")
     for k, run_dir in enumerate(run_dirs[1:], start=1):
         spec = load_spec(run_dir)
         wanted = replace(first.train, seed=first.train.seed + k)
@@ -68,6 +75,34 @@ def scores(path: Path, loaders, n_classes: int) -> list:
     return metrics
 
 
+def fold_probe(run_dirs: list[Path], fold_index: int) -> dict | None:
+    """Member 0's fitted pooled probe for the fold (None without ``train.probe_weight``), after checking that every
+    member run fitted the same one."""
+    if not load_spec(run_dirs[0]).train.probe_weight:
+        return None
+    probes = [load_checkpoint(d / f"fold_{fold_index}" / PROBED_FILE)[PROBE_KEY] for d in run_dirs]
+    for run_dir, probe in zip(run_dirs[1:], probes[1:], strict=True):
+        same = probe.keys() == probes[0].keys() and all(
+            torch.equal(v, probes[0][k]) if isinstance(v, torch.Tensor) else v == probes[0][k] for k, v in probe.items()
+        )
+        if not same:
+            raise SystemExit(f"{run_dir}: fold {fold_index}'s pooled probe differs from {run_dirs[0]}'s; the members' probe is not one")
+    return probes[0]
+
+
+def score_entry(path: Path, probe: dict | None, loaders, n_classes: int, tmp: Path) -> dict:
+    """Validation UAR and test figures of the checkpoint at ``path`` as shipped (with ``probe`` attached when given)
+    and, with a probe, of the model(s) alone under ``"alone"``."""
+    val, test = scores(path, loaders, n_classes)
+    entry = {"val_uar": val.uar, "test": test.scalars()}
+    if probe is None:
+        return entry
+    payload = load_checkpoint(path)
+    payload[PROBE_KEY] = probe
+    val_mixed, test_mixed = scores(save_checkpoint(tmp / f"probed-{path.name}", payload), loaders, n_classes)
+    return {"val_uar": val_mixed.uar, "test": test_mixed.scalars(), "alone": entry}
+
+
 def run(run_dirs: list[Path]) -> dict:
     check_runs(run_dirs)
     spec = load_spec(run_dirs[0])
@@ -79,37 +114,51 @@ def run(run_dirs: list[Path]) -> dict:
             _, val_loader, test_loader, _ = loaders(spec, fold, spec.train)
             bests = [d / f"fold_{fold.index}" / "best.pt" for d in run_dirs]
             row: dict = {"fold": fold.index, "members": {}, "ensembles": {}}
+            for run_dir in run_dirs:
+                if not (run_dir / f"fold_{fold.index}" / "result.json").is_file():  # a fold still training has a best.pt too
+                    raise SystemExit(f"{run_dir}: fold {fold.index} has not finished (result.json missing); wait for it or resume it")
+            probe = fold_probe(run_dirs, fold.index)
             for k, (run_dir, best) in enumerate(zip(run_dirs, bests, strict=True)):
-                finished = run_dir / f"fold_{fold.index}" / "result.json"
-                if not finished.is_file():  # a fold still training has a best.pt too: the best so far, not its model
-                    raise SystemExit(f"{run_dir}: fold {fold.index} has not finished ({finished.name} missing); wait for it or resume it")
-                val, test = scores(best, (val_loader, test_loader), n_classes)
-                row["members"][k] = {"val_uar": val.uar, "test": test.scalars()}
-                own = json.loads(finished.read_text())["best_val_uar"]  # the check that this scores what the run chose
-                if abs(val.uar - own) > 1e-9:
-                    raise SystemExit(f"{run_dir}: fold {fold.index}'s model validates at {val.uar} here, {own} in its run")
+                entry = score_entry(best, probe, (val_loader, test_loader), n_classes, Path(tmp))
+                row["members"][k] = entry
+                own = json.loads((run_dir / f"fold_{fold.index}" / "result.json").read_text())  # this scores what the run chose
+                checks = [(entry.get("alone", entry)["val_uar"], own["best_val_uar"])]
+                if probe is not None:
+                    checks.append((entry["val_uar"], own["probe"]["val_uar_mixed"]))
+                for here, there in checks:
+                    if abs(here - there) > 1e-9:
+                        raise SystemExit(f"{run_dir}: fold {fold.index}'s model validates at {here} here, {there} in its run")
             for n in range(2, len(bests) + 1):
                 path = save_checkpoint(Path(tmp) / f"fold{fold.index}-m{n}.pt", ensemble_payload([load_checkpoint(b) for b in bests[:n]]))
-                val, test = scores(path, (val_loader, test_loader), n_classes)
-                row["ensembles"][n] = {"val_uar": val.uar, "test": test.scalars()}
+                row["ensembles"][n] = score_entry(path, probe, (val_loader, test_loader), n_classes, Path(tmp))
             row["seconds"] = round(time.time() - started, 1)
             per_fold.append(row)
             shown = ", ".join(f"{n} members {e['val_uar']:.3f}/{e['test']['uar']:.3f}" for n, e in row["ensembles"].items())
             alone = ", ".join(f"model {k} {m['val_uar']:.3f}/{m['test']['uar']:.3f}" for k, m in row["members"].items())
-            print(f"fold {fold.index}: {shown}; {alone} (validation/test UAR; {row['seconds']} s)", flush=True)
-    return {"run_dirs": [str(d) for d in run_dirs], "folds": per_fold, "summary": summarise(per_fold)}
+            shipped = " as shipped, with the probe" if probe is not None else ""
+            print(f"fold {fold.index}: {shown}; {alone} (validation/test UAR{shipped}; {row['seconds']} s)", flush=True)
+    return {"run_dirs": [str(d) for d in run_dirs], "probe": probe is not None, "folds": per_fold, "summary": summarise(per_fold)}
 
 
 def summarise(per_fold: list[dict]) -> dict:
+    """Mean validation UAR and test mean ± std per model and ensemble, as shipped and (with a probe) alone."""
     summary = {}
-    names = [("members", k) for k in per_fold[0]["members"]] + [("ensembles", n) for n in per_fold[0]["ensembles"]]
-    for group, key in names:
-        label = f"model {key} alone" if group == "members" else f"{key} members"
-        entry = {"val_uar": sum(r[group][key]["val_uar"] for r in per_fold) / len(per_fold)}
-        for metric in ("wa", "uar", "macro_f1"):
-            m, s = mean_std([r[group][key]["test"][metric] for r in per_fold])
-            entry[f"test_{metric}"] = {"mean": m, "std": s}
-        summary[label] = entry
+    for group in ("members", "ensembles"):
+        for key in per_fold[0][group]:
+            label = f"model {key}" if group == "members" else f"{key} members"
+            views = [("", lambda r, g=group, k=key: r[g][k])]
+            if "alone" in per_fold[0][group][key]:
+                label += ", as shipped (with the probe)"
+                views.append((" alone" if group == "members" else ", without the probe", lambda r, g=group, k=key: r[g][k]["alone"]))
+            else:
+                label += " alone" if group == "members" else ""
+            for suffix, pick in views:
+                entry = {"val_uar": sum(pick(r)["val_uar"] for r in per_fold) / len(per_fold)}
+                for metric in ("wa", "uar", "macro_f1"):
+                    m, s = mean_std([pick(r)["test"][metric] for r in per_fold])
+                    entry[f"test_{metric}"] = {"mean": m, "std": s}
+                name = label if not suffix else (f"model {key}{suffix}" if group == "members" else f"{key} members{suffix}")
+                summary[name] = entry
     return summary
 
 
