@@ -40,7 +40,11 @@ from modeling.training.run_dir import SPEC_FILE, write_json
 from modeling.training.run_logger import MlflowRef
 from modeling.training.train_loop import TrainConfig
 
-RESULT_INDEPENDENT_TRAIN_KEYS = ("num_workers", "cache_bytes")  # a resume may change them; results do not depend on them
+# Left out of the run key, so a resume may change them (a run can go on on a machine with other cores or memory).
+# cache_bytes changes no value. num_workers does change the torch RNG's draws (a DataLoader draws its workers' base seed
+# once per iterator, and persistent workers make one iterator per run instead of one per epoch), so dropout masks after
+# a change differ from the run that kept its count: a resumed run is then a valid run of the recipe, not bit-for-bit it.
+RESUME_MAY_CHANGE_TRAIN_KEYS = ("num_workers", "cache_bytes")
 # Training settings added after run keys were first written, at the value every older run trained with:
 # left out of the key at that value, so the run directories of older experiments keep their names (and
 # `--resume` finds them), and filled in with it when an older spec lacks the setting (whatever
@@ -121,7 +125,7 @@ class ExperimentSpec:
         train_key = {
             k: v
             for k, v in self.train.to_dict().items()
-            if k not in RESULT_INDEPENDENT_TRAIN_KEYS and not (k in LATER_TRAIN_DEFAULTS and v == LATER_TRAIN_DEFAULTS[k])
+            if k not in RESUME_MAY_CHANGE_TRAIN_KEYS and not (k in LATER_TRAIN_DEFAULTS and v == LATER_TRAIN_DEFAULTS[k])
         }
         data = self.to_dict()
         model_key = {k: v for k, v in data["model"].items() if not (k in LATER_MODEL_DEFAULTS and v == LATER_MODEL_DEFAULTS[k])}
