@@ -57,6 +57,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
         {**MODEL, "n_classes": len(LABELS), "n_mels": FEATURES.audio.n_mels, "crop_size": FEATURES.face.crop_size}
     )
     meta = {"model_config": model_config.to_dict(), "feature_config": FEATURES.to_dict(), "label_names": list(LABELS)}
+    import torch
+
+    torch.manual_seed(0)  # the initial weights: without it they depend on the tests that ran before in this process
     result = train_model(MsataModel(model_config), loader(True), loader(False), config, root / "run", meta)
     assert result.best_path is not None and result.best_path.is_file()
     media = root / "media"
