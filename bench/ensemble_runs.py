@@ -141,24 +141,24 @@ def run(run_dirs: list[Path]) -> dict:
 
 
 def summarise(per_fold: list[dict]) -> dict:
-    """Mean validation UAR and test mean ± std per model and ensemble, as shipped and (with a probe) alone."""
-    summary = {}
+    """Mean validation UAR and test mean ± std per model and ensemble: as shipped, and with a probe also alone."""
+    probed = "alone" in per_fold[0]["members"][0]
+    views = []  # (label, group, key, view: None for the entry as shipped, "alone" for its model(s) without the probe)
     for group in ("members", "ensembles"):
         for key in per_fold[0][group]:
-            label = f"model {key}" if group == "members" else f"{key} members"
-            views = [("", lambda r, g=group, k=key: r[g][k])]
-            if "alone" in per_fold[0][group][key]:
-                label += ", as shipped (with the probe)"
-                views.append((" alone" if group == "members" else ", without the probe", lambda r, g=group, k=key: r[g][k]["alone"]))
+            name = f"model {key}" if group == "members" else f"{key} members"
+            if probed:
+                views += [(f"{name}, as shipped (with the probe)", group, key, None)]
+                views += [(f"model {key} alone" if group == "members" else f"{name}, without the probe", group, key, "alone")]
             else:
-                label += " alone" if group == "members" else ""
-            for suffix, pick in views:
-                entry = {"val_uar": sum(pick(r)["val_uar"] for r in per_fold) / len(per_fold)}
-                for metric in ("wa", "uar", "macro_f1"):
-                    m, s = mean_std([pick(r)["test"][metric] for r in per_fold])
-                    entry[f"test_{metric}"] = {"mean": m, "std": s}
-                name = label if not suffix else (f"model {key}{suffix}" if group == "members" else f"{key} members{suffix}")
-                summary[name] = entry
+                views += [(f"model {key} alone" if group == "members" else name, group, key, None)]
+    summary = {}
+    for label, group, key, view in views:
+        entries = [r[group][key] if view is None else r[group][key][view] for r in per_fold]
+        summary[label] = {"val_uar": sum(e["val_uar"] for e in entries) / len(entries)}
+        for metric in ("wa", "uar", "macro_f1"):
+            m, s = mean_std([e["test"][metric] for e in entries])
+            summary[label][f"test_{metric}"] = {"mean": m, "std": s}
     return summary
 
 
