@@ -320,7 +320,7 @@ def run_fold(job: dict) -> dict:
         "config": job["config"],
         "fold": fold.index,
         "test": test(tested_path).scalars(),  # what msata train reports for the fold
-        "selection_test": metrics.scalars(),  # the model chosen on validation (before the refit, when there is one)
+        "selection_test": metrics.scalars(),  # the first model chosen on validation: before any refit, other members or probe
         **refit,
         **members,
         **probe,
@@ -522,7 +522,7 @@ def run(args: argparse.Namespace) -> None:
     (out / "summary.json").write_text(json.dumps({"device": device, "wall_s": time.perf_counter() - t0, "table": table}, indent=1))
     print(f"\n{len(jobs) + len(member_jobs)} fold runs in {time.perf_counter() - t0:.0f} s on {device}")
     print(
-        f"{'config':36s} {'val UAR':>8s} {'(model)':>8s} {'WA':>13s} {'UAR':>13s} {'macro-F1':>13s} {'UAR before refit':>16s} "
+        f"{'config':36s} {'val UAR':>8s} {'(model)':>8s} {'WA':>13s} {'UAR':>13s} {'macro-F1':>13s} {'first model':>16s} "
         f"{'model alone':>13s} {'s/fold':>7s} {'clips/s':>8s} {'wait':>5s}"
     )
     for e in table:
@@ -548,10 +548,9 @@ def run_jobs(jobs: list[dict], n_processes: int, out: Path) -> list[dict]:
             with open(out / "folds.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
             alone = f", the model alone {row['probe']['test_model']['uar']:.3f}" if "probe" in row else ""
-            first = f", member 0 alone {row['members']['test_first_member']['uar']:.3f}" if "members" in row else ""
             print(
                 f"{row['config']} fold {row['fold']}: val UAR {row['shipped_val_uar']:.3f} (the model {row['best_val_uar']:.3f}) "
-                f"test UAR {row['test']['uar']:.3f} (chosen on validation before any refit {row['selection_test']['uar']:.3f}{alone}{first}) "
+                f"test UAR {row['test']['uar']:.3f} (the first model, before any refit, members or probe {row['selection_test']['uar']:.3f}{alone}) "
                 f"({row['train_s']:.0f} s, {row['epochs_run']} epochs)",
                 flush=True,
             )
