@@ -122,12 +122,13 @@ def run(run_dirs: list[Path]) -> dict:
                 entry = score_entry(best, probe, (val_loader, test_loader), n_classes, Path(tmp))
                 row["members"][k] = entry
                 own = json.loads((run_dir / f"fold_{fold.index}" / "result.json").read_text())  # this scores what the run chose
-                checks = [(entry.get("alone", entry)["val_uar"], own["best_val_uar"])]
+                checks = [("validation UAR", entry.get("alone", entry)["val_uar"], own["best_val_uar"])]
+                checks.append(("test UAR as shipped", entry["test"]["uar"], own["test"]["uar"]))
                 if probe is not None:
-                    checks.append((entry["val_uar"], own["probe"]["val_uar_mixed"]))
-                for here, there in checks:
+                    checks.append(("validation UAR with the probe", entry["val_uar"], own["probe"]["val_uar_mixed"]))
+                for what, here, there in checks:
                     if abs(here - there) > 1e-9:
-                        raise SystemExit(f"{run_dir}: fold {fold.index}'s model validates at {here} here, {there} in its run")
+                        raise SystemExit(f"{run_dir}: fold {fold.index}'s model has {what} {here} here, {there} in its run")
             for n in range(2, len(bests) + 1):
                 path = save_checkpoint(Path(tmp) / f"fold{fold.index}-m{n}.pt", ensemble_payload([load_checkpoint(b) for b in bests[:n]]))
                 row["ensembles"][n] = score_entry(path, probe, (val_loader, test_loader), n_classes, Path(tmp))
