@@ -20,7 +20,7 @@ shipped (with the probe) and of the model(s) alone.
 Why a bench: three 30-epoch runs in one ``msata train --config ...members3.toml`` take three times as long on one
 process as the members' standalone runs side by side on two cores, with the same result.
 
-    .venv/bin/python bench/ensemble_runs.py RUN_SEED0 RUN_SEED1 [RUN_SEED2 ...] [--out OUT.json]
+    .venv/bin/python bench/ensemble_runs.py RUN_SEED0 RUN_SEED1 [RUN_SEED2 ...] [--out OUT.json] [--folds K ...]
 """
 
 from __future__ import annotations
@@ -103,13 +103,17 @@ def score_entry(path: Path, probe: dict | None, loaders, n_classes: int, tmp: Pa
     return {"val_uar": val_mixed.uar, "test": test_mixed.scalars(), "alone": entry}
 
 
-def run(run_dirs: list[Path]) -> dict:
+def run(run_dirs: list[Path], only_folds: list[int] | None = None) -> dict:
+    """Score every fold (or the folds ``only_folds`` names: a partial summary, for a look while runs go on)."""
     check_runs(run_dirs)
     spec = load_spec(run_dirs[0])
     n_classes = len(spec.label_names)
+    folds = [f for f in spec.folds if only_folds is None or f.index in only_folds]
+    if only_folds is not None and sorted(f.index for f in folds) != sorted(set(only_folds)):
+        raise SystemExit(f"--folds {only_folds}: the runs have folds {[f.index for f in spec.folds]}")
     per_fold = []
     with tempfile.TemporaryDirectory(prefix="msata-ensemble-") as tmp:
-        for fold in spec.folds:
+        for fold in folds:
             started = time.time()
             _, val_loader, test_loader, _ = loaders(spec, fold, spec.train)
             bests = [d / f"fold_{fold.index}" / "best.pt" for d in run_dirs]
@@ -138,7 +142,8 @@ def run(run_dirs: list[Path]) -> dict:
             alone = ", ".join(f"model {k} {m['val_uar']:.3f}/{m['test']['uar']:.3f}" for k, m in row["members"].items())
             shipped = " as shipped, with the probe" if probe is not None else ""
             print(f"fold {fold.index}: {shown}; {alone} (validation/test UAR{shipped}; {row['seconds']} s)", flush=True)
-    return {"run_dirs": [str(d) for d in run_dirs], "probe": probe is not None, "folds": per_fold, "summary": summarise(per_fold)}
+    scored = {"run_dirs": [str(d) for d in run_dirs], "probe": probe is not None, "folds": per_fold, "summary": summarise(per_fold)}
+    return scored | ({"only_folds": [f.index for f in folds]} if only_folds is not None else {})
 
 
 def summarise(per_fold: list[dict]) -> dict:
@@ -167,10 +172,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", type=Path, nargs="+", help="run directories with seeds s, s+1, ... in that order")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--folds", type=int, nargs="+", help="score only these folds (a partial summary, never a result)")
     args = parser.parse_args()
     if len(args.runs) < 2:
         parser.error("give at least two run directories")
-    result = run(args.runs)
+    result = run(args.runs, args.folds)
+    if args.folds is not None:
+        print(f"(folds {result['only_folds']} only: a partial summary)")
     print("| model | validation UAR (mean) | test WA | test UAR | test macro-F1 |")
     print("|---|---:|---:|---:|---:|")
     for label, e in result["summary"].items():

@@ -52,6 +52,11 @@ def test_a_probed_ensemble_is_scored_as_the_members_run_ships_it(tmp_path, monke
         assert shipped["alone"]["val_uar"] == pytest.approx(fold.members["val_uar_ensemble"])
         assert row["members"][0]["alone"]["test"] == pytest.approx(fold.members["test_first_member"])
     assert {"model 0, as shipped (with the probe)", "model 0 alone", "2 members, without the probe"} <= set(bench["summary"])
+    partial = ensemble_runs.run([tmp_path / "seed0", tmp_path / "seed1"], only_folds=[1])  # a look at finished folds
+    assert partial["only_folds"] == [1] and [r["fold"] for r in partial["folds"]] == [1]
+    assert partial["folds"][0]["ensembles"] == bench["folds"][1]["ensembles"]
+    with pytest.raises(SystemExit, match=r"--folds \[2\]: the runs have folds \[0, 1\]"):
+        ensemble_runs.run([tmp_path / "seed0", tmp_path / "seed1"], only_folds=[2])
 
     probed = tmp_path / "seed1" / "fold_0" / PROBED_FILE
     payload = load_checkpoint(probed)
