@@ -21,6 +21,7 @@ Why a bench: three 30-epoch runs in one ``msata train --config ...members3.toml`
 process as the members' standalone runs side by side on two cores, with the same result.
 
     .venv/bin/python bench/ensemble_runs.py RUN_SEED0 RUN_SEED1 [RUN_SEED2 ...] [--out OUT.json] [--folds K ...]
+    .venv/bin/python bench/ensemble_runs.py --merge PART.json [PART.json ...] [--out OUT.json]  # parts scored with --folds
 """
 
 from __future__ import annotations
@@ -146,6 +147,19 @@ def run(run_dirs: list[Path], only_folds: list[int] | None = None) -> dict:
     return scored | ({"only_folds": [f.index for f in folds]} if only_folds is not None else {})
 
 
+def merge(parts: list[dict]) -> dict:
+    """One result from partial ones (``run(..., only_folds)``) of the same runs over distinct folds: what ``run`` over
+    those folds returns, so folds can be scored as their runs finish them."""
+    dirs = {tuple(p["run_dirs"]) for p in parts}
+    if len(dirs) != 1:
+        raise SystemExit(f"--merge: the parts score different runs: {sorted(dirs)}")
+    per_fold = sorted((row for p in parts for row in p["folds"]), key=lambda r: r["fold"])
+    indices = [r["fold"] for r in per_fold]
+    if len(set(indices)) != len(indices):
+        raise SystemExit(f"--merge: a fold is scored twice among the parts: {indices}")
+    return {"run_dirs": parts[0]["run_dirs"], "probe": parts[0]["probe"], "folds": per_fold, "summary": summarise(per_fold)}
+
+
 def summarise(per_fold: list[dict]) -> dict:
     """Mean validation UAR and test mean ± std per model and ensemble: as shipped, and with a probe also alone."""
     probed = "alone" in per_fold[0]["members"][0]
@@ -170,15 +184,20 @@ def summarise(per_fold: list[dict]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", type=Path, nargs="+", help="run directories with seeds s, s+1, ... in that order")
+    parser.add_argument("runs", type=Path, nargs="*", help="run directories with seeds s, s+1, ... in that order")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--folds", type=int, nargs="+", help="score only these folds (a partial summary, never a result)")
+    parser.add_argument("--merge", type=Path, nargs="+", help="the --out files of --folds runs over distinct folds: their summary")
     args = parser.parse_args()
-    if len(args.runs) < 2:
+    if args.merge:
+        result = merge([json.loads(p.read_text()) for p in args.merge])
+        print(f"folds {[r['fold'] for r in result['folds']]} of {len(args.merge)} partial scorings")
+    elif len(args.runs) < 2:
         parser.error("give at least two run directories")
-    result = run(args.runs, args.folds)
-    if args.folds is not None:
-        print(f"(folds {result['only_folds']} only: a partial summary)")
+    else:
+        result = run(args.runs, args.folds)
+        if args.folds is not None:
+            print(f"(folds {result['only_folds']} only: a partial summary)")
     print("| model | validation UAR (mean) | test WA | test UAR | test macro-F1 |")
     print("|---|---:|---:|---:|---:|")
     for label, e in result["summary"].items():
