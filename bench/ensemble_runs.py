@@ -153,7 +153,8 @@ def merge(parts: list[dict]) -> dict:
     dirs = {tuple(p["run_dirs"]) for p in parts}
     if len(dirs) != 1:
         raise SystemExit(f"--merge: the parts score different runs: {sorted(dirs)}")
-    per_fold = sorted((row for p in parts for row in p["folds"]), key=lambda r: r["fold"])
+    rows = [row | {g: {int(k): v for k, v in row[g].items()} for g in ("members", "ensembles")} for p in parts for row in p["folds"]]
+    per_fold = sorted(rows, key=lambda r: r["fold"])  # keys back to ints: JSON wrote them as strings
     indices = [r["fold"] for r in per_fold]
     if len(set(indices)) != len(indices):
         raise SystemExit(f"--merge: a fold is scored twice among the parts: {indices}")

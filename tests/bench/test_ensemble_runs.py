@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from training_fixtures import TINY_MODEL, build_tiny_store
@@ -55,7 +57,8 @@ def test_a_probed_ensemble_is_scored_as_the_members_run_ships_it(tmp_path, monke
     partial = ensemble_runs.run([tmp_path / "seed0", tmp_path / "seed1"], only_folds=[1])  # a look at finished folds
     assert partial["only_folds"] == [1] and [r["fold"] for r in partial["folds"]] == [1]
     assert partial["folds"][0]["ensembles"] == bench["folds"][1]["ensembles"]
-    merged = ensemble_runs.merge([partial, ensemble_runs.run([tmp_path / "seed0", tmp_path / "seed1"], only_folds=[0])])
+    parts = [partial, ensemble_runs.run([tmp_path / "seed0", tmp_path / "seed1"], only_folds=[0])]
+    merged = ensemble_runs.merge([json.loads(json.dumps(p)) for p in parts])  # as read back from their --out files
     assert merged["summary"] == bench["summary"]  # folds scored as they finish sum up to the whole
     with pytest.raises(SystemExit, match=r"a fold is scored twice"):
         ensemble_runs.merge([partial, partial])
