@@ -8,8 +8,8 @@ chosen on that fold's validation actors), writes them as one ensemble checkpoint
 ``load_trained_model`` and scores the fold's validation and test actors as ``msata train`` does. Prefixes are scored
 too (members 0..k for every k), and each run's model alone, all reported; the figures a rule reads are named in the
 run's design.md. Every run must be one recipe on one store and folds (only ``train.seed`` differs), without refit;
-every fold of every run must have finished (its ``result.json``), and each model's validation figure here is checked
-against the one its run recorded.
+every fold of every run must have finished (its ``result.json``), and each model's validation and test figures here
+are checked against the ones its run recorded.
 
 With a pooled probe (``train.probe_weight``), a fold ships its ensemble with the probe fitted once and mixed in
 (``fold_run.attach_pooled_probe`` on ``ensemble.pt``). The probe is fitted on the fold's clips in evaluation mode,
