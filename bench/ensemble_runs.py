@@ -150,7 +150,7 @@ def run(run_dirs: list[Path], only_folds: list[int] | None = None) -> dict:
 def merge(parts: list[dict]) -> dict:
     """One result from partial ones (``run(..., only_folds)``) of the same runs over distinct folds: what ``run`` over
     those folds returns, so folds can be scored as their runs finish them."""
-    dirs = {tuple(p["run_dirs"]) for p in parts}
+    dirs = {(tuple(p["run_dirs"]), p["probe"]) for p in parts}
     if len(dirs) != 1:
         raise SystemExit(f"--merge: the parts score different runs: {sorted(dirs)}")
     rows = [row | {g: {int(k): v for k, v in row[g].items()} for g in ("members", "ensembles")} for p in parts for row in p["folds"]]
@@ -190,6 +190,8 @@ def main() -> None:
     parser.add_argument("--folds", type=int, nargs="+", help="score only these folds (a partial summary, never a result)")
     parser.add_argument("--merge", type=Path, nargs="+", help="the --out files of --folds runs over distinct folds: their summary")
     args = parser.parse_args()
+    if args.merge and (args.runs or args.folds):
+        parser.error("--merge sums up parts already scored: give it no run directories and no --folds")
     if args.merge:
         result = merge([json.loads(p.read_text()) for p in args.merge])
         print(f"folds {[r['fold'] for r in result['folds']]} of {len(args.merge)} partial scorings")
