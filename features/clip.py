@@ -2,9 +2,25 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
+
+# Each stream's timestamps and the arrays of ClipFeatures that hold one row per timestamp.
+TIMED_ARRAYS = {
+    "audio_times": ("logmel", "audio_states"),
+    "video_times": ("face_crops", "face_blendshapes", "face_mask", "face_boxes", "face_landmarks", "face_probs"),
+}
+
+
+def frames_in_window(times: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+    """Boolean (T,) mask of the frames a time window [t0, t1) keeps: ``t0 <= time < t1``, every frame when t1 is
+    not finite. The one rule for crops (``modeling.data.examples``) and windowed reads (``FeatureStore.read``)."""
+    t0, t1 = window
+    if not math.isfinite(t1):
+        return np.ones(times.shape, dtype=bool)
+    return (times >= t0) & (times < t1)
 
 
 class ClipError(ValueError):

@@ -16,6 +16,15 @@ clips bounded in bytes: a loader's ``cache_bytes`` is shared equally by its work
 processes (1 GiB per loader by default; a training process has at most three
 loaders: train, validation, test). Prefetching is the DataLoader's: ``num_workers``
 processes each keep ``prefetch_factor`` batches ready.
+
+Long clips. When the dataset knows the clips' durations (``durations``, from the store's
+manifest) and a clip is more than :data:`WINDOWED_READ_RATIO` times longer than its crop
+(``max_duration_s`` in training, ``eval_max_duration_s`` at evaluation when set), an example
+reads only the crop's frames from the store (``FeatureStore.read(window=...)``) and caches
+nothing: a 4 s crop of a 10-minute clip reads ~4 s of features, not 10 minutes of them. The
+crop is drawn from the same generator in the same order as for a whole read, so the example is
+the same. Shorter clips (every RAVDESS and CREMA-D clip) are read whole and cached as before;
+so are all clips with ``speaker_norm``, whose statistics need whole clips.
 """
 
 from __future__ import annotations
@@ -46,6 +55,9 @@ from modeling.network.batch import ClipExample, collate
 # Detector outputs no training example is made of: never read for training (about a tenth of
 # a clip's chunks). A skip list, not a keep list, so arrays that stores gain are read.
 NOT_TRAINING_INPUTS = ("face_boxes", "face_landmarks", "face_probs")
+# A clip longer than this many crops is read one crop at a time (module docstring, "Long clips"). Re-reading a
+# crop every epoch costs a fraction of the clip; caching the whole clip would cost the whole clip's memory.
+WINDOWED_READ_RATIO = 4.0
 
 
 def clip_nbytes(features: ClipFeatures) -> int:
@@ -65,6 +77,9 @@ class ClipCache:
 
     def __len__(self) -> int:
         return len(self._items)
+
+    def __contains__(self, key: str) -> bool:  # neither a hit nor a miss, and the order is left as it is
+        return key in self._items
 
     def get(self, key: str) -> ClipFeatures | None:
         item = self._items.get(key)
@@ -89,7 +104,7 @@ class ClipCache:
 class ClipReader(Protocol):
     """What ClipDataset reads from: a FeatureStore, or a benchmark's in-memory features."""
 
-    def read(self, clip_id: str, skip: object = ...) -> ClipFeatures: ...
+    def read(self, clip_id: str, skip: object = ..., window: tuple[float, float] | None = None) -> ClipFeatures: ...
 
 
 class ClipDataset(Dataset):
@@ -110,11 +125,16 @@ class ClipDataset(Dataset):
         train: bool,
         speakers: Sequence[str] | None = None,
         reader: ClipReader | None = None,
+        durations: Sequence[float] | None = None,
     ) -> None:
         """``reader``: read clips from it instead of opening ``store_path`` (a benchmark's in-memory
-        features); shipped to loader workers as is."""
+        features); shipped to loader workers as is. ``durations``: each clip's ``duration_s`` as the
+        store's manifest gives it, which lets long clips be read one crop at a time (module docstring)."""
         if len(clip_ids) != len(labels):
             raise ValueError(f"{len(clip_ids)} clip ids but {len(labels)} labels")
+        if durations is not None and len(durations) != len(clip_ids):
+            raise ValueError(f"{len(clip_ids)} clip ids but {len(durations)} durations")
+        self.durations = [float(d) for d in durations] if durations is not None else None
         if config.speaker_norm and (speakers is None or len(speakers) != len(clip_ids)):
             raise ValueError("speaker_norm needs one speaker per clip id")
         self.speakers = list(speakers) if speakers is not None else None
@@ -145,15 +165,19 @@ class ClipDataset(Dataset):
         cached = self._cache.get(clip_id)
         if cached is not None:
             return cached
+        features = self._source().read(clip_id, skip=NOT_TRAINING_INPUTS)
+        self._cache.put(clip_id, features)
+        return features
+
+    def _source(self) -> ClipReader:
+        """The reader, or the store opened in this process on first use."""
         if self._store is None and self._reader is not None:
             self._store = self._reader
         elif self._store is None:
             from storage.feature_store import FeatureStore
 
             self._store = FeatureStore.open(self.store_path)
-        features = self._store.read(clip_id, skip=NOT_TRAINING_INPUTS)
-        self._cache.put(clip_id, features)
-        return features
+        return self._store
 
     def _speaker_statistics(self, speaker: str) -> AudioStats | None:
         """Each speaker's clips in this dataset are all of that speaker's clips in the fold:
@@ -166,18 +190,30 @@ class ClipDataset(Dataset):
             self._speaker_stats = {spk: audio_statistics(self._features(c) for c in ids) for spk, ids in by_speaker.items()}
         return self._speaker_stats[speaker]
 
+    def _reads_window(self, index: int, crop_s: float | None) -> bool:
+        """Whether clip ``index`` is read one crop at a time (module docstring, "Long clips")."""
+        if self.durations is None or crop_s is None or self.config.speaker_norm:
+            return False
+        if self._cache is not None and self.clip_ids[index] in self._cache:
+            return False  # held whole already
+        return self.durations[index] > WINDOWED_READ_RATIO * crop_s
+
     def __getitem__(self, key: int | tuple[int, int]) -> ClipExample:
         index, epoch = (key, None) if isinstance(key, (int, np.integer)) else key
         clip_id = self.clip_ids[index]
-        features = self._features(clip_id)
-        if self.config.speaker_norm:
-            assert self.speakers is not None
-            features = speaker_normalised(features, self._speaker_statistics(self.speakers[index]))
+        rng = np.random.default_rng([self.config.seed, epoch if epoch is not None else 0, index]) if self.train else None
+        crop_s = self.config.max_duration_s if self.train else self.config.eval_max_duration_s
+        if self._reads_window(index, crop_s):
+            window = crop_window(self.durations[index], crop_s, rng)
+            features = self._source().read(clip_id, skip=NOT_TRAINING_INPUTS, window=window)
+        else:
+            features = self._features(clip_id)
+            if self.config.speaker_norm:
+                assert self.speakers is not None
+                features = speaker_normalised(features, self._speaker_statistics(self.speakers[index]))
+            window = crop_window(features.duration_s, crop_s, rng)
         if self.train:
-            rng = np.random.default_rng([self.config.seed, epoch if epoch is not None else 0, index])
-            window = crop_window(features.duration_s, self.config.max_duration_s, rng)
             return features_to_example(features, self.feature_config, self.labels[index], window, self.config, rng)
-        window = crop_window(features.duration_s, self.config.eval_max_duration_s, None)
         return features_to_example(features, self.feature_config, self.labels[index], window)
 
 

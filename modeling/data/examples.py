@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from features.clip import ClipFeatures
+from features.clip import ClipFeatures, frames_in_window
 from features.config import FeatureConfig
 from modeling.network.batch import ClipExample
 
@@ -83,12 +83,6 @@ def crop_window(duration_s: float, max_duration_s: float | None, rng: np.random.
     slack = duration_s - max_duration_s
     t0 = float(rng.uniform(0.0, slack)) if rng is not None else slack / 2.0
     return t0, t0 + max_duration_s
-
-
-def _select(times: np.ndarray, t0: float, t1: float) -> np.ndarray:
-    if not math.isfinite(t1):
-        return np.ones(times.shape, dtype=bool)
-    return (times >= t0) & (times < t1)
 
 
 def spec_mask(audio: np.ndarray, config: DataConfig, rng: np.random.Generator) -> np.ndarray:
@@ -216,7 +210,7 @@ def features_to_example(
     video_shape, video_dtype = video_frame_shape(feature_config)
     stored = features.audio_features
     if stored is not None and features.audio_times is not None:
-        keep = _select(np.asarray(features.audio_times), t0, t1)
+        keep = frames_in_window(np.asarray(features.audio_times), window)
         audio = np.asarray(stored, dtype=audio_dtype)[keep]  # (Ta, F) or (Ta, L, D)
         audio_times = np.asarray(features.audio_times)[keep] - t0
     else:
@@ -227,7 +221,7 @@ def features_to_example(
             raise ValueError(
                 f"clip {features.clip_id!r}: video frames of shape {tuple(frames.shape[1:])}, the feature config gives {video_shape}"
             )
-        keep = _select(np.asarray(features.video_times), t0, t1)
+        keep = frames_in_window(np.asarray(features.video_times), window)
         video = np.asarray(frames, dtype=video_dtype)[keep]  # (Tv, S, S, 3) uint8 or (Tv, 52) float32
         video_times = np.asarray(features.video_times)[keep] - t0
         mask = np.asarray(features.face_mask, dtype=bool)[keep] if features.face_mask is not None else np.ones(len(video), bool)

@@ -87,6 +87,7 @@ def loaders(spec: ExperimentSpec, fold: sp.Fold, config: TrainConfig, ctx: dist.
         )
     label_of = dict(zip(manifest["clip_id"].astype(str), manifest["label"].astype(str), strict=False))
     speaker_of = dict(zip(manifest["clip_id"].astype(str), manifest["speaker"].astype(str), strict=False))  # for train.speaker_norm
+    duration_of = dict(zip(manifest["clip_id"].astype(str), manifest["duration_s"].astype(float), strict=False))  # long clips
     index = {name: i for i, name in enumerate(spec.label_names)}
     data_config = spec.data
     pin = training_device(config, ctx).type == "cuda"
@@ -98,9 +99,8 @@ def loaders(spec: ExperimentSpec, fold: sp.Fold, config: TrainConfig, ctx: dist.
         if train if with_copies is None else with_copies:
             ids = sp.ids_with_copies(ids, copies)
         settings = data_config if cache else replace(data_config, in_memory=False)
-        ds = ClipDataset(
-            spec.store_path, ids, [index[label_of[c]] for c in ids], store.config, settings, train, [speaker_of[c] for c in ids]
-        )
+        labels, speakers = [index[label_of[c]] for c in ids], [speaker_of[c] for c in ids]
+        ds = ClipDataset(spec.store_path, ids, labels, store.config, settings, train, speakers, durations=[duration_of[c] for c in ids])
         return make_loader(ds, config.batch_size, workers, config.seed, pin, ctx.rank, ctx.world_size)
 
     return (

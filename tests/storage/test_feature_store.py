@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -20,7 +21,7 @@ import numpy as np
 import pytest
 import zarr
 
-from features.clip import ClipFeatures
+from features.clip import ClipFeatures, frames_in_window
 from features.config import AudioConfig, FeatureConfig
 from features.manifest import ClipRecord
 from storage import ConfigMismatchError, FeatureStore, StoreError
@@ -91,6 +92,35 @@ def test_round_trip_is_exact(store_path: str) -> None:
     assert_same(back, feats)
     assert back.logmel.dtype == np.float32 and back.audio_times.dtype == np.float64
     assert back.face_crops.dtype == np.uint8 and back.face_mask.dtype == np.bool_
+
+
+@pytest.mark.parametrize("window", [(0.5, 1.2), (0.0, math.inf), (1.0, 1.0), (10.0, 11.0), (-1.0, 0.05)])
+def test_a_windowed_read_keeps_exactly_the_frames_a_crop_keeps(store_path: str, window: tuple[float, float]) -> None:
+    store = FeatureStore.create(store_path, CONFIG)
+    feats, no_audio = make_features("long"), make_features("mute", n_audio=None)
+    store.write(make_record("long"), feats)
+    store.write(make_record("mute"), no_audio)
+    for clip in (feats, no_audio):
+        back = store.read(clip.clip_id, window=window)
+        assert back.duration_s == clip.duration_s and back.notes == clip.notes  # the whole clip's, not the window's
+        for name in ARRAY_NAMES:
+            whole = getattr(clip, name)
+            if whole is None:
+                assert getattr(back, name) is None, name
+                continue
+            times = clip.audio_times if name in ("logmel", "audio_times") else clip.video_times
+            np.testing.assert_array_equal(getattr(back, name), whole[frames_in_window(times, window)], err_msg=name)
+    only = store.read("long", skip=("audio_times", "face_boxes"), window=window)  # skipped timestamps still place the rows
+    assert only.audio_times is None and only.face_boxes is None
+    np.testing.assert_array_equal(only.logmel, feats.logmel[frames_in_window(feats.audio_times, window)])
+
+
+def test_a_window_must_start_at_a_finite_time(store_path: str) -> None:
+    store = FeatureStore.create(store_path, CONFIG)
+    store.write(make_record("clip"), make_features("clip"))
+    for bad in ((math.nan, 1.0), (-math.inf, 1.0), (2.0, 1.0)):
+        with pytest.raises(ValueError, match="read window"):
+            store.read("clip", window=bad)
 
 
 def test_write_casts_to_contract_dtypes_and_rejects_bad_features(store_path: str) -> None:

@@ -81,6 +81,46 @@ def test_eval_items_are_whole_and_deterministic(store_path: str) -> None:
     assert float(centre.audio_times.max()) < 1.0
 
 
+class RecordingReader:
+    """A FeatureStore that notes the window of every read."""
+
+    def __init__(self, path: str) -> None:
+        from storage.feature_store import FeatureStore
+
+        self.store, self.reads = FeatureStore.open(path), []
+
+    def read(self, clip_id: str, skip=(), window=None):
+        self.reads.append((clip_id, window))
+        return self.store.read(clip_id, skip=skip, window=window)
+
+
+def test_long_clips_are_read_one_crop_at_a_time_and_give_the_same_examples(store_path: str) -> None:
+    from storage.feature_store import FeatureStore
+
+    m = FeatureStore.open(store_path).manifest()
+    ids, labels, durations = m["clip_id"].tolist(), [LABELS.index(x) for x in m["label"]], m["duration_s"].tolist()
+    assert min(durations) > 4 * 0.5  # every tiny clip is more than four 0.5 s crops long
+    for train, settings in ((True, {"max_duration_s": 0.5}), (False, {"eval_max_duration_s": 0.5})):
+        config = DataConfig(**settings)
+        whole = ClipDataset(store_path, ids, labels, TINY_FEATURES, config, train)
+        reader = RecordingReader(store_path)
+        windowed = ClipDataset(store_path, ids, labels, TINY_FEATURES, config, train, reader=reader, durations=durations)
+        keys = [(i, epoch) for i in range(len(ids)) for epoch in (0, 1)] if train else list(range(len(ids)))
+        for key in keys:
+            a, b = whole[key], windowed[key]
+            for name in ("audio", "audio_times", "video", "video_times", "face_mask"):
+                assert torch.equal(getattr(a, name), getattr(b, name)), (key, name)
+        assert len(reader.reads) == len(keys) and all(window is not None for _, window in reader.reads)
+        assert windowed._cache is None or len(windowed._cache) == 0  # a crop is never cached
+    # A crop of a quarter of the clip or more: the clip is read whole, once, and cached, as always.
+    reader = RecordingReader(store_path)
+    ds = ClipDataset(store_path, ids, labels, TINY_FEATURES, DataConfig(max_duration_s=1.0), True, reader=reader, durations=durations)
+    ds[(0, 0)], ds[(0, 1)]
+    assert reader.reads == [(ids[0], None)] and len(ds._cache) == 1
+    with pytest.raises(ValueError, match="durations"):
+        ClipDataset(store_path, ids, labels, TINY_FEATURES, DataConfig(), True, durations=durations[:-1])
+
+
 def test_spec_mask_fills_with_clip_mean() -> None:
     x = np.arange(200, dtype=np.float32).reshape(50, 4)
     cfg = DataConfig(time_masks=1, time_mask_max_frames=10, freq_masks=1, freq_mask_max_bins=2)
