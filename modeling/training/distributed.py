@@ -127,6 +127,33 @@ def allreduce_gradients(params: Sequence[nn.Parameter], ctx: DistContext) -> Non
         offset += n
 
 
+def average_batchnorm_statistics(model: nn.Module, ctx: DistContext) -> None:
+    """Make every rank's BatchNorm running mean and variance the mean over the ranks (one flat all-reduce), and its
+    batch counter rank 0's.
+
+    Each rank updates its running statistics from its own share of the batches, so without this the ranks would
+    validate (each predicting its share of the clips) with different models, and rank 0 would ship its own. Called
+    before every validation: the model every rank evaluates is then the one rank 0 writes. (Training batches are
+    still normalised by each rank's own share, not by the global batch as ``SyncBatchNorm`` would; the mean of the
+    ranks' variances is not the variance of their union either: both are what ``DistributedDataParallel`` users get
+    without ``SyncBatchNorm``, with the ranks kept alike.)"""
+    if not ctx.enabled:
+        return
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    stats = [t for m in norms for t in (m.running_mean, m.running_var) if t is not None]
+    if stats:
+        flat = torch.cat([t.reshape(-1).float() for t in stats])
+        dist.all_reduce(flat)
+        flat /= ctx.world_size
+        offset = 0
+        for t in stats:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+    for m in norms:
+        if m.num_batches_tracked is not None:  # a rank without a clip in a step did not count it
+            dist.broadcast(m.num_batches_tracked, src=0)
+
+
 def _reduce_device() -> torch.device:
     # nccl reduces CUDA tensors only, gloo CPU tensors.
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")

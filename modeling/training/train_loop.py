@@ -395,6 +395,7 @@ def train_model(
         # With train.ema_decay the averaged weights are validated and checkpointed; the raw ones come back after.
         swapped = average.swapped_in(model) if average is not None else nullcontext({})
         with swapped as raw_weights:
+            dist.average_batchnorm_statistics(model, ctx)  # every rank validates, and rank 0 saves, the same model
             val_wa = val_uar = val_macro_f1 = val_loss = math.nan  # a refit has no validation speakers
             if val_loader is not None:
                 val_metrics, val_loss = evaluate(model, val_loader, device, n_classes, ctx)

@@ -53,13 +53,18 @@ SCRIPT = textwrap.dedent(
     from training_fixtures import tiny_loaders, tiny_meta
 
     out, epochs, resume = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+    model_overrides = json.loads(sys.argv[4]) if len(sys.argv) > 4 else {{}}
     ctx = dist.context_from_env()
     dist.start(ctx, torch.device("cpu"))
     train, val = tiny_loaders({store!r}, rank=ctx.rank, world_size=ctx.world_size)
     torch.manual_seed(0)
-    model = MsataModel(MsataConfig.from_dict(tiny_meta()["model_config"]))
+    meta = tiny_meta()
+    meta["model_config"] = {{**meta["model_config"], **model_overrides}}
+    model = MsataModel(MsataConfig.from_dict(meta["model_config"]))
     cfg = TrainConfig(epochs=epochs, **{config!r})
-    result = train_model(model, train, val, cfg, out, tiny_meta(), resume=resume, ctx=ctx)
+    result = train_model(model, train, val, cfg, out, meta, resume=resume, ctx=ctx)
+    buffers = {{k: v for k, v in model.state_dict().items() if "running_" in k}}  # BatchNorm statistics, if any
+    torch.save(buffers, f"{{out}}/running-stats-rank{{ctx.rank}}.pt")
     y, probs, ids, loss = predict(model, val, torch.device("cpu"), ctx)
     if ctx.is_main:
         with open(out + "/summary.json", "w") as f:
@@ -86,8 +91,8 @@ def script(tmp_path_factory) -> Path:
 RUN_TIMEOUT_S = 1200
 
 
-def run(script: Path, out: Path, nproc: int, epochs: int, resume: bool = False) -> dict:
-    args = [str(out), str(epochs), "1" if resume else "0"]
+def run(script: Path, out: Path, nproc: int, epochs: int, resume: bool = False, model: dict | None = None) -> dict:
+    args = [str(out), str(epochs), "1" if resume else "0", json.dumps(model or {})]
     launcher = (
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else [sys.executable]
     )
@@ -142,6 +147,36 @@ def test_two_gloo_processes_train_like_one_and_resume_across_world_sizes(script:
         resumed = run(script, out, nproc=then, epochs=2, resume=True)
         assert [r["epoch"] for r in resumed["history"]] == [1, 2]
         assert_same_training(tmp_path / "one", out, one, resumed)
+
+
+@pytest.mark.slow
+def test_two_processes_validate_and_ship_one_batchnorm_model(script: Path, tmp_path: Path) -> None:
+    """The 2-D CNN front-end has BatchNorm: each rank updates its running statistics from its own share of the
+    batches. They are averaged over the ranks before every validation, so both ranks validate (each its share of the
+    clips) with the model rank 0 writes, and the gathered validation figures are that checkpoint's."""
+    from training_fixtures import tiny_loaders
+
+    from modeling.training.checkpoint import load_trained_model
+    from modeling.training.metrics import compute_metrics
+    from modeling.training.train_loop import predict
+
+    cnn = {"audio_frontend": "cnn2d", "audio_channels": [4, 8]}
+    out = tmp_path / "bn"
+    summary = run(script, out, nproc=2, epochs=1, model=cnn)
+    ranks = [torch.load(out / f"running-stats-rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert ranks[0] and ranks[0].keys() == ranks[1].keys()
+    for name, value in ranks[0].items():
+        assert torch.equal(value, ranks[1][name]), name
+    shipped = load_checkpoint(out / "best.pt")["state_dict"]
+    for name, value in ranks[0].items():
+        assert torch.equal(value, shipped[name]), name
+    model, _, _ = load_trained_model(out / "best.pt", "cpu")  # one process, the whole validation set
+    _, val = tiny_loaders(str(script.parent / "store"))
+    y, probs, ids, _ = predict(model, val, torch.device("cpu"))
+    assert ids == summary["ids"]
+    assert torch.allclose(torch.from_numpy(probs).float(), torch.tensor(summary["probs"]), atol=1e-5)
+    recorded = summary["history"][-1]
+    assert compute_metrics(y, probs.argmax(axis=1), len(probs[0])).uar == recorded["val_uar"]
 
 
 @pytest.mark.slow
