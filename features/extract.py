@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from features.audio import log_mel
-from features.clip import ClipError, ClipFeatures
+from features.clip import TIMED_ARRAYS, ClipError, ClipFeatures
 from features.config import FeatureConfig
 from features.decode import MediaInfo, decode_audio, decode_audio_video, iter_video_frames, probe
 from features.faces import FaceDetector
@@ -23,6 +23,7 @@ from features.speed import speed_perturb
 # ran with SIGINT ignored, which msata inherited (docs/benchmarks.md). Turning it on again waits for a
 # full-suite run with it on and the corrected test.
 COMBINED_DECODE = False
+FACE_ARRAYS = tuple(n for n in TIMED_ARRAYS["video_times"])  # a clip's per-frame face arrays (times apart)
 
 
 def extract_clip(
@@ -33,6 +34,7 @@ def extract_clip(
     device: str | None = None,
     spill_dir: str | None = None,
     probed: Mapping[str, MediaInfo] | None = None,
+    source_faces: ClipFeatures | None = None,
 ) -> ClipFeatures:
     """Extract the features of ``record`` (see ClipFeatures for shapes and units).
 
@@ -51,12 +53,23 @@ def extract_clip(
     on the CPU (or the ``detector``'s device), the encoder on CUDA when present.
     A speed copy (``record.speed``, features/speed.py) is its source recording resampled: the
     wave is played ``speed`` times as fast and every timestamp is the source's divided by it.
+    Its faces are the recording's frames, sooner: ``source_faces`` (the recording's stored video
+    arrays, when the caller has them and they hold faces) are taken as they are, their times
+    divided by the speed, instead of decoding and detecting the same frames again. Without them
+    the frames are decoded and detected here; both give the same arrays bit for bit (tested).
     When both audio and video are used, one ffmpeg process decodes both
     (decode_audio_video); whatever it refuses is decoded again by the separate
     decoders, so features, notes and errors are theirs, bit for bit.
     """
     if record.audio_path is None and record.video_path is None:
         raise ClipError(f"clip {record.clip_id!r}: the record has neither an audio nor a video path")
+    if source_faces is not None and (
+        record.source_clip_id is None or record.source_clip_id != source_faces.clip_id or not source_faces.has_video
+    ):
+        raise ValueError(
+            f"clip {record.clip_id!r} given the faces of {source_faces.clip_id!r}: only a speed copy takes faces, "
+            "its own recording's, and only when that recording has some"
+        )
     if detector is not None and detector.config != config.face:
         raise ValueError(f"detector config {detector.config} differs from the feature config {config.face}")
     infos: dict[str, MediaInfo] = {}
@@ -121,33 +134,48 @@ def extract_clip(
             notes.append(f"audio of {a_info.path} is shorter than one frame of the audio encoder (about {frame_ms:.0f} ms)")
     wave = None  # not needed past this point: 38 MB for 10 minutes at 16 kHz, not held through the video pass
 
-    if use_video and track is None:
-        assert v_info is not None
-        track = face_track(iter_video_frames(v_info.path, chunk=chunk, info=v_info))
-    if use_video and config.face.representation == "blendshapes":
+    if use_video and speed != 1.0:  # a copy: its recording's faces (on the recording's clock), each frame sooner
         assert v_info is not None
         frame_s = 1.0 / v_info.fps if v_info.fps else 0.0
-        spans.append((float(track.times[-1]) + frame_s) / speed if len(track.times) else 0.0)
-        if track.mask.any():
-            features.face_blendshapes, features.video_times, features.face_mask = track.blendshapes, track.times / speed, track.mask
+        shift = _video_shift(config, record, a_info, use_audio, use_video)
+        faces, last = source_faces, None
+        if faces is None:
+            track = face_track(iter_video_frames(v_info.path, chunk=chunk, info=v_info))
+            faces = faces_on_recording_clock(track, config, shift)
+            last = float(track.times[-1]) + shift if len(track.times) else None
+        if faces.has_video:
+            for name in FACE_ARRAYS:
+                setattr(features, name, getattr(faces, name))
+            features.video_times = faces.video_times / speed
+            last = float(faces.video_times[-1])
         else:
             notes.append(f"no face in any of the {len(track.mask)} frames of {v_info.path}: kept audio-only")
+        spans.append((last + frame_s) / speed if last is not None else shift / speed)
     elif use_video:
         assert v_info is not None
+        if track is None:
+            track = face_track(iter_video_frames(v_info.path, chunk=chunk, info=v_info))
         frame_s = 1.0 / v_info.fps if v_info.fps else 0.0
-        spans.append((float(track.times[-1]) + frame_s) / speed)
-        if track.mask.any():
-            features.face_crops = track.crops
-            features.video_times = track.times / speed
-            features.face_mask = track.mask
-            features.face_boxes = track.boxes
-            features.face_landmarks = track.landmarks
-            features.face_probs = track.probs
+        if config.face.representation == "blendshapes":
+            spans.append((float(track.times[-1]) + frame_s) / speed if len(track.times) else 0.0)
+            if track.mask.any():
+                features.face_blendshapes, features.video_times, features.face_mask = track.blendshapes, track.times / speed, track.mask
+            else:
+                notes.append(f"no face in any of the {len(track.mask)} frames of {v_info.path}: kept audio-only")
         else:
-            notes.append(f"no face in any of the {len(track.mask)} frames of {v_info.path}: kept audio-only")
+            spans.append((float(track.times[-1]) + frame_s) / speed)
+            if track.mask.any():
+                features.face_crops = track.crops
+                features.video_times = track.times / speed
+                features.face_mask = track.mask
+                features.face_boxes = track.boxes
+                features.face_landmarks = track.landmarks
+                features.face_probs = track.probs
+            else:
+                notes.append(f"no face in any of the {len(track.mask)} frames of {v_info.path}: kept audio-only")
 
     if config.format_version >= 2 and use_audio and use_video and record.audio_path == record.video_path:
-        spans = _to_container_clock(features, a_info, spans, speed)
+        spans = _to_container_clock(features, a_info, spans, speed, video=speed == 1.0)  # a copy's faces are shifted already
 
     if not features.has_audio and not features.has_video:
         raise ClipError(f"{', '.join(sorted(infos))}: nothing usable: {'; '.join(notes)}")
@@ -169,8 +197,9 @@ def _encoder_states(wave: np.ndarray, config: FeatureConfig, device: str | None,
     return encode_wave(wave, config.audio_encoder, device, spill_dir)
 
 
-def _to_container_clock(features: ClipFeatures, info: MediaInfo, spans: list[float], speed: float = 1.0) -> list[float]:
-    """Shift both streams of one container onto its clock, origin at the earlier stream's start.
+def _to_container_clock(features: ClipFeatures, info: MediaInfo, spans: list[float], speed: float = 1.0, video: bool = True) -> list[float]:
+    """Shift both streams of one container onto its clock, origin at the earlier stream's start
+    (the video only with ``video``: a speed copy's faces come shifted on the recording's clock).
 
     Each decoder counts from its own stream's first sample or frame, so an audio track
     that starts 27 ms after the picture (common in CREMA-D's .flv) would otherwise sit
@@ -183,6 +212,31 @@ def _to_container_clock(features: ClipFeatures, info: MediaInfo, spans: list[flo
     audio_shift, video_shift = (info.audio_start_s - origin) / speed, (info.video_start_s - origin) / speed
     if features.audio_times is not None:
         features.audio_times = features.audio_times + audio_shift
+    if not video:
+        return [spans[0] + audio_shift, spans[1]]
     if features.video_times is not None:
         features.video_times = features.video_times + video_shift
     return [spans[0] + audio_shift, spans[1] + video_shift]
+
+
+def _video_shift(config: FeatureConfig, record: ClipRecord, info: MediaInfo | None, use_audio: bool, use_video: bool) -> float:
+    """Seconds :func:`_to_container_clock` adds to a recording's video times (0 when it adds nothing)."""
+    if not (config.format_version >= 2 and use_audio and use_video and record.audio_path == record.video_path):
+        return 0.0
+    if info is None or info.audio_start_s is None or info.video_start_s is None:
+        return 0.0
+    return info.video_start_s - min(info.audio_start_s, info.video_start_s)
+
+
+def faces_on_recording_clock(track: Any, config: FeatureConfig, video_shift: float) -> ClipFeatures:
+    """A face track's arrays as the recording's extraction stores them (times + ``video_shift``); no video arrays
+    when no frame has a face. ``track``: a FaceTrack, or a BlendshapeTrack for the blendshapes representation."""
+    faces = ClipFeatures(clip_id="", duration_s=0.0)
+    if not track.mask.any():
+        return faces
+    faces.video_times, faces.face_mask = track.times + video_shift, track.mask  # (x / 1.0 + s / 1.0 is x + s exactly)
+    if config.face.representation == "blendshapes":
+        faces.face_blendshapes = track.blendshapes
+    else:
+        faces.face_crops, faces.face_boxes, faces.face_landmarks, faces.face_probs = track.crops, track.boxes, track.landmarks, track.probs
+    return faces

@@ -22,7 +22,7 @@ from prefect import flow, task, unmapped
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
-from features.clip import ClipError
+from features.clip import ClipError, ClipFeatures
 from features.config import FeatureConfig
 from features.manifest import ClipRecord, RecipeResult
 from features.recipes import discover
@@ -102,15 +102,37 @@ def process_clip(record: ClipRecord, store_path: str, config: FeatureConfig, dev
     store = FeatureStore.create(store_path, config)
     if store.has(record.clip_id):
         return ClipOutcome(record.clip_id, "skipped")
-    uses_mtcnn = record.has_video and config.face.representation == "crops"  # blendshapes bring their own detector
+    faces = recording_faces(store, record, config)  # a speed copy whose recording is stored: no detection again
+    uses_mtcnn = record.has_video and config.face.representation == "crops" and faces is None  # blendshapes bring their own
     detector = _detector(json.dumps(asdict(config.face), sort_keys=True), torch_device) if uses_mtcnn else None
     try:
-        features = extract_clip(record, config, detector=detector, device=torch_device, spill_dir=store.spill_dir)
+        features = extract_clip(record, config, detector=detector, device=torch_device, spill_dir=store.spill_dir, source_faces=faces)
     except ClipError as err:
         store.record_failure(record.clip_id, record.video_path or record.audio_path or "", str(err))
         return ClipOutcome(record.clip_id, "failed", str(err), time.perf_counter() - start)
     store.write(record, features)
     return ClipOutcome(record.clip_id, "done", "; ".join(features.notes), time.perf_counter() - start)
+
+
+def recording_faces(store: FeatureStore, record: ClipRecord, config: FeatureConfig) -> ClipFeatures | None:
+    """The stored faces of a speed copy's recording (``extract_clip``'s ``source_faces``), or None: not a copy, no
+    video, the recording not stored yet (copies come after the recordings, but several workers may overtake) or
+    stored without a face, or so long that its crops are better detected again in bounded memory than held whole
+    (over features.spill.SPILL_BYTES). The copy then decodes and detects its frames, with the same result."""
+    from features.extract import FACE_ARRAYS
+    from features.face_landmarks import N_BLENDSHAPES
+    from features.spill import SPILL_BYTES
+
+    source = record.source_clip_id
+    if source is None or not record.has_video or not store.has(source):
+        return None
+    times = store.read(source, arrays=("video_times",)).video_times
+    if times is None:
+        return None
+    frame_bytes = config.face.crop_size**2 * 3 if config.face.representation == "crops" else N_BLENDSHAPES * 4  # uint8 / float32
+    if len(times) * frame_bytes > SPILL_BYTES:
+        return None
+    return store.read(source, arrays=("video_times", *FACE_ARRAYS))
 
 
 @task(name="process-clip", cache_policy=NO_CACHE, task_run_name="clip-{record[clip_id]}")

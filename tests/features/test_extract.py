@@ -138,6 +138,23 @@ def test_streams_of_one_container_keep_its_clock(make_clip, detector: FaceDetect
     # Separate files share no clock: nothing is shifted.
     apart = extract_clip(_record(delayed, clip.path), CFG, detector)
     assert apart.audio_times[0] == pytest.approx(0.01) and apart.video_times[0] == 0.0
+    # A speed copy of a recording whose picture starts late keeps the clock, its faces detected or handed over alike.
+    from features.speed import speed_copy
+
+    late = tmp_path / "video_late.mkv"
+    subprocess.run(
+        [*run, "-itsoffset", "0.2", "-i", str(clip.path), "-i", str(wav), "-map", "0:v", "-map", "1:a",
+         "-c:v", "copy", "-c:a", "pcm_s16le", str(late)],
+        check=True,
+    )  # fmt: skip
+    recording = extract_clip(_record(late, late), CFG, detector)
+    assert recording.video_times[0] == pytest.approx(0.2, abs=1e-3)
+    copy = speed_copy(_record(late, late), 0.9)
+    detected, handed = extract_clip(copy, CFG, detector), extract_clip(copy, CFG, source_faces=recording)
+    np.testing.assert_array_equal(handed.video_times, recording.video_times / 0.9)
+    assert detected.duration_s == handed.duration_s and detected.notes == handed.notes
+    for name in ("logmel", "audio_times", "face_crops", "video_times", "face_mask", "face_boxes", "face_landmarks", "face_probs"):
+        np.testing.assert_array_equal(getattr(detected, name), getattr(handed, name), err_msg=name)
 
 
 def _outcome(record: ClipRecord, detector: FaceDetector, combined: bool, monkeypatch: pytest.MonkeyPatch) -> dict | str:
@@ -215,3 +232,13 @@ def test_a_speed_copy_runs_faster_on_both_streams(make_clip, detector: FaceDetec
     np.testing.assert_allclose(fast.video_times, source.video_times / 1.2)  # the same frames, sooner
     np.testing.assert_array_equal(fast.face_crops, source.face_crops)
     assert abs(fast.audio_times[-1] - fast.video_times[-1]) < 0.05  # the streams stay in step
+    # The recording's faces handed over (what preprocessing does once the recording is stored): no decoding or
+    # detection, and the same copy bit for bit.
+    handed = extract_clip(speed_copy(record, 1.2), CFG, detector=None, source_faces=source)
+    assert handed.duration_s == fast.duration_s and handed.notes == fast.notes
+    for name in ("logmel", "audio_times", "face_crops", "video_times", "face_mask", "face_boxes", "face_landmarks", "face_probs"):
+        np.testing.assert_array_equal(getattr(handed, name), getattr(fast, name), err_msg=name)
+    other = extract_clip(_record(clip.path, clip.path, clip_id="c2"), CFG, detector)
+    for wrong_record, faces in ((speed_copy(record, 1.2), other), (record, source)):
+        with pytest.raises(ValueError, match="only a speed copy takes faces"):
+            extract_clip(wrong_record, CFG, detector, source_faces=faces)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 from flow_servers import MSATA, REPO, clean_env, preprocess_synthetic
 
@@ -35,6 +36,48 @@ def test_copies_are_stored_beside_their_recordings(store_with_copies: Path) -> N
         n = rows.loc[source, "n_audio_frames"]
         assert abs(rows.loc[slow, "n_audio_frames"] - n / 0.9) <= 2 and abs(rows.loc[fast, "n_audio_frames"] - n / 1.1) <= 2
         assert rows.loc[fast, "duration_s"] == pytest.approx(rows.loc[source, "duration_s"] / 1.1, abs=0.02)
+
+
+def test_copies_hold_their_recordings_faces_sooner(store_with_copies: Path) -> None:
+    """Each copy's faces are its recording's frames, their times divided by the speed (taken from the stored recording
+    when it was there, detected again otherwise: the same arrays either way)."""
+    store = FeatureStore.open(store_with_copies)
+    rows = store.manifest().set_index("clip_id")
+    copies = rows[rows["source_clip_id"].notna()]
+    assert len(copies) == 16 and copies["has_video"].all()
+    for copy_id, row in copies.iterrows():
+        copy, source = store.read(copy_id), store.read(row["source_clip_id"])
+        np.testing.assert_array_equal(copy.video_times, source.video_times / float(row["speed"]))
+        for name in ("face_crops", "face_mask", "face_boxes", "face_landmarks", "face_probs"):
+            np.testing.assert_array_equal(getattr(copy, name), getattr(source, name), err_msg=f"{copy_id} {name}")
+
+
+def test_a_copy_takes_its_stored_recordings_faces_without_detecting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import flows.preprocess as preprocess
+    from features.config import FeatureConfig
+    from features.extract import extract_clip
+    from features.faces import FaceDetector
+    from features.manifest import ClipRecord
+    from features.speed import speed_copy
+    from features.synthetic import make_talking_face_clip
+
+    path = tmp_path / "talk.mp4"
+    make_talking_face_clip(path, duration_s=1.0, width=160, height=120, label="happy", seed=5)
+    record = ClipRecord(clip_id="talk", dataset="folder", speaker="s1", label="happy", audio_path=str(path), video_path=str(path))
+    config, store_path = FeatureConfig(), str(tmp_path / "store")
+    assert preprocess.process_clip(record, store_path, config).status == "done"
+    copy = speed_copy(record, 1.1)
+    detected = extract_clip(copy, config, FaceDetector(config.face))  # what the copy was before it could take its recording's faces
+
+    def no_detection(*args, **kwargs):
+        raise AssertionError("the copy ran face detection although its recording's faces are stored")
+
+    monkeypatch.setattr(preprocess, "_detector", no_detection)
+    assert preprocess.process_clip(copy, store_path, config).status == "done"
+    stored = FeatureStore.open(store_path).read(copy.clip_id)
+    assert stored.duration_s == detected.duration_s
+    for name in ("logmel", "audio_times", "face_crops", "video_times", "face_mask", "face_boxes", "face_landmarks", "face_probs"):
+        np.testing.assert_array_equal(getattr(stored, name), getattr(detected, name), err_msg=name)
 
 
 def test_training_uses_copies_of_training_speakers_only(store_with_copies: Path, tmp_path: Path) -> None:
