@@ -142,16 +142,20 @@ def average_batchnorm_statistics(model: nn.Module, ctx: DistContext) -> None:
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     stats = [t for m in norms for t in (m.running_mean, m.running_var) if t is not None]
     if stats:
-        flat = torch.cat([t.reshape(-1).float() for t in stats])
+        # float64: a sum of N equal float32 values divided by N is that value exactly, whatever N
+        flat = torch.cat([t.reshape(-1).double() for t in stats])
         dist.all_reduce(flat)
         flat /= ctx.world_size
         offset = 0
         for t in stats:
             t.copy_(flat[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
-    for m in norms:
-        if m.num_batches_tracked is not None:  # a rank without a clip in a step did not count it
-            dist.broadcast(m.num_batches_tracked, src=0)
+    counters = [m.num_batches_tracked for m in norms if m.num_batches_tracked is not None]
+    if counters:  # a rank without a clip in a step did not count it: rank 0's counts, in one broadcast
+        flat = torch.stack([c.reshape(()) for c in counters])
+        dist.broadcast(flat, src=0)
+        for c, value in zip(counters, flat, strict=True):
+            c.copy_(value)
 
 
 def _reduce_device() -> torch.device:

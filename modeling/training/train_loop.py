@@ -392,10 +392,17 @@ def train_model(
         train_s = time.perf_counter() - started
         loss_sum, ce_sum, ctm_sum, count = dist.allreduce_sum(sums.tolist(), ctx)
         wait_share = dist.allreduce_max(waited / train_s if train_s > 0 else 0.0, ctx)  # the rank that waited most
+        # Each rank updated its own BatchNorm statistics: made to agree, so every rank validates, goes on from and
+        # resumes from what rank 0 saves (distributed.average_batchnorm_statistics).
+        dist.average_batchnorm_statistics(model, ctx)
         # With train.ema_decay the averaged weights are validated and checkpointed; the raw ones come back after.
         swapped = average.swapped_in(model) if average is not None else nullcontext({})
         with swapped as raw_weights:
-            dist.average_batchnorm_statistics(model, ctx)  # every rank validates, and rank 0 saves, the same model
+            if average is not None:
+                # The average's statistics too: each rank averaged its own. Its shadow keeps them per rank, but the
+                # average is linear, so the mean over ranks of the shadows is what a resumed run (all ranks from rank
+                # 0's saved mean) computes next, up to rounding (tests/modeling/training/test_distributed.py).
+                dist.average_batchnorm_statistics(model, ctx)
             val_wa = val_uar = val_macro_f1 = val_loss = math.nan  # a refit has no validation speakers
             if val_loader is not None:
                 val_metrics, val_loss = evaluate(model, val_loader, device, n_classes, ctx)
