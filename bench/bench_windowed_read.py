@@ -5,7 +5,8 @@ feature config (50 fps log-mel x 80, 30 fps 96x96 RGB face crops that compress l
 synthetic_clip, looped), then times ``--reads`` training examples (4 s crops, augmentation on, no clip cache) of it
 read two ways, alternating so both see the same machine load:
 
-- ``whole``: ClipDataset without durations, what every clip got before session 17 (the whole clip read, then cropped);
+- ``whole``: ClipDataset without durations, what every clip got before session 17 when the clip cache did not hold it
+  (the whole clip read, then cropped);
 - ``windowed``: ClipDataset with the manifest's durations: a clip over WINDOWED_READ_RATIO crops long reads the
   crop's frames only (``FeatureStore.read(window=...)``).
 

@@ -116,15 +116,19 @@ def process_clip(record: ClipRecord, store_path: str, config: FeatureConfig, dev
 
 def recording_faces(store: FeatureStore, record: ClipRecord, config: FeatureConfig) -> ClipFeatures | None:
     """The stored faces of a speed copy's recording (``extract_clip``'s ``source_faces``), or None: not a copy, no
-    video, the recording not stored yet (copies come after the recordings, but several workers may overtake) or
-    stored without a face, or so long that its crops are better detected again in bounded memory than held whole
-    (over features.spill.SPILL_BYTES). The copy then decodes and detects its frames, with the same result."""
+    video, the recording not stored yet (copies come after the recordings, but several workers may overtake),
+    stored from other files (a corpus changed under the store), stored without a face, or so long that its crops
+    are better detected again in bounded memory than held whole (over features.spill.SPILL_BYTES). The copy then
+    decodes and detects its frames, with the same result."""
     from features.extract import FACE_ARRAYS
     from features.face_landmarks import N_BLENDSHAPES
     from features.spill import SPILL_BYTES
 
     source = record.source_clip_id
     if source is None or not record.has_video or not store.has(source):
+        return None
+    stored = store.row(source)
+    if (stored.get("audio_path"), stored.get("video_path")) != (record.audio_path, record.video_path):
         return None
     times = store.read(source, arrays=("video_times",)).video_times
     if times is None:

@@ -235,6 +235,12 @@ class FeatureStore:
     def has(self, clip_id: str) -> bool:
         return bool(SAFE_ID.match(clip_id)) and self._files.exists(self._files.join(MANIFEST_DIR, f"{clip_id}.json"))
 
+    def row(self, clip_id: str) -> dict[str, Any]:
+        """One committed clip's manifest row (its record, counts and duration) as stored, without reading the table."""
+        if not self.has(clip_id):
+            raise KeyError(f"clip {clip_id!r} is not in feature store {self.url}")
+        return json.loads(self._files.cat_many([self._files.join(MANIFEST_DIR, f"{clip_id}.json")])[0])
+
     def clip_ids(self) -> list[str]:
         """Committed clip ids, sorted (one listing, cheaper than many ``has`` calls)."""
         return sorted(n[: -len(".json")] for n in self._files.names(MANIFEST_DIR) if n.endswith(".json"))
@@ -248,11 +254,11 @@ class FeatureStore:
     ) -> ClipFeatures:
         """The clip's features; ``arrays`` limits the read to those arrays, ``skip`` leaves those out (None).
 
-        ``window=(t0, t1)`` (seconds, t1 may be ``math.inf``) reads only the frames with ``t0 <= time < t1`` of each
-        stream, from the chunks that hold them: a training crop of a long clip costs its own length, not the clip's.
-        Times stay the clip's (not re-based) and ``duration_s`` is the whole clip's."""
-        if window is not None and not (math.isfinite(window[0]) and window[0] <= window[1]):
-            raise ValueError(f"read window {window}: expected (t0, t1) seconds with a finite t0 <= t1")
+        ``window=(t0, t1)`` (finite seconds, t0 <= t1) reads only the frames with ``t0 <= time < t1`` of each stream,
+        from the chunks that hold them: a training crop of a long clip costs its own length, not the clip's. Times stay
+        the clip's (not re-based) and ``duration_s`` is the whole clip's. The whole clip: ``window=None``."""
+        if window is not None and not (math.isfinite(window[0]) and math.isfinite(window[1]) and window[0] <= window[1]):
+            raise ValueError(f"read window {window}: expected (t0, t1) in seconds, both finite, t0 <= t1 (None reads the whole clip)")
         if not self.has(clip_id):
             raise KeyError(f"clip {clip_id!r} is not in feature store {self.url}")
         store = self._files.zarr_store(self._files.join(CLIPS, clip_id), read_only=True)

@@ -20,11 +20,13 @@ processes each keep ``prefetch_factor`` batches ready.
 Long clips. When the dataset knows the clips' durations (``durations``, from the store's
 manifest) and a clip is more than :data:`WINDOWED_READ_RATIO` times longer than its crop
 (``max_duration_s`` in training, ``eval_max_duration_s`` at evaluation when set), an example
-reads only the crop's frames from the store (``FeatureStore.read(window=...)``) and caches
-nothing: a 4 s crop of a 10-minute clip reads ~4 s of features, not 10 minutes of them. The
-crop is drawn from the same generator in the same order as for a whole read, so the example is
-the same. Shorter clips (every RAVDESS and CREMA-D clip) are read whole and cached as before;
-so are all clips with ``speaker_norm``, whose statistics need whole clips.
+reads only the crop's frames from the store (``FeatureStore.read(window=...)``): a 4 s crop
+of a 10-minute clip reads ~4 s of features, not 10 minutes of them. The crop is drawn from the
+same generator in the same order as for a whole read, so the example is the same. An evaluation crop (the centre, the same every epoch) is cached like a clip; a
+training crop is not (the next epoch crops elsewhere), so a clip of 4-15 crops that the cache
+could have held whole is now read a crop per epoch: the price of never holding a long clip whole.
+Shorter clips (every RAVDESS and CREMA-D clip) are read whole and cached as before; so are all
+clips with ``speaker_norm``, whose statistics need whole clips.
 """
 
 from __future__ import annotations
@@ -159,10 +161,13 @@ class ClipDataset(Dataset):
         state["_cache"] = None  # each worker fills its own; never ship the parent's clips
         return state
 
-    def _features(self, clip_id: str) -> ClipFeatures:
+    def _cache_of(self) -> ClipCache:
         if self._cache is None:
             self._cache = ClipCache(self.cache_bytes)
-        cached = self._cache.get(clip_id)
+        return self._cache
+
+    def _features(self, clip_id: str) -> ClipFeatures:
+        cached = self._cache_of().get(clip_id)
         if cached is not None:
             return cached
         features = self._source().read(clip_id, skip=NOT_TRAINING_INPUTS)
@@ -195,7 +200,7 @@ class ClipDataset(Dataset):
         if self.durations is None or crop_s is None or self.config.speaker_norm:
             return False
         if self._cache is not None and self.clip_ids[index] in self._cache:
-            return False  # held whole already
+            return False  # held already: whole, or (evaluation) the very crop this read would take
         return self.durations[index] > WINDOWED_READ_RATIO * crop_s
 
     def __getitem__(self, key: int | tuple[int, int]) -> ClipExample:
@@ -206,6 +211,8 @@ class ClipDataset(Dataset):
         if self._reads_window(index, crop_s):
             window = crop_window(self.durations[index], crop_s, rng)
             features = self._source().read(clip_id, skip=NOT_TRAINING_INPUTS, window=window)
+            if not self.train:  # an evaluation crop is the same every epoch: cached like a whole clip, and read from there
+                self._cache_of().put(clip_id, features)
         else:
             features = self._features(clip_id)
             if self.config.speaker_norm:

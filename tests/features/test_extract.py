@@ -108,8 +108,20 @@ def test_crema_d_clip(crema_flvs: list[Path], shared_data: Path) -> None:
     assert f.face_ratio >= 0.9
 
 
+def without_video_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From here on, any decoding of video frames (and so any face detection) fails the test."""
+    import features.extract as extract
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the video was decoded although the recording's faces were handed over")
+
+    monkeypatch.setattr(extract, "iter_video_frames", refuse)
+
+
 @pytest.mark.slow
-def test_streams_of_one_container_keep_its_clock(make_clip, detector: FaceDetector, tmp_path: Path) -> None:
+def test_streams_of_one_container_keep_its_clock(
+    make_clip, detector: FaceDetector, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import subprocess
     from dataclasses import replace
 
@@ -150,7 +162,9 @@ def test_streams_of_one_container_keep_its_clock(make_clip, detector: FaceDetect
     recording = extract_clip(_record(late, late), CFG, detector)
     assert recording.video_times[0] == pytest.approx(0.2, abs=1e-3)
     copy = speed_copy(_record(late, late), 0.9)
-    detected, handed = extract_clip(copy, CFG, detector), extract_clip(copy, CFG, source_faces=recording)
+    detected = extract_clip(copy, CFG, detector)
+    without_video_decoding(monkeypatch)
+    handed = extract_clip(copy, CFG, source_faces=recording)
     np.testing.assert_array_equal(handed.video_times, recording.video_times / 0.9)
     assert detected.duration_s == handed.duration_s and detected.notes == handed.notes
     for name in ("logmel", "audio_times", "face_crops", "video_times", "face_mask", "face_boxes", "face_landmarks", "face_probs"):
@@ -219,7 +233,7 @@ def test_one_process_decode_changes_nothing_on_crema_d(
 
 
 @pytest.mark.slow
-def test_a_speed_copy_runs_faster_on_both_streams(make_clip, detector: FaceDetector) -> None:
+def test_a_speed_copy_runs_faster_on_both_streams(make_clip, detector: FaceDetector, monkeypatch: pytest.MonkeyPatch) -> None:
     from features.speed import speed_copy
 
     clip = make_clip("av_speed.mp4", duration_s=1.2, fps=25, width=320, height=240, label="sad", seed=11)
@@ -234,11 +248,12 @@ def test_a_speed_copy_runs_faster_on_both_streams(make_clip, detector: FaceDetec
     assert abs(fast.audio_times[-1] - fast.video_times[-1]) < 0.05  # the streams stay in step
     # The recording's faces handed over (what preprocessing does once the recording is stored): no decoding or
     # detection, and the same copy bit for bit.
+    other = extract_clip(_record(clip.path, clip.path, clip_id="c2"), CFG, detector)
+    without_video_decoding(monkeypatch)
     handed = extract_clip(speed_copy(record, 1.2), CFG, detector=None, source_faces=source)
     assert handed.duration_s == fast.duration_s and handed.notes == fast.notes
     for name in ("logmel", "audio_times", "face_crops", "video_times", "face_mask", "face_boxes", "face_landmarks", "face_probs"):
         np.testing.assert_array_equal(getattr(handed, name), getattr(fast, name), err_msg=name)
-    other = extract_clip(_record(clip.path, clip.path, clip_id="c2"), CFG, detector)
     for wrong_record, faces in ((speed_copy(record, 1.2), other), (record, source)):
         with pytest.raises(ValueError, match="only a speed copy takes faces"):
             extract_clip(wrong_record, CFG, detector, source_faces=faces)

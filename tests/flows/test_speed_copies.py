@@ -4,6 +4,7 @@ of their own, and training gives each fold's training speakers their copies and 
 from __future__ import annotations
 
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -69,10 +70,16 @@ def test_a_copy_takes_its_stored_recordings_faces_without_detecting(tmp_path: Pa
     copy = speed_copy(record, 1.1)
     detected = extract_clip(copy, config, FaceDetector(config.face))  # what the copy was before it could take its recording's faces
 
+    store = FeatureStore.open(store_path)
+    assert preprocess.recording_faces(store, copy, config) is not None
+    moved = replace(copy, audio_path=str(tmp_path / "moved.mp4"), video_path=str(tmp_path / "moved.mp4"))
+    assert preprocess.recording_faces(store, moved, config) is None  # stored from another file: detected again
+
     def no_detection(*args, **kwargs):
-        raise AssertionError("the copy ran face detection although its recording's faces are stored")
+        raise AssertionError("the copy decoded or detected faces although its recording's faces are stored")
 
     monkeypatch.setattr(preprocess, "_detector", no_detection)
+    monkeypatch.setattr("features.extract.iter_video_frames", no_detection)  # nor any decoding of the frames
     assert preprocess.process_clip(copy, store_path, config).status == "done"
     stored = FeatureStore.open(store_path).read(copy.clip_id)
     assert stored.duration_s == detected.duration_s
