@@ -23,7 +23,7 @@ from features.speed import speed_perturb
 # ran with SIGINT ignored, which msata inherited (docs/benchmarks.md). Turning it on again waits for a
 # full-suite run with it on and the corrected test.
 COMBINED_DECODE = False
-FACE_ARRAYS = tuple(n for n in TIMED_ARRAYS["video_times"])  # a clip's per-frame face arrays (times apart)
+FACE_ARRAYS = TIMED_ARRAYS["video_times"]  # a clip's per-frame face arrays (its video times apart)
 
 
 def extract_clip(
@@ -141,7 +141,7 @@ def extract_clip(
         faces, last = source_faces, None
         if faces is None:
             track = face_track(iter_video_frames(v_info.path, chunk=chunk, info=v_info))
-            faces = faces_on_recording_clock(track, config, shift)
+            faces = _faces_on_recording_clock(track, config, shift)
             last = float(track.times[-1]) + shift if len(track.times) else None
         if faces.has_video:
             for name in FACE_ARRAYS:
@@ -228,7 +228,7 @@ def _video_shift(config: FeatureConfig, record: ClipRecord, info: MediaInfo | No
     return info.video_start_s - min(info.audio_start_s, info.video_start_s)
 
 
-def faces_on_recording_clock(track: Any, config: FeatureConfig, video_shift: float) -> ClipFeatures:
+def _faces_on_recording_clock(track: Any, config: FeatureConfig, video_shift: float) -> ClipFeatures:
     """A face track's arrays as the recording's extraction stores them (times + ``video_shift``); no video arrays
     when no frame has a face. ``track``: a FaceTrack, or a BlendshapeTrack for the blendshapes representation."""
     faces = ClipFeatures(clip_id="", duration_s=0.0)

@@ -22,11 +22,12 @@ manifest) and a clip is more than :data:`WINDOWED_READ_RATIO` times longer than 
 (``max_duration_s`` in training, ``eval_max_duration_s`` at evaluation when set), an example
 reads only the crop's frames from the store (``FeatureStore.read(window=...)``): a 4 s crop
 of a 10-minute clip reads ~4 s of features, not 10 minutes of them. The crop is drawn from the
-same generator in the same order as for a whole read, so the example is the same. An evaluation crop (the centre, the same every epoch) is cached like a clip; a
-training crop is not (the next epoch crops elsewhere), so a clip of 4-15 crops that the cache
-could have held whole is now read a crop per epoch: the price of never holding a long clip whole.
-Shorter clips (every RAVDESS and CREMA-D clip) are read whole and cached as before; so are all
-clips with ``speaker_norm``, whose statistics need whole clips.
+same generator in the same order as for a whole read, so the example is the same. An evaluation
+crop (the centre, the same every epoch) is cached like a clip; a training crop is not (the next
+epoch crops elsewhere), so a clip of 4-15 crops that the cache could have held whole is now read
+a crop per epoch: the price of never holding a long clip whole. Shorter clips (every RAVDESS and
+CREMA-D clip) are read whole and cached as before; so are all clips with ``speaker_norm``, whose
+statistics need whole clips.
 """
 
 from __future__ import annotations
