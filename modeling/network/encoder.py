@@ -32,6 +32,7 @@ from features.face_landmarks import N_BLENDSHAPES
 from modeling.network.batch import Batch
 from modeling.network.frontends import (
     LAYER_MIXES,
+    UTTERANCE_NORMS,
     AudioFrontend,
     BlendshapeFrontend,
     ConvAudioFrontend,
@@ -66,7 +67,12 @@ MODALITY_KINDS = ("audio", "video")
 AUDIO_FRONTENDS = ("conv1d", "cnn2d")
 # Model settings added after run keys were first written: left out of an experiment's run key at
 # these defaults, so older run directories keep their names (as LATER_TRAIN_DEFAULTS for training).
-LATER_MODEL_DEFAULTS: dict[str, Any] = {"audio_frontend": "conv1d", "audio_channels": [16, 32, 64], "audio_layer_mix": "softmax"}
+LATER_MODEL_DEFAULTS: dict[str, Any] = {
+    "audio_frontend": "conv1d",
+    "audio_channels": [16, 32, 64],
+    "audio_layer_mix": "softmax",
+    "audio_utterance_norm": "none",
+}
 
 
 @dataclass
@@ -86,6 +92,7 @@ class MsataConfig:
     audio_heads: int = 0  # the encoder's attention heads (set from the store; used when fine-tuning)
     audio_finetune_blocks: int = 0  # > 0: the encoder's top k blocks re-run on the stored states and train
     audio_layer_mix: str = "softmax"  # encoder states: "softmax" | "concat" (LAYER_MIXES), how the layers combine per frame
+    audio_utterance_norm: str = "none"  # encoder states: "none" | "mean" | "mean-var" (UTTERANCE_NORMS), per clip
     pooling: str = "mean"  # "mean" | "attention" | "stats" (mean and std, 2D wide): how tokens become one clip vector
     crop_size: int = 96  # face crop side, must match the feature store's FaceConfig.crop_size
     video_channels: tuple[int, ...] = (32, 64, 128, 128)  # one stride-2 CNN stage each
@@ -133,6 +140,13 @@ class MsataConfig:
             raise ValueError(f"audio_layer_mix={self.audio_layer_mix!r}; expected one of {LAYER_MIXES}")
         if self.audio_layer_mix != "softmax" and self.audio_layers == 0:
             raise ValueError(f"audio_layer_mix={self.audio_layer_mix!r} mixes a pretrained encoder's layers; this store holds log-mel")
+        if self.audio_utterance_norm not in UTTERANCE_NORMS:
+            raise ValueError(f"audio_utterance_norm={self.audio_utterance_norm!r}; expected one of {UTTERANCE_NORMS}")
+        if self.audio_utterance_norm != "none" and self.audio_layers == 0:
+            raise ValueError(
+                f"audio_utterance_norm={self.audio_utterance_norm!r} normalises a pretrained encoder's states; this store holds "
+                "log-mel, which the log-mel front-ends already normalise per utterance"
+            )
         if self.pooling not in POOLING_KINDS:
             raise ValueError(f"pooling={self.pooling!r}; expected one of {POOLING_KINDS}")
         if (self.audio_layers > 0) != (self.audio_width > 0):
@@ -316,6 +330,7 @@ class MsataModel(nn.Module):
                 config.audio_finetune_blocks,
                 config.audio_heads,
                 layer_mix=config.audio_layer_mix,
+                utterance_norm=config.audio_utterance_norm,
             )
         elif config.audio_frontend == "cnn2d":
             self.audio_frontend = ConvAudioFrontend(config.n_mels, d, config.audio_downsample, config.dropout, config.audio_channels)

@@ -26,16 +26,18 @@ class Tokens:
     mask: torch.Tensor  # (B, T) bool, True = real token
 
 
-def normalise_utterance(logmel: torch.Tensor, mask: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Per-utterance, per-mel-channel mean/variance normalisation over valid frames.
+def normalise_utterance(logmel: torch.Tensor, mask: torch.Tensor, eps: float = 1e-5, scale: bool = True) -> torch.Tensor:
+    """Per-utterance, per-channel mean (and, with ``scale``, variance) normalisation over valid frames.
 
-    logmel (B, T, F), mask (B, T) -> (B, T, F) float32 with padded frames set to 0,
-    so that a clip gives the same features whatever it is padded to.
+    logmel (B, T, F) or encoder states (B, T, L, D), mask (B, T) -> the same shape, float32, with
+    padded frames set to 0, so that a clip gives the same features whatever it is padded to.
     """
-    m = mask.unsqueeze(-1).to(torch.float32)  # (B, T, 1)
+    m = mask.reshape(*mask.shape, *([1] * (logmel.dim() - 2))).to(torch.float32)  # (B, T, 1) or (B, T, 1, 1)
     x = logmel.to(torch.float32)
-    n = m.sum(dim=1, keepdim=True).clamp_min(1.0)  # (B, 1, 1)
-    mean = (x * m).sum(dim=1, keepdim=True) / n  # (B, 1, F)
+    n = m.sum(dim=1, keepdim=True).clamp_min(1.0)  # (B, 1, 1[, 1])
+    mean = (x * m).sum(dim=1, keepdim=True) / n  # (B, 1, F) or (B, 1, L, D)
+    if not scale:
+        return (x - mean) * m
     var = ((x - mean).square() * m).sum(dim=1, keepdim=True) / n
     return (x - mean) * torch.rsqrt(var + eps) * m
 
@@ -149,6 +151,11 @@ class ConvAudioFrontend(nn.Module):
 # sum (one weight per layer); "concat", every layer side by side into the projection (a learned
 # read-out per layer and channel, what the pooled logistic-regression floor sees).
 LAYER_MIXES = ("softmax", "concat")
+# Per-utterance normalisation of encoder states after the per-frame layer norm (``model.audio_utterance_norm``): "none";
+# "mean", each layer's channels minus their mean over the clip's frames (cepstral mean normalisation's analogue: a
+# clip's static offsets, much of them speaker, taken out; the pooled probe keeps them); "mean-var", also divided by
+# their std over those frames.
+UTTERANCE_NORMS = ("none", "mean", "mean-var")
 
 
 class EncoderStatesFrontend(nn.Module):
@@ -157,7 +164,8 @@ class EncoderStatesFrontend(nn.Module):
     As in SUPERB: each stored layer is layer-normed (no affine), the layers are mixed by a
     learned softmax weighting, then projected to d_model. With ``layer_mix="concat"`` the
     normalised layers are instead laid side by side (L x D_in wide) into the projection, so it
-    learns a read-out per layer and channel rather than one weight per layer. With downsample k > 1, k
+    learns a read-out per layer and channel rather than one weight per layer. ``utterance_norm``
+    (UTTERANCE_NORMS) centres each clip's states on their own mean first. With downsample k > 1, k
     consecutive frames are averaged into one token (time = mean of theirs), which keeps the
     joint encoder's cost down; the pretrained encoder already gives each frame wide context.
 
@@ -178,11 +186,15 @@ class EncoderStatesFrontend(nn.Module):
         finetune_blocks: int = 0,
         encoder_heads: int = 0,
         layer_mix: str = "softmax",
+        utterance_norm: str = "none",
     ) -> None:
         super().__init__()
         if layer_mix not in LAYER_MIXES:
             raise ValueError(f"layer_mix={layer_mix!r}; expected one of {LAYER_MIXES}")
+        if utterance_norm not in UTTERANCE_NORMS:
+            raise ValueError(f"utterance_norm={utterance_norm!r}; expected one of {UTTERANCE_NORMS}")
         self.n_layers, self.width, self.downsample, self.layer_mix = n_layers, width, downsample, layer_mix
+        self.utterance_norm = utterance_norm
         if layer_mix == "softmax":
             self.layer_logits = nn.Parameter(torch.zeros(n_layers))  # uniform mix at init
         mixed_width = width * n_layers if layer_mix == "concat" else width
@@ -253,6 +265,8 @@ class EncoderStatesFrontend(nn.Module):
         if self.finetune_blocks:
             x = self._rerun_top(x, mask)
         x = F.layer_norm(x, (self.width,))
+        if self.utterance_norm != "none":  # each layer's channels centred (and scaled) on the clip's own frames
+            x = normalise_utterance(x, mask, scale=self.utterance_norm == "mean-var")  # (B, Ta, L, D_in)
         if self.layer_mix == "softmax":
             x = torch.einsum("btld,l->btd", x, self.layer_weights())  # (B, Ta, D_in)
         else:

@@ -229,6 +229,31 @@ def test_concatenated_layers_feed_every_layer_to_the_projection(downsample: int)
         tiny_config(audio_layer_mix="concat")
 
 
+@pytest.mark.parametrize("norm", ["mean", "mean-var"])
+def test_utterance_normalised_states_lose_each_clips_static_offset(norm: str) -> None:
+    """audio_utterance_norm: after the per-frame layer norm each layer's channels are centred (and scaled) on the clip's
+    own valid frames, so a clip whose normalised states differ by a constant per channel gives the same logits."""
+    model = model_for(audio_layers=3, audio_width=8, audio_downsample=2, audio_layer_mix="concat", audio_utterance_norm=norm)
+    frontend = model.audio_frontend
+    clip = states_clip(25, 1)
+    alone = model(collate([clip])).logits
+    padded = model(collate([clip, states_clip(60, 2)])).logits[:1]
+    assert torch.allclose(alone, padded, atol=1e-5)  # padding frames never enter a clip's statistics
+    x = torch.nn.functional.layer_norm(clip.audio.float(), (8,)).unsqueeze(0)  # (1, T, L, D) what the norm receives
+    mask = torch.ones(1, 25, dtype=torch.bool)
+    shifted = normalise_utterance(x + torch.randn(1, 1, 3, 8), mask, scale=norm == "mean-var")
+    torch.testing.assert_close(shifted, normalise_utterance(x, mask, scale=norm == "mean-var"), atol=1e-4, rtol=0)
+    torch.testing.assert_close(normalise_utterance(x, mask, scale=False).mean(1), torch.zeros(1, 3, 8), atol=1e-5, rtol=0)
+    assert frontend.utterance_norm == norm
+    plain = model_for(audio_layers=3, audio_width=8, audio_downsample=2, audio_layer_mix="concat")
+    plain.load_state_dict(model.state_dict())  # the same weights without the norm: another output
+    assert not torch.allclose(alone, plain(collate([clip])).logits, atol=1e-4)
+    with pytest.raises(ValueError, match="audio_utterance_norm='std'"):
+        tiny_config(audio_layers=3, audio_width=8, audio_utterance_norm="std")
+    with pytest.raises(ValueError, match="already normalise per utterance"):
+        tiny_config(audio_utterance_norm="mean")
+
+
 def test_encoder_states_of_the_wrong_shape_are_refused() -> None:
     model = model_for(audio_layers=3, audio_width=8)
     with pytest.raises(ValueError, match=r"\(2, 8\) per frame, the model expects \(3, 8\)"):
