@@ -24,7 +24,7 @@ from modeling.training.train_loop import TrainConfig
 FIXTURES = Path(__file__).parent / "fixtures"
 V1 = json.loads((FIXTURES / "experiment_v1.json").read_text())
 # model settings added since V1, at their defaults
-LATER_MODEL = {"audio_frontend": "conv1d", "audio_channels": [16, 32, 64], "audio_layer_mix": "softmax"}
+LATER_MODEL = {"audio_frontend": "conv1d", "audio_channels": [16, 32, 64], "audio_layer_mix": "softmax", "audio_utterance_norm": "none"}
 V1_KEY = (FIXTURES / "experiment_v1.key").read_text().strip()
 DEFAULT_AUGMENTATION = augmentation(DataConfig())  # the [data] settings older specs hold (later ones at their default left out)
 
