@@ -63,24 +63,29 @@ def predictions(path: Path, loader) -> tuple[np.ndarray, np.ndarray, list[str]]:
     return y, probs, ids
 
 
-def check_recorded(run_dirs: list[Path], fold: int, val_loader, test_loader, n_classes: int) -> None:
-    """Each run's fold model as shipped scores here what its run recorded (validation as shipped, test)."""
-    for run_dir in run_dirs:
-        own = json.loads((run_dir / f"fold_{fold}" / "result.json").read_text())
-        path = side_checkpoint([run_dir], fold, Path("/nonexistent"))
-        for what, loader, there in (("validation", val_loader, (own.get("probe") or {}).get("val_uar_mixed", own["best_val_uar"])),
-                                    ("test", test_loader, own["test"]["uar"])):  # fmt: skip
-            y, probs, _ = predictions(path, loader)
-            here = compute_metrics(y, probs.argmax(axis=1), n_classes).uar
-            if abs(here - there) > 1e-9:
-                raise SystemExit(f"{run_dir}: fold {fold}'s model has {what} UAR {here} here, {there} in its run")
+def checked_predictions(run_dir: Path, fold: int, val_loader, test_loader, n_classes: int) -> dict:
+    """One run's fold model as shipped on the validation and test actors, after checking that it scores here what its
+    run recorded (validation as shipped, test)."""
+    own = json.loads((run_dir / f"fold_{fold}" / "result.json").read_text())
+    path = side_checkpoint([run_dir], fold, Path())  # one run: its own file, nothing written
+    recorded = {"val": (own.get("probe") or {}).get("val_uar_mixed", own["best_val_uar"]), "test": own["test"]["uar"]}
+    out = {}
+    for split, loader in (("val", val_loader), ("test", test_loader)):
+        out[split] = predictions(path, loader)
+        y, probs, _ = out[split]
+        here = compute_metrics(y, probs.argmax(axis=1), n_classes).uar
+        if abs(here - recorded[split]) > 1e-9:
+            raise SystemExit(f"{run_dir}: fold {fold}'s model has {split} UAR {here} here, {recorded[split]} in its run")
+    return out
 
 
 def side_scores(run_dirs: list[Path], fold_index: int, tmp: Path) -> dict[str, tuple[np.ndarray, np.ndarray, list[str]]]:
     spec = load_spec(run_dirs[0])
     fold = next(f for f in spec.folds if f.index == fold_index)
     _, val_loader, test_loader, _ = loaders(spec, fold, spec.train)
-    check_recorded(run_dirs, fold_index, val_loader, test_loader, len(spec.label_names))
+    alone = [checked_predictions(d, fold_index, val_loader, test_loader, len(spec.label_names)) for d in run_dirs]
+    if len(run_dirs) == 1:  # the side is that model: its predictions are already made
+        return alone[0]
     path = side_checkpoint(run_dirs, fold_index, tmp)
     return {"val": predictions(path, val_loader), "test": predictions(path, test_loader)}
 

@@ -32,6 +32,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from probe_variants import probe_logits  # noqa: E402
 
 from modeling.network.pooled_probe import PooledProbe, mix_log_probs  # noqa: E402
 from modeling.training.checkpoint import load_trained_model  # noqa: E402
@@ -66,15 +69,10 @@ def fit_balanced(train, val, n_classes: int, weight: float, mix: str, seed: int)
         model = LogisticRegression(C=c, max_iter=2000, random_state=seed, class_weight="balanced")
         model.fit(scaler.transform(train[0]), train[1])
         probe = linear_probe(scaler, model.coef_, model.intercept_, weight, mix)
-        uar = compute_metrics(val[1], logits_of(probe, val[0]).argmax(axis=1), n_classes).uar
+        uar = compute_metrics(val[1], probe_logits(probe, val[0]).argmax(axis=1), n_classes).uar
         if best is None or uar > best[0]:
             best = (uar, c, probe)
     return best[2], best[1]
-
-
-def logits_of(probe: PooledProbe, x: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return probe.logits_of(torch.from_numpy(x)).numpy()
 
 
 def run(run_dir: Path) -> dict:
@@ -101,10 +99,10 @@ def run(run_dir: Path) -> dict:
             model_logits = torch.from_numpy(np.log(np.clip(probs, 1e-12, None)))
             row[f"{split} model"] = compute_metrics(y, probs.argmax(axis=1), n_classes).uar
             for name, probe in probes.items():
-                probe_logits = logits_of(probe, x)
-                mixed = mix_log_probs(model_logits, torch.from_numpy(probe_logits), weight, mix).numpy()
+                scores = probe_logits(probe, x)
+                mixed = mix_log_probs(model_logits, torch.from_numpy(scores), weight, mix).numpy()
                 row[f"{split} {name}"] = compute_metrics(y, mixed.argmax(axis=1), n_classes).uar
-                row[f"{split} {name} alone"] = compute_metrics(y, probe_logits.argmax(axis=1), n_classes).uar
+                row[f"{split} {name} alone"] = compute_metrics(y, scores.argmax(axis=1), n_classes).uar
         recorded = json.loads((run_dir / f"fold_{fold.index}" / "result.json").read_text())
         for what, here, there in (
             ("validation UAR as shipped", row["val logistic"], recorded["probe"]["val_uar_mixed"]),

@@ -134,10 +134,12 @@ def extract_clip(
             notes.append(f"audio of {a_info.path} is shorter than one frame of the audio encoder (about {frame_ms:.0f} ms)")
     wave = None  # not needed past this point: 38 MB for 10 minutes at 16 kHz, not held through the video pass
 
+    # Both streams from one container (format 2 on): their times go onto its clock (_to_container_clock).
+    shared_clock = config.format_version >= 2 and use_audio and use_video and record.audio_path == record.video_path
     if use_video and speed != 1.0:  # a copy: its recording's faces (on the recording's clock), each frame sooner
         assert v_info is not None
         frame_s = 1.0 / v_info.fps if v_info.fps else 0.0
-        shift = _video_shift(config, record, a_info, use_audio, use_video)
+        shift = _stream_starts(a_info)[1] if shared_clock and a_info is not None else 0.0  # what the recording's clock adds
         faces, last = source_faces, None
         if faces is None:
             track = face_track(iter_video_frames(v_info.path, chunk=chunk, info=v_info))
@@ -174,7 +176,7 @@ def extract_clip(
             else:
                 notes.append(f"no face in any of the {len(track.mask)} frames of {v_info.path}: kept audio-only")
 
-    if config.format_version >= 2 and use_audio and use_video and record.audio_path == record.video_path:
+    if shared_clock:
         spans = _to_container_clock(features, a_info, spans, speed, video=speed == 1.0)  # a copy's faces are shifted already
 
     if not features.has_audio and not features.has_video:
@@ -197,6 +199,15 @@ def _encoder_states(wave: np.ndarray, config: FeatureConfig, device: str | None,
     return encode_wave(wave, config.audio_encoder, device, spill_dir)
 
 
+def _stream_starts(info: MediaInfo) -> tuple[float, float]:
+    """(audio, video) start of one container's streams after the earlier of the two, in seconds; (0, 0) when the
+    container does not say."""
+    if info.audio_start_s is None or info.video_start_s is None:
+        return 0.0, 0.0
+    origin = min(info.audio_start_s, info.video_start_s)
+    return info.audio_start_s - origin, info.video_start_s - origin
+
+
 def _to_container_clock(features: ClipFeatures, info: MediaInfo, spans: list[float], speed: float = 1.0, video: bool = True) -> list[float]:
     """Shift both streams of one container onto its clock, origin at the earlier stream's start
     (the video only with ``video``: a speed copy's faces come shifted on the recording's clock).
@@ -208,8 +219,8 @@ def _to_container_clock(features: ClipFeatures, info: MediaInfo, spans: list[flo
     """
     if info.audio_start_s is None or info.video_start_s is None:
         return spans
-    origin = min(info.audio_start_s, info.video_start_s)
-    audio_shift, video_shift = (info.audio_start_s - origin) / speed, (info.video_start_s - origin) / speed
+    audio_start, video_start = _stream_starts(info)
+    audio_shift, video_shift = audio_start / speed, video_start / speed
     if features.audio_times is not None:
         features.audio_times = features.audio_times + audio_shift
     if not video:
@@ -217,15 +228,6 @@ def _to_container_clock(features: ClipFeatures, info: MediaInfo, spans: list[flo
     if features.video_times is not None:
         features.video_times = features.video_times + video_shift
     return [spans[0] + audio_shift, spans[1] + video_shift]
-
-
-def _video_shift(config: FeatureConfig, record: ClipRecord, info: MediaInfo | None, use_audio: bool, use_video: bool) -> float:
-    """Seconds :func:`_to_container_clock` adds to a recording's video times (0 when it adds nothing)."""
-    if not (config.format_version >= 2 and use_audio and use_video and record.audio_path == record.video_path):
-        return 0.0
-    if info is None or info.audio_start_s is None or info.video_start_s is None:
-        return 0.0
-    return info.video_start_s - min(info.audio_start_s, info.video_start_s)
 
 
 def _faces_on_recording_clock(track: Any, config: FeatureConfig, video_shift: float) -> ClipFeatures:

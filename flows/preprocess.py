@@ -130,11 +130,10 @@ def recording_faces(store: FeatureStore, record: ClipRecord, config: FeatureConf
     stored = store.row(source)
     if (stored.get("audio_path"), stored.get("video_path")) != (record.audio_path, record.video_path):
         return None
-    times = store.read(source, arrays=("video_times",)).video_times
-    if times is None:
+    if not stored["has_video"]:  # no face in any frame: the recording was kept audio-only
         return None
     frame_bytes = config.face.crop_size**2 * 3 if config.face.representation == "crops" else N_BLENDSHAPES * 4  # uint8 / float32
-    if len(times) * frame_bytes > SPILL_BYTES:
+    if stored["n_video_frames"] * frame_bytes > SPILL_BYTES:
         return None
     return store.read(source, arrays=("video_times", *FACE_ARRAYS))
 
