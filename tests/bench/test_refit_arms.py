@@ -9,7 +9,7 @@ import pytest
 from training_fixtures import TINY_MODEL, build_tiny_store
 
 from bench import refit_arms
-from bench.nested_refit import inner_folds
+from bench.nested_refit import inner_folds, main
 from modeling.data import splits as sp
 from modeling.training.run_logger import NullRunLogger
 from modeling.training.train_loop import TrainConfig
@@ -34,6 +34,14 @@ def test_inner_folds_hold_out_the_outer_validation_speakers_and_never_touch_the_
         assert len(i.val_speakers) == 3 and len(i.train_speakers) == 10  # round(0.2 * 13) drawn from 13
         assert not set(i.train_ids + i.val_ids + i.test_ids) & set(o.test_ids)  # the outer test is in no part
     assert inner == inner_folds(outer, manifest, config)  # the same draw every time (a resumed run checks the splits)
+
+
+def test_the_nested_run_never_registers(monkeypatch) -> None:
+    original = sp.make_folds
+    monkeypatch.setattr("sys.argv", ["nested_refit.py", "--store", "S", "--dataset", "ravdess", "--register"])
+    with pytest.raises(SystemExit, match="--register is refused"):
+        main()
+    assert sp.make_folds is original  # refused before the folds were replaced
 
 
 @pytest.mark.slow
